@@ -1,0 +1,39 @@
+"""Where the shared real data lives: one setting, ``LLMSCHED_DATA``.
+
+The data (traces, prompts, GPU profiles) is never copied into the repository. Code finds it
+through the environment variable ``LLMSCHED_DATA``; without it, ``../shared/data`` beside the
+checkout (or the current directory) is used when it exists.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_VAR = "LLMSCHED_DATA"
+
+
+def data_dir() -> Path | None:
+    """The shared data folder, or None when it cannot be found."""
+    if value := os.environ.get(ENV_VAR):
+        path = Path(value).expanduser()
+        return path if path.is_dir() else None
+    repo_root = Path(__file__).resolve().parents[2]
+    for candidate in (repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def data_path(relative: str) -> Path:
+    """A file under the shared data folder; a clear error when the folder or file is missing."""
+    root = data_dir()
+    if root is None:
+        raise FileNotFoundError(
+            f"shared data folder not found: set {ENV_VAR} to the folder holding traces/, prompts/ "
+            "and profiles/ (by default ../shared/data beside the checkout)"
+        )
+    path = root / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (data folder: {root}, from {ENV_VAR})")
+    return path

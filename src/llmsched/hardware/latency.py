@@ -1,0 +1,44 @@
+"""The latency model's interface: the time of one engine iteration from the batch's shape.
+
+A batch's cost depends on a few sums over its requests, so a shape is six numbers. Decode-only
+stretches, where the same requests decode for many iterations, are priced in one vectorised call
+(`decode_iteration_times`), which is what lets the simulator advance by events, not tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class BatchShape:
+    """What one iteration computes. A decode is one new token of a request that has context."""
+
+    prefill_tokens: int = 0  # Σ chunk lengths of prefill (or recompute) chunks
+    prefill_attn_pairs: float = 0.0  # Σ c·(p + (c+1)/2): causal query-key pairs of the chunks
+    prefill_kv_tokens: int = 0  # Σ (p + c): KV tokens the chunks' attention reads
+    num_prefills: int = 0  # chunks in the batch
+    num_decodes: int = 0
+    decode_kv_tokens: int = 0  # Σ context length (KV tokens read) over the decodes
+
+    @property
+    def num_tokens(self) -> int:
+        return self.prefill_tokens + self.num_decodes
+
+    @property
+    def num_seqs(self) -> int:
+        return self.num_prefills + self.num_decodes
+
+
+class LatencyModel(Protocol):
+    """Iteration time in seconds. Implementations must be cheap: a few arithmetic operations."""
+
+    def iteration_time(self, shape: BatchShape) -> float: ...
+
+    def decode_iteration_times(self, num_decodes: int, kv_tokens: int, k: int) -> np.ndarray:
+        """Times of k decode-only iterations of the same `num_decodes` requests, whose summed
+        context starts at `kv_tokens` and grows by `num_decodes` each iteration."""
+        ...

@@ -1,0 +1,220 @@
+"""A request, and a workload: many requests stored as columns.
+
+A request's output may have a hidden reasoning part (tokens up to and including ``</think>``)
+followed by a visible answer part; ``output_tokens`` counts both. For a reasoning request the
+user-facing TTFT is the time of the first *answer* token.
+
+A :class:`Workload` keeps requests as numpy columns so that a million requests cost tens of
+megabytes, not a million Python objects; :class:`Request` rows are made on demand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterable, Iterator
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One inference request as the workload describes it (never mutated by the simulator)."""
+
+    request_id: str
+    arrival: float  # seconds since the start of the run
+    prompt_tokens: int
+    output_tokens: int  # all generated tokens: reasoning (hidden) + answer (visible)
+    reasoning_tokens: int = 0  # hidden tokens, the `</think>` token included; 0 = no reasoning
+    prompt_text: str | None = None
+    ttft_slo: float | None = None  # seconds
+    tpot_slo: float | None = None  # seconds per token (also the TBT deadline)
+    priority: int = 0  # vLLM semantics: lower value is served first
+    tier: str | None = None
+    session_id: str | None = None
+    turn: int = 0
+    tool_time: float = 0.0  # seconds of tool call after this turn, before the session's next turn
+
+    def __post_init__(self) -> None:
+        problem = request_problem(
+            self.arrival, self.prompt_tokens, self.output_tokens, self.reasoning_tokens
+        )
+        if problem:
+            raise ValueError(f"request {self.request_id!r}: {problem}")
+
+    @property
+    def answer_tokens(self) -> int:
+        return self.output_tokens - self.reasoning_tokens
+
+    @property
+    def is_reasoning(self) -> bool:
+        return self.reasoning_tokens > 0
+
+
+def request_problem(arrival: float, prompt: int, output: int, reasoning: int) -> str | None:
+    """What is wrong with these request fields, or None. Shared by readers and constructors."""
+    if not np.isfinite(arrival) or arrival < 0:
+        return f"arrival time must be a finite number >= 0, got {arrival}"
+    if prompt < 1:
+        return f"prompt length must be >= 1 token, got {prompt}"
+    if output < 1:
+        return f"output length must be >= 1 token, got {output}"
+    if reasoning < 0:
+        return f"reasoning length must be >= 0, got {reasoning}"
+    if reasoning and reasoning >= output:
+        return (
+            f"a reasoning request needs at least one answer token: reasoning {reasoning} "
+            f">= output {output}"
+        )
+    return None
+
+
+_NUMERIC = {
+    "arrival": np.float64,
+    "prompt_tokens": np.int64,
+    "output_tokens": np.int64,
+    "reasoning_tokens": np.int64,
+    "ttft_slo": np.float64,  # NaN = none
+    "tpot_slo": np.float64,
+    "priority": np.int64,
+    "turn": np.int64,
+    "tool_time": np.float64,
+}
+_OBJECT = ("request_id", "prompt_text", "tier", "session_id")
+FIELDS = tuple(f.name for f in fields(Request))
+
+
+class Workload:
+    """Requests as columns, sorted by arrival time (ties keep their input order)."""
+
+    def __init__(self, columns: dict[str, np.ndarray], *, source: str = "") -> None:
+        n = len(columns["arrival"])
+        self.source = source
+        self.columns: dict[str, np.ndarray] = {}
+        for name, dtype in _NUMERIC.items():
+            default = np.nan if name.endswith("_slo") else 0
+            col = columns.get(name)
+            self.columns[name] = (
+                np.full(n, default, dtype=dtype) if col is None else np.asarray(col, dtype=dtype)
+            )
+        for name in _OBJECT:
+            col = columns.get(name)
+            if name == "request_id" and col is None:
+                col = [str(i) for i in range(n)]
+            self.columns[name] = None if col is None else np.asarray(col, dtype=object)
+        for name, col in self.columns.items():
+            if col is not None and len(col) != n:
+                raise ValueError(f"workload column {name!r} has {len(col)} rows, expected {n}")
+        self._validate()
+        order = np.argsort(self.columns["arrival"], kind="stable")
+        if not np.array_equal(order, np.arange(n)):
+            for name, col in self.columns.items():
+                if col is not None:
+                    self.columns[name] = col[order]
+
+    def _validate(self) -> None:
+        c = self.columns
+        bad = (
+            ~np.isfinite(c["arrival"])
+            | (c["arrival"] < 0)
+            | (c["prompt_tokens"] < 1)
+            | (c["output_tokens"] < 1)
+            | (c["reasoning_tokens"] < 0)
+            | ((c["reasoning_tokens"] > 0) & (c["reasoning_tokens"] >= c["output_tokens"]))
+        )
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            problem = request_problem(
+                float(c["arrival"][i]),
+                int(c["prompt_tokens"][i]),
+                int(c["output_tokens"][i]),
+                int(c["reasoning_tokens"][i]),
+            )
+            where = f" from {self.source}" if self.source else ""
+            raise ValueError(
+                f"request {c['request_id'][i]!r} (row {i}){where}: {problem}"
+                f" ({int(bad.sum())} invalid rows in all)"
+            )
+
+    # --- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_requests(cls, requests: Iterable[Request], *, source: str = "") -> "Workload":
+        rows = list(requests)
+        columns: dict[str, np.ndarray] = {}
+        for name in FIELDS:
+            values = [getattr(r, name) for r in rows]
+            if name in _OBJECT:
+                if name == "request_id" or any(v is not None for v in values):
+                    columns[name] = np.asarray(values, dtype=object)
+            elif name.endswith("_slo"):
+                columns[name] = np.array([np.nan if v is None else v for v in values], float)
+            else:
+                columns[name] = np.array(values, dtype=_NUMERIC[name])
+        if not rows:
+            columns["arrival"] = np.zeros(0)
+        return cls(columns, source=source)
+
+    # --- access -------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.columns["arrival"])
+
+    def __getitem__(self, i: int) -> Request:
+        c = self.columns
+
+        def obj(name: str):
+            col = c[name]
+            return None if col is None else col[i]
+
+        def slo(name: str):
+            v = float(c[name][i])
+            return None if np.isnan(v) else v
+
+        return Request(
+            request_id=str(c["request_id"][i]),
+            arrival=float(c["arrival"][i]),
+            prompt_tokens=int(c["prompt_tokens"][i]),
+            output_tokens=int(c["output_tokens"][i]),
+            reasoning_tokens=int(c["reasoning_tokens"][i]),
+            prompt_text=obj("prompt_text"),
+            ttft_slo=slo("ttft_slo"),
+            tpot_slo=slo("tpot_slo"),
+            priority=int(c["priority"][i]),
+            tier=obj("tier"),
+            session_id=obj("session_id"),
+            turn=int(c["turn"][i]),
+            tool_time=float(c["tool_time"][i]),
+        )
+
+    def __iter__(self) -> Iterator[Request]:
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def arrivals(self) -> np.ndarray:
+        return self.columns["arrival"]
+
+    def take(self, index: np.ndarray | slice, *, source: str | None = None) -> "Workload":
+        """A new workload of the selected rows."""
+        cols = {k: v[index] for k, v in self.columns.items() if v is not None}
+        return Workload(cols, source=self.source if source is None else source)
+
+    def head(self, n: int) -> "Workload":
+        return self.take(slice(0, n))
+
+    def with_columns(self, **columns: np.ndarray) -> "Workload":
+        """A copy with some columns replaced (e.g. new arrival times)."""
+        cols = {k: v for k, v in self.columns.items() if v is not None}
+        cols.update(columns)
+        return Workload(cols, source=self.source)
+
+    def describe(self) -> str:
+        c = self.columns
+        if len(self) == 0:
+            return "0 requests"
+        span = float(c["arrival"][-1] - c["arrival"][0])
+        text = (
+            f"{len(self)} requests over {span:.1f} s; prompt median "
+            f"{np.median(c['prompt_tokens']):.0f} tokens, output median "
+            f"{np.median(c['output_tokens']):.0f}"
+        )
+        if (c["reasoning_tokens"] > 0).any():
+            text += f", reasoning median {np.median(c['reasoning_tokens']):.0f}"
+        return text
