@@ -86,9 +86,13 @@ FIELDS = tuple(f.name for f in fields(Request))
 class Workload:
     """Requests as columns, sorted by arrival time (ties keep their input order)."""
 
-    def __init__(self, columns: dict[str, np.ndarray], *, source: str = "") -> None:
+    def __init__(
+        self, columns: dict[str, np.ndarray], *, source: str = "", timed: bool = True
+    ) -> None:
         n = len(columns["arrival"])
         self.source = source
+        # False when the trace has no timestamps of its own (arrivals must be generated).
+        self.timed = timed
         self.columns: dict[str, np.ndarray] = {}
         for name, dtype in _NUMERIC.items():
             default = np.nan if name.endswith("_slo") else 0
@@ -137,7 +141,9 @@ class Workload:
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def from_requests(cls, requests: Iterable[Request], *, source: str = "") -> "Workload":
+    def from_requests(
+        cls, requests: Iterable[Request], *, source: str = "", timed: bool = True
+    ) -> "Workload":
         rows = list(requests)
         columns: dict[str, np.ndarray] = {}
         for name in FIELDS:
@@ -151,7 +157,7 @@ class Workload:
                 columns[name] = np.array(values, dtype=_NUMERIC[name])
         if not rows:
             columns["arrival"] = np.zeros(0)
-        return cls(columns, source=source)
+        return cls(columns, source=source, timed=timed)
 
     # --- access -------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -194,7 +200,7 @@ class Workload:
     def take(self, index: np.ndarray | slice, *, source: str | None = None) -> "Workload":
         """A new workload of the selected rows."""
         cols = {k: v[index] for k, v in self.columns.items() if v is not None}
-        return Workload(cols, source=self.source if source is None else source)
+        return Workload(cols, source=self.source if source is None else source, timed=self.timed)
 
     def head(self, n: int) -> "Workload":
         return self.take(slice(0, n))
@@ -203,7 +209,8 @@ class Workload:
         """A copy with some columns replaced (e.g. new arrival times)."""
         cols = {k: v for k, v in self.columns.items() if v is not None}
         cols.update(columns)
-        return Workload(cols, source=self.source)
+        timed = self.timed or "arrival" in columns
+        return Workload(cols, source=self.source, timed=timed)
 
     def describe(self) -> str:
         c = self.columns
