@@ -1,0 +1,12 @@
+"""Scheduling policies: importing this package registers every policy and router by name."""
+
+from llmsched.policies import oracle, round_robin, routing, sarathi, vllm  # noqa: F401
+from llmsched.policies.base import (  # noqa: F401
+    INSTANCE_POLICIES,
+    ROUTERS,
+    InstancePolicy,
+    Router,
+    pack_in_order,
+    policy_class,
+    router_class,
+)

@@ -1,0 +1,277 @@
+"""Instances together on one event clock: arrivals, routing, iteration spans, migrations.
+
+Events are arrivals (routed when they happen), the end of an instance's span of iterations, and
+the delivery of a migrated request's KV. An arrival routed to a busy instance cuts its span at
+the iteration in progress, so each instance replans exactly when a real engine would first see
+the new request. Every request ends finished or rejected; the run checks it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from llmsched.engine.config import EngineConfig
+from llmsched.engine.instance import Instance, Span, token_times
+from llmsched.engine.state import RequestState, Status
+from llmsched.hardware.latency import LatencyModel
+from llmsched.metrics.record import RequestRecord
+from llmsched.metrics.summary import MetricsCollector
+from llmsched.policies.base import InstancePolicy, Router
+from llmsched.workload.request import Workload
+
+
+class ClusterView:
+    """What a router sees: per-instance load summaries, as of now."""
+
+    __slots__ = ("_cluster",)
+
+    def __init__(self, cluster: "Cluster") -> None:
+        self._cluster = cluster
+
+    @property
+    def num_instances(self) -> int:
+        return len(self._cluster.instances)
+
+    @property
+    def now(self) -> float:
+        return self._cluster.now
+
+    def instance(self, i: int) -> Instance:
+        """The instance itself, for cluster policies that need more than the summaries."""
+        return self._cluster.instances[i]
+
+    def outstanding(self, i: int) -> int:
+        """Requests running or waiting on instance i (migrations heading there included)."""
+        return self._cluster.instances[i].outstanding + self._cluster.inbound[i]
+
+    def num_running(self, i: int) -> int:
+        return len(self._cluster.instances[i].running)
+
+    def kv_footprint(self, i: int) -> int:
+        """KV blocks of instance i's requests: on its GPU plus swapped out to its host."""
+        kv = self._cluster.instances[i].kv
+        return kv.used + kv.cpu_used
+
+    def kv_free(self, i: int) -> int:
+        return self._cluster.instances[i].kv.free
+
+
+@dataclass
+class RunStats:
+    """How the simulation itself went (not the served requests' metrics)."""
+
+    wall_seconds: float = 0.0
+    steps: int = 0  # policy decisions (spans)
+    iterations: int = 0  # engine iterations simulated
+    preemptions: int = 0
+    migrations: int = 0
+    migration_seconds: list[float] = field(default_factory=list)
+    busy_fraction: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        mig = np.asarray(self.migration_seconds)
+        return {
+            "sim_wall_seconds": round(self.wall_seconds, 3),
+            "sim_steps": self.steps,
+            "sim_iterations": self.iterations,
+            "total_preemptions": self.preemptions,
+            "total_migrations": self.migrations,
+            "p99_migration_ms": float(np.percentile(mig, 99) * 1e3) if len(mig) else None,
+            "mean_instance_busy_fraction": (
+                float(np.mean(self.busy_fraction)) if self.busy_fraction else None
+            ),
+        }
+
+
+class Cluster:
+    def __init__(
+        self,
+        num_instances: int,
+        config: EngineConfig,
+        policy_factory: Callable[[], InstancePolicy],
+        router: Router,
+        latency: LatencyModel,
+        *,
+        link_bandwidth: float = 100e9 / 8,  # bytes/s between instances (100 Gb/s)
+        observer: Callable[[Instance, Span], None] | None = None,
+        fast_forward: bool = True,
+    ) -> None:
+        if num_instances < 1:
+            raise ValueError(f"need at least one instance, got {num_instances}")
+        self.config = config
+        self.router = router
+        self.link_bandwidth = link_bandwidth
+        self.instances = [
+            Instance(i, config, policy_factory(), latency, self, observer, fast_forward)
+            for i in range(num_instances)
+        ]
+        self.logs = [inst.log for inst in self.instances]
+        self.inbound = [0] * num_instances  # migrations in flight to each instance
+        self.view = ClusterView(self)
+        self.now = 0.0
+        self.collector = MetricsCollector()
+        self.stats = RunStats()
+        self._events: list = []
+        self._seq = 0
+        self._version = [0] * num_instances
+
+    # --- admission control ----------------------------------------------------------------------
+    def rejection_reason(self, state: RequestState) -> str | None:
+        cfg = self.config
+        total = state.prompt_tokens + state.output_tokens
+        if total > cfg.max_model_len:
+            return f"prompt + output = {total} tokens exceeds max_model_len={cfg.max_model_len}"
+        if total - 1 > cfg.max_tokens_per_request:
+            return (
+                f"needs KV for {total - 1} tokens but an instance holds at most "
+                f"{cfg.max_tokens_per_request} (the KV cache is too small for it)"
+            )
+        return None
+
+    # --- events ---------------------------------------------------------------------------------
+    def _push(self, t: float, kind: int, payload) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (t, self._seq, kind, payload))
+
+    def _schedule_instance(self, inst: Instance, end: float | None) -> None:
+        self._version[inst.index] += 1
+        if end is not None:
+            self._push(end, 0, (inst.index, self._version[inst.index]))
+
+    def _wake(self, inst: Instance, now: float) -> None:
+        """Instance `inst` has new work at `now`: start it, or cut its span."""
+        if inst.span is None:
+            self._schedule_instance(inst, inst.start_step(now))
+            self.stats.steps += 1
+        else:
+            old = inst.span.end
+            end = inst.interrupt(now)
+            if end != old:
+                self._schedule_instance(inst, end)
+
+    def run(self, workload: Workload, *, progress: bool = False) -> MetricsCollector:
+        """Serve every request of `workload`; returns the metrics collector."""
+        start = time.perf_counter()
+        arrivals = workload.arrivals
+        n = len(workload)
+        bar = _progress_bar(n, progress)
+        done_before = 0
+        i = 0
+        while i < n or self._events:
+            t_next = arrivals[i] if i < n else np.inf
+            if self._events and self._events[0][0] < t_next:
+                t, _, kind, payload = heapq.heappop(self._events)
+                self.now = t
+                if kind == 0:
+                    index, version = payload
+                    if version != self._version[index]:
+                        continue  # superseded by an interrupt
+                    inst = self.instances[index]
+                    inst.finish_span()
+                    self._schedule_instance(inst, inst.start_step(t))
+                    self.stats.steps += 1
+                else:
+                    state, dst = payload
+                    self.inbound[dst] -= 1
+                    inst = self.instances[dst]
+                    inst.enqueue(state)
+                    self._wake(inst, t)
+            else:
+                self.now = float(t_next)
+                self._arrive(RequestState(workload[i]), self.now)
+                i += 1
+            done = len(self.collector)
+            if bar is not None and done - done_before >= 256:
+                bar.update(done - done_before)
+                done_before = done
+        if bar is not None:
+            bar.update(len(self.collector) - done_before)
+            bar.close()
+        self._check_all_done(n)
+        self.stats.wall_seconds = time.perf_counter() - start
+        for inst in self.instances:
+            self.stats.iterations += inst.log.size
+            self.stats.preemptions += inst.num_preemptions
+            self.stats.busy_fraction.append(inst.busy_time / self.now if self.now > 0 else 0.0)
+        return self.collector
+
+    def _arrive(self, state: RequestState, now: float) -> None:
+        reason = self.rejection_reason(state)
+        if reason:
+            state.status = Status.REJECTED
+            self.collector.add(_record(state, np.zeros(0), reject_reason=reason))
+            return
+        index = self.router.route(state, self.view)
+        inst = self.instances[index]
+        inst.enqueue(state)
+        self._wake(inst, now)
+
+    def _check_all_done(self, n: int) -> None:
+        if len(self.collector) != n:
+            raise RuntimeError(f"{n - len(self.collector)} of {n} requests never ended")
+        for inst in self.instances:
+            if inst.running or inst.waiting or inst.kv.used or inst.kv.cpu_used:
+                raise RuntimeError(
+                    f"instance {inst.index} ended with {len(inst.running)} running, "
+                    f"{len(inst.waiting)} waiting, {inst.kv.used} GPU and {inst.kv.cpu_used} "
+                    "host KV blocks in use"
+                )
+
+    # --- listener callbacks from instances -------------------------------------------------------
+    def on_finish(self, state: RequestState, instance: Instance, t: float) -> None:
+        self.collector.add(_record(state, token_times(state, self.logs)))
+
+    def on_phase_change(self, state: RequestState, instance: Instance, t: float) -> None:
+        target = self.router.on_phase_change(state, instance.index, self.view)
+        if target != instance.index:
+            self.migrate(state, instance.index, target, t)
+
+    # --- migration ------------------------------------------------------------------------------
+    def migrate(self, state: RequestState, src: int, dst: int, now: float) -> float:
+        """Move a request's KV from instance `src` to `dst` over the inter-instance link. It makes
+        no progress while in flight; returns the transfer time."""
+        blocks = state.blocks + state.cpu_blocks
+        seconds = blocks * self.config.kv_bytes_per_block / self.link_bandwidth
+        self.instances[src].remove(state)
+        state.status = Status.MIGRATING
+        state.migrations += 1
+        self.stats.migrations += 1
+        self.stats.migration_seconds.append(seconds)
+        self.inbound[dst] += 1
+        self._push(now + seconds, 1, (state, dst))
+        return seconds
+
+
+def _record(state: RequestState, times: np.ndarray, reject_reason: str = "") -> RequestRecord:
+    r = state.request
+    return RequestRecord(
+        request_id=state.request_id,
+        arrival=state.arrival,
+        prompt_tokens=state.prompt_tokens,
+        output_tokens=state.output_tokens if not reject_reason else 0,
+        reasoning_tokens=state.reasoning_tokens,
+        token_times=times,
+        first_scheduled=state.first_scheduled,
+        finished=not reject_reason,
+        reject_reason=reject_reason,
+        preemptions=state.preemptions,
+        migrations=state.migrations,
+        instance=state.instance,
+        priority=state.priority,
+        tier=r.tier,
+        ttft_slo=r.ttft_slo,
+        tpot_slo=r.tpot_slo,
+    )
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="req", desc="simulating", mininterval=0.5)

@@ -1,0 +1,53 @@
+"""One engine instance's limits: the knobs `vllm serve` exposes, with vLLM V1's defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREEMPTION_MODES = ("recompute", "swap")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Per-instance limits. Defaults follow `vllm serve` (V1 engine, ~v0.8–0.10) on A100-class
+    GPUs: 2048 batched tokens per iteration, 256 sequences, 16-token KV blocks, recompute."""
+
+    num_blocks: int  # GPU KV blocks (see hardware.memory.kv_cache_blocks)
+    block_size: int = 16
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int = 1 << 30
+    preemption: str = "recompute"
+    long_prefill_token_threshold: int = 0  # vLLM's cap on one request's chunk; 0 = none
+    watermark: float = 0.0  # fraction of blocks new admissions must leave free (Sarathi: 0.01)
+    kv_bytes_per_block: int = 0  # for swap and migration times (0 = free transfers)
+    pcie_bandwidth: float = 25e9  # bytes/s host<->device, for swap
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.num_blocks < 1:
+            problems.append(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.block_size < 1:
+            problems.append(f"block_size must be >= 1, got {self.block_size}")
+        if self.max_num_batched_tokens < 1:
+            problems.append(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.max_num_seqs < 1:
+            problems.append(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.preemption not in PREEMPTION_MODES:
+            problems.append(f"preemption must be one of {PREEMPTION_MODES}, got {self.preemption!r}")
+        if not 0 <= self.watermark < 1:
+            problems.append(f"watermark must be in [0, 1), got {self.watermark}")
+        if problems:
+            raise ValueError("invalid engine config: " + "; ".join(problems))
+
+    @property
+    def watermark_blocks(self) -> int:
+        return int(self.watermark * self.num_blocks)
+
+    @property
+    def max_tokens_per_request(self) -> int:
+        """The most KV tokens one request can ever hold here (its final token is never
+        computed, so a request fits when prompt + output - 1 <= this)."""
+        return min(self.max_model_len, (self.num_blocks - self.watermark_blocks) * self.block_size)

@@ -1,0 +1,360 @@
+"""One engine instance: continuous batching, one policy decision per iteration.
+
+An iteration is: ask the policy for a :class:`BatchPlan`, carry out its preemptions and
+admissions, allocate KV for its tokens, and take the latency model's time. The cost of a
+simulation must grow with *events*, not tokens, so a plan that the policy declares repeatable
+is run as a *span* of up to ``k`` identical iterations priced in one vectorised call. ``k`` stops
+at the first internal event (a request finishes or reaches `</think>`, a prefill chunk changes
+size, KV would run out); an arrival routed here mid-span truncates it at the iteration in
+progress, exactly where a per-iteration engine would first see the new request.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
+
+import numpy as np
+from sortedcontainers import SortedList
+
+from llmsched.engine.config import EngineConfig
+from llmsched.engine.kv import KVBlockManager
+from llmsched.engine.plan import BatchPlan
+from llmsched.engine.state import RequestState, Status
+from llmsched.hardware.latency import BatchShape, LatencyModel
+
+if TYPE_CHECKING:
+    from llmsched.policies.base import InstancePolicy
+
+
+class IterationLog:
+    """End times of an instance's iterations, in a growable float64 array. Requests refer to
+    their tokens' times by iteration index, so no per-token Python objects exist."""
+
+    __slots__ = ("data", "size")
+
+    def __init__(self) -> None:
+        self.data = np.empty(1024)
+        self.size = 0
+
+    def extend(self, times: np.ndarray) -> int:
+        """Append times; returns the index of the first one."""
+        first, n = self.size, len(times)
+        if first + n > len(self.data):
+            grown = np.empty(max(2 * len(self.data), first + n))
+            grown[:first] = self.data[:first]
+            self.data = grown
+        self.data[first : first + n] = times
+        self.size = first + n
+        return first
+
+
+class Listener(Protocol):
+    """Who hears about an instance's request events (the cluster)."""
+
+    def on_finish(self, state: RequestState, instance: "Instance", time: float) -> None: ...
+
+    def on_phase_change(self, state: RequestState, instance: "Instance", time: float) -> None: ...
+
+
+class InstanceView:
+    """The read-only view of an instance that a policy decides on."""
+
+    __slots__ = ("_inst",)
+
+    def __init__(self, instance: "Instance") -> None:
+        self._inst = instance
+
+    @property
+    def now(self) -> float:
+        return self._inst.now
+
+    @property
+    def index(self) -> int:
+        return self._inst.index
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._inst.config
+
+    @property
+    def kv(self) -> KVBlockManager:
+        return self._inst.kv
+
+    @property
+    def running(self) -> list[RequestState]:
+        """Admitted requests (KV on the GPU), in admission order."""
+        return self._inst.running
+
+    @property
+    def waiting(self) -> Iterator[RequestState]:
+        """Queued requests in the policy's order (its `waiting_key`, ties by enqueue order)."""
+        return (entry[2] for entry in self._inst.waiting)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._inst.waiting)
+
+
+class Span:
+    """A plan being executed for k identical iterations, with their end times."""
+
+    __slots__ = ("plan", "ends", "k")
+
+    def __init__(self, plan: BatchPlan, ends: np.ndarray) -> None:
+        self.plan, self.ends, self.k = plan, ends, len(ends)
+
+    @property
+    def end(self) -> float:
+        return float(self.ends[-1])
+
+
+class Instance:
+    def __init__(
+        self,
+        index: int,
+        config: EngineConfig,
+        policy: "InstancePolicy",
+        latency: LatencyModel,
+        listener: Listener,
+        observer: Callable[["Instance", Span], None] | None = None,
+        fast_forward: bool = True,
+    ) -> None:
+        self.index = index
+        self.fast_forward = fast_forward  # False: one iteration per step (the reference path)
+        self.config = config
+        self.policy = policy
+        self.latency = latency
+        self.listener = listener
+        self.observer = observer  # tests hook in here to check invariants on every span
+        self.kv = KVBlockManager(config.num_blocks, config.block_size)
+        self.waiting: SortedList = SortedList()
+        self.running: list[RequestState] = []
+        self.view = InstanceView(self)
+        self.log = IterationLog()
+        self.now = 0.0
+        self.span: Span | None = None
+        self._enqueued = 0
+        self._admitted = 0
+        # statistics
+        self.busy_time = 0.0
+        self.num_preemptions = 0
+        self.swap_bytes = 0.0
+
+    # --- queue --------------------------------------------------------------------------------
+    def enqueue(self, state: RequestState) -> None:
+        """Put a request in the waiting queue, ordered by the policy's key."""
+        state.status = Status.WAITING
+        state.instance = self.index
+        self._enqueued += 1
+        state.queue_entry = (self.policy.waiting_key(state), self._enqueued, state)
+        self.waiting.add(state.queue_entry)
+
+    def remove(self, state: RequestState) -> None:
+        """Take a request off this instance (it migrates away); frees its GPU blocks."""
+        if state.status is Status.RUNNING:
+            self.running.remove(state)
+            self.kv.free_request(state)
+        elif state.queue_entry is not None:
+            self.waiting.remove(state.queue_entry)
+            state.queue_entry = None
+        if state.cpu_blocks:
+            self.kv.drop_cpu_copy(state)
+
+    @property
+    def idle(self) -> bool:
+        return self.span is None
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    # --- one step: plan, then a span of identical iterations ------------------------------------
+    def start_step(self, now: float) -> float | None:
+        """Plan the next iteration(s) at `now`; returns when they end, or None when idle."""
+        self.now = now
+        plan = self.policy.schedule(self.view)
+        extra = self._apply_preemptions(plan)
+        if not plan.items:
+            if self.running or self.waiting:
+                raise RuntimeError(
+                    f"policy {self.policy.name!r} scheduled nothing on instance {self.index} with "
+                    f"{len(self.running)} running and {len(self.waiting)} waiting requests and "
+                    f"{self.kv.free}/{self.kv.num_blocks} KV blocks free: it would never progress"
+                )
+            return None
+        extra += self._admit_and_allocate(plan, now)
+        k = self._span_length(plan)
+        durations = self._durations(plan, k)
+        durations[0] += extra
+        self.span = Span(plan, now + np.cumsum(durations))
+        if self.observer is not None:
+            self.observer(self, self.span)
+        return self.span.end
+
+    def _apply_preemptions(self, plan: BatchPlan) -> float:
+        """Carry out the plan's preemptions; returns the seconds spent swapping out."""
+        seconds = 0.0
+        for victim, mode in plan.preempted:
+            self.running.remove(victim)
+            victim.preemptions += 1
+            self.num_preemptions += 1
+            if mode == "swap":
+                moved = self.kv.swap_out(victim)
+                seconds += self._transfer_time(moved)
+            else:
+                self.kv.free_request(victim)
+                victim.computed = 0
+            self.enqueue(victim)
+            self.policy.on_preempt(victim, self.view)
+        return seconds
+
+    def _admit_and_allocate(self, plan: BatchPlan, now: float) -> float:
+        """Admit the plan's waiting requests and allocate KV for the first iteration; returns
+        the seconds spent swapping requests back in."""
+        seconds = 0.0
+        for state, tokens in plan.items:
+            if state.status is Status.WAITING:
+                self.waiting.remove(state.queue_entry)
+                state.queue_entry = None
+                state.status = Status.RUNNING
+                self._admitted += 1
+                state.admitted_at = self._admitted
+                self.running.append(state)
+                if state.cpu_blocks:
+                    seconds += self._transfer_time(self.kv.drop_cpu_copy(state))
+                if math.isnan(state.first_scheduled):
+                    state.first_scheduled = now
+            elif state.status is not Status.RUNNING:
+                raise RuntimeError(f"policy {self.policy.name!r} scheduled {state!r}")
+            self.kv.grow_to(state, state.computed + tokens)
+        if plan.num_tokens > self.config.max_num_batched_tokens:
+            raise RuntimeError(
+                f"policy {self.policy.name!r} planned {plan.num_tokens} tokens, over the budget "
+                f"of {self.config.max_num_batched_tokens}"
+            )
+        if len(self.running) > self.config.max_num_seqs:
+            raise RuntimeError(
+                f"policy {self.policy.name!r} runs {len(self.running)} sequences, over "
+                f"max_num_seqs={self.config.max_num_seqs}"
+            )
+        return seconds
+
+    def _transfer_time(self, blocks: int) -> float:
+        moved = blocks * self.config.kv_bytes_per_block
+        self.swap_bytes += moved
+        return moved / self.config.pcie_bandwidth
+
+    def _span_length(self, plan: BatchPlan) -> int:
+        """How many times the plan can repeat before an internal event."""
+        k = plan.repeat if self.fast_forward else 1
+        if k == 1:
+            return 1
+        for state, tokens in plan.items:
+            if state.is_decode:  # finishes, or reaches </think>, at the span's last iteration
+                k = min(k, state.output_tokens - state.generated)
+                if state.generated < state.reasoning_tokens:
+                    k = min(k, state.reasoning_tokens - state.generated)
+        if k > 1 and self._blocks_needed(plan, k) > self.kv.free:
+            lo, hi = 1, k  # the largest k whose extra blocks still fit
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self._blocks_needed(plan, mid) <= self.kv.free:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            k = lo
+        return k
+
+    def _blocks_needed(self, plan: BatchPlan, k: int) -> int:
+        """Blocks beyond those already held that k iterations of the plan need."""
+        bs = self.config.block_size
+        return sum(
+            -(-(state.computed + tokens * k) // bs) - state.blocks for state, tokens in plan.items
+        )
+
+    def _durations(self, plan: BatchPlan, k: int) -> np.ndarray:
+        decodes = [(s, t) for s, t in plan.items if s.is_decode]
+        if len(decodes) == len(plan.items):
+            kv_tokens = sum(s.computed + 1 for s, _ in decodes)
+            return np.array(self.latency.decode_iteration_times(len(decodes), kv_tokens, k))
+        chunks = [(s.computed, t) for s, t in plan.items if not s.is_decode]
+        n_dec = len(decodes)
+        dec_kv = sum(s.computed + 1 for s, _ in decodes)
+        out = np.empty(k)
+        for i in range(k):
+            pairs = kv = tokens = 0
+            for done, c in chunks:
+                p = done + i * c
+                tokens += c
+                pairs += c * (p + (c + 1) / 2)
+                kv += p + c
+            shape = BatchShape(tokens, pairs, kv, len(chunks), n_dec, dec_kv + i * n_dec)
+            out[i] = self.latency.iteration_time(shape)
+        return out
+
+    # --- committing a span --------------------------------------------------------------------
+    def finish_span(self) -> None:
+        """The span ran to its end: commit all its iterations and fire their events."""
+        span = self.span
+        assert span is not None
+        self._commit(span, span.k)
+
+    def interrupt(self, t: float) -> float:
+        """A request arrives at `t`: cut the span after the iteration in progress at `t`.
+        Returns when the instance next schedules."""
+        span = self.span
+        assert span is not None
+        j = int(np.searchsorted(span.ends, t, side="right")) + 1
+        if j < span.k:
+            span.ends = span.ends[:j]
+            span.k = j
+        return span.end
+
+    def _commit(self, span: Span, j: int) -> None:
+        plan = span.plan
+        first = self.log.extend(span.ends[:j])
+        end = float(span.ends[j - 1])
+        self.busy_time += end - self.now
+        self.span = None
+        self.now = end
+        events = []
+        for state, tokens in plan.items:
+            before = state.to_compute
+            state.computed += tokens * j
+            if j > 1:
+                self.kv.grow_to(state, state.computed)
+            if tokens * j < before:
+                continue  # a prefill chunk that has not completed yet
+            emitted = j if before == 1 else 1  # decodes emit every iteration, a prefill once
+            self._record_tokens(state, first + j - emitted, emitted)
+            old = state.generated
+            state.generated += emitted
+            if state.generated >= state.output_tokens:
+                events.append((state, True))
+            elif old < state.reasoning_tokens <= state.generated:
+                events.append((state, False))
+        for state, finished in events:
+            if finished:
+                self.running.remove(state)
+                self.kv.free_request(state)
+                state.status = Status.FINISHED
+                self.policy.on_finish(state, self.view)
+                self.listener.on_finish(state, self, end)
+            else:
+                self.policy.on_phase_change(state, self.view)
+                self.listener.on_phase_change(state, self, end)
+
+    def _record_tokens(self, state: RequestState, first: int, count: int) -> None:
+        seg = state.segments
+        if seg and seg[-3] == self.index and seg[-2] + seg[-1] == first:
+            seg[-1] += count
+        else:
+            seg.extend((self.index, first, count))
+
+
+def token_times(state: RequestState, logs: list[IterationLog]) -> np.ndarray:
+    """Every output token's generation time, from the request's runs in the iteration logs."""
+    seg = state.segments
+    parts = [logs[seg[i]].data[seg[i + 1] : seg[i + 1] + seg[i + 2]] for i in range(0, len(seg), 3)]
+    return np.concatenate(parts) if parts else np.zeros(0)

@@ -1,0 +1,146 @@
+"""Batch plans, and the packing mechanics that policies share.
+
+A policy answers "what runs in the next iteration" with a :class:`BatchPlan`: requests with
+their token counts, preemption victims, and how many identical iterations the plan may repeat
+before the policy must be asked again. Policies build plans with a :class:`BatchBuilder`, which
+keeps the token budget, the sequence cap and a tentative count of free KV blocks, so that a
+policy file says *in which order* to schedule, admit and preempt, and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from llmsched.engine.state import RequestState, Status
+
+if TYPE_CHECKING:
+    from llmsched.engine.instance import InstanceView
+
+UNTIL_EVENT = 1 << 40  # "repeat until something else happens": the engine bounds it by events
+
+
+@dataclass(slots=True)
+class BatchPlan:
+    items: list[tuple[RequestState, int]] = field(default_factory=list)  # (request, tokens)
+    preempted: list[tuple[RequestState, str]] = field(default_factory=list)  # (victim, mode)
+    repeat: int = 1  # identical iterations allowed, absent arrivals and completions
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(t for _, t in self.items)
+
+
+class BatchBuilder:
+    """Packs one iteration under the token budget, the sequence cap and the free KV blocks."""
+
+    __slots__ = (
+        "view",
+        "budget",
+        "free",
+        "num_running",
+        "max_seqs",
+        "block_size",
+        "chunk_cap",
+        "items",
+        "preempted",
+        "victims",
+        "repeat_cap",
+    )
+
+    def __init__(self, view: "InstanceView", *, budget: int | None = None) -> None:
+        cfg = view.config
+        self.view = view
+        self.budget = cfg.max_num_batched_tokens if budget is None else budget
+        self.free = view.kv.free
+        self.num_running = len(view.running)
+        self.max_seqs = cfg.max_num_seqs
+        self.block_size = cfg.block_size
+        self.chunk_cap = cfg.long_prefill_token_threshold or (1 << 62)
+        self.items: dict[RequestState, int] = {}
+        self.preempted: list[tuple[RequestState, str]] = []
+        self.victims: set[RequestState] = set()
+        self.repeat_cap = UNTIL_EVENT
+
+    # --- queries ------------------------------------------------------------------------------
+    @property
+    def budget_left(self) -> int:
+        return self.budget
+
+    @property
+    def seqs_left(self) -> int:
+        return self.max_seqs - self.num_running
+
+    def is_scheduled(self, state: RequestState) -> bool:
+        return state in self.items
+
+    def is_preempted(self, state: RequestState) -> bool:
+        return state in self.victims
+
+    # --- actions ------------------------------------------------------------------------------
+    def schedule(self, state: RequestState, max_tokens: int | None = None, *, reserve: int = 0):
+        """Give a running request its tokens (a decode 1, a prefill a chunk of what is left),
+        up to the budget. Returns the tokens given; 0 when the budget or the KV (keeping
+        `reserve` blocks free) has no room: the caller then preempts or stops."""
+        tokens = min(state.to_compute, self.budget, self.chunk_cap)
+        if max_tokens is not None:
+            tokens = min(tokens, max_tokens)
+        if tokens <= 0:
+            return 0
+        need = -(-(state.computed + tokens) // self.block_size) - state.blocks
+        if need > self.free - reserve:
+            return 0
+        self.free -= need
+        self.budget -= tokens
+        self.items[state] = tokens
+        return tokens
+
+    def admit(self, state: RequestState, max_tokens: int | None = None, *, reserve: int = 0):
+        """Admit a waiting request (new, preempted, swapped out or migrated in) if the sequence
+        cap, the budget and the KV allow; returns the tokens given (0 = not admitted)."""
+        if self.num_running >= self.max_seqs:
+            return 0
+        tokens = self.schedule(state, max_tokens, reserve=reserve)
+        if tokens:
+            self.num_running += 1
+        return tokens
+
+    def admit_whole(self, state: RequestState, *, reserve: int = 0) -> int:
+        """Admit only if KV for the request's whole remaining prompt fits (Sarathi, vLLM v0)."""
+        whole = -(-(state.num_tokens) // self.block_size) - state.blocks
+        if whole > self.free - reserve:
+            return 0
+        return self.admit(state, reserve=reserve)
+
+    def preempt(self, victim: RequestState, mode: str) -> None:
+        """Take a running request off the GPU ("recompute" or "swap"); its blocks become free."""
+        if victim.status is not Status.RUNNING:
+            raise ValueError(f"can only preempt running requests, not {victim!r}")
+        tokens = self.items.pop(victim, 0)
+        self.budget += tokens
+        self.free += victim.blocks + (
+            -(-(victim.computed + tokens) // self.block_size) - victim.blocks if tokens else 0
+        )
+        self.num_running -= 1
+        self.preempted.append((victim, mode))
+        self.victims.add(victim)
+
+    def limit_repeat(self, iterations: int) -> None:
+        """A policy whose next decision depends on progress (quanta, deadlines) caps repeats."""
+        self.repeat_cap = min(self.repeat_cap, max(1, iterations))
+
+    # --- result -------------------------------------------------------------------------------
+    def build(self) -> BatchPlan:
+        """The plan, with how often it may repeat unchanged: until a prefill chunk would change
+        size or complete. Decodes repeat until an event (the engine bounds that)."""
+        repeat = self.repeat_cap
+        if self.preempted:
+            repeat = 1
+        else:
+            for state, tokens in self.items.items():
+                if tokens < state.to_compute:
+                    repeat = min(repeat, -(-state.to_compute // tokens) - 1)
+                elif not state.is_decode:
+                    repeat = 1  # this chunk completes a prefill: next time it is a decode
+                    break
+        return BatchPlan(list(self.items.items()), self.preempted, max(1, repeat))

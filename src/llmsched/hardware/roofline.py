@@ -1,0 +1,248 @@
+"""A roofline latency model: each piece of an iteration costs max(FLOPs / compute, bytes / memory).
+
+Per layer and per GPU (work split over `tp` ranks where vLLM splits it):
+
+- GEMMs — QKV projection, attention output projection, MLP gate/up, MLP down — each
+  max(2·W·T / (peak·e_gemm_compute), (W + T·(in + out))·dtype / (bw·e_gemm_memory)), with W the
+  rank's weight elements and T the batch's tokens;
+- attention of the prefill chunks: 4·pairs·heads·head_dim FLOPs against the chunks' KV reads (plus
+  Q and output), and attention of the decodes: 4·Σcontext·heads·head_dim FLOPs against reading
+  Σcontext tokens of KV, each a roofline max with the attention efficiencies;
+- element-wise work (RMSNorms with residual adds, RoPE, SiLU·mul, KV-cache writes), memory-bound;
+- with tp > 1, two ring all-reduces of T × hidden activations, each
+  latency + 2(tp−1)/tp · bytes / (link bandwidth · e_link);
+- a fixed per-layer overhead (kernel launches and tails).
+
+Once per iteration: the LM head over the sequences that sample (`num_seqs`), and a CPU/scheduler
+overhead. The efficiencies and overheads are the fields of `Efficiency`, to be calibrated against
+measured profiles; `RooflineModel.breakdown` gives each named term for one shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmsched.hardware.latency import BatchShape
+from llmsched.hardware.memory import kv_heads_per_gpu
+from llmsched.hardware.specs import GPUSpec, ModelSpec, get_gpu, get_model
+
+TERMS = (
+    "qkv_proj",
+    "o_proj",
+    "mlp_gate_up",
+    "mlp_down",
+    "attn_prefill",
+    "attn_decode",
+    "elementwise",
+    "allreduce",
+    "layer_overhead",
+    "lm_head",
+    "iteration_overhead",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Efficiency:
+    """Achieved fractions of the datasheet peaks, and fixed overheads (seconds)."""
+
+    gemm_compute: float = 0.65  # dense bf16 GEMMs at prefill sizes reach 60-70 % of peak
+    gemm_memory: float = 0.85  # weight streaming in small-batch GEMMs (GEMV-like)
+    attn_compute: float = 0.5  # FlashAttention-2 forward, causal, on A100
+    attn_memory: float = 0.7  # paged decode attention reads scattered 16-token blocks
+    elementwise_memory: float = 0.7  # norms, RoPE, activation, cache writes
+    link: float = 0.7  # all-reduce bus bandwidth / per-direction link bandwidth
+    allreduce_latency_s: float = 8e-6  # per all-reduce call (custom all-reduce / NCCL LL)
+    layer_overhead_s: float = 10e-6  # per layer: launch gaps and kernel tails
+    iteration_overhead_s: float = 0.5e-3  # per iteration: scheduling, input prep, sampling glue
+
+    def __post_init__(self) -> None:
+        for name in ("gemm_compute", "gemm_memory", "attn_compute", "attn_memory",
+                     "elementwise_memory", "link"):
+            v = getattr(self, name)
+            if not 0 < v <= 1:
+                raise ValueError(f"Efficiency.{name} must be in (0, 1], got {v}")
+        for name in ("allreduce_latency_s", "layer_overhead_s", "iteration_overhead_s"):
+            v = getattr(self, name)
+            if v < 0:
+                raise ValueError(f"Efficiency.{name} must be non-negative, got {v}")
+
+
+class RooflineModel:
+    """Iteration time of a `BatchShape` on `tp` GPUs of one kind. Implements `LatencyModel`."""
+
+    def __init__(
+        self,
+        model: ModelSpec | str,
+        gpu: GPUSpec | str,
+        tp: int = 1,
+        efficiency: Efficiency | None = None,
+    ) -> None:
+        m = get_model(model)
+        g = get_gpu(gpu)
+        e = efficiency if efficiency is not None else Efficiency()
+        kv_gpu = kv_heads_per_gpu(m, tp)  # validates tp
+        self.model, self.gpu, self.tp, self.efficiency = m, g, tp, e
+
+        h, hd, d = m.hidden_size, m.head_dim, m.dtype_bytes
+        heads = m.num_heads // tp
+        ffn = m.intermediate_size / tp
+        up_out = (2 if m.gated_mlp else 1) * ffn
+        qkv_out = (heads + 2 * kv_gpu) * hd
+        self.num_layers = L = m.num_layers
+
+        # Rates: seconds per FLOP and per byte, efficiency folded in.
+        c_gemm = 1.0 / (g.bf16_flops * e.gemm_compute)
+        b_gemm = 1.0 / (g.hbm_bandwidth * e.gemm_memory)
+        c_attn = 1.0 / (g.bf16_flops * e.attn_compute)
+        b_attn = 1.0 / (g.hbm_bandwidth * e.attn_memory)
+        b_elem = 1.0 / (g.hbm_bandwidth * e.elementwise_memory)
+
+        # Each GEMM of T tokens: max(cf·T, bw0 + bf·T) seconds for all L layers.
+        def gemm(w_in: float, w_out: float) -> tuple[float, float, float]:
+            w = w_in * w_out
+            return (L * 2 * w * c_gemm, L * w * d * b_gemm, L * (w_in + w_out) * d * b_gemm)
+
+        self._qkv = gemm(h, qkv_out)
+        self._o = gemm(heads * hd, h)
+        self._up = gemm(h, up_out)
+        self._down = gemm(ffn, h)
+
+        # Attention, all layers. Prefill: FLOPs per causal pair; bytes per KV token read and per
+        # query token (Q read, output written). Decode: the same per context token / per decode.
+        self._attn_flop = L * 4 * heads * hd * c_attn
+        self._attn_kv_byte = L * 2 * kv_gpu * hd * d * b_attn
+        self._attn_q_byte = L * 2 * heads * hd * d * b_attn
+
+        # Element-wise bytes per token, all layers: 2 fused add+RMSNorms (read x and residual,
+        # write both: 4·h each), RoPE on Q and K (read+write), SiLU·mul (read up_out, write ffn),
+        # KV-cache write (read+write K and V).
+        per_tok = 8 * h + 2 * (heads + kv_gpu) * hd + up_out + ffn + 4 * kv_gpu * hd
+        self._elem = L * per_tok * d * b_elem
+
+        # All-reduce: 2 per layer when tp > 1, ring: 2(tp−1)/tp of the message crosses each link.
+        if tp > 1:
+            self._ar_fixed = 2 * L * e.allreduce_latency_s
+            self._ar_tok = 2 * L * 2 * (tp - 1) / tp * h * d / (g.nvlink_bandwidth * e.link)
+        else:
+            self._ar_fixed = 0.0
+            self._ar_tok = 0.0
+
+        # LM head (vocab-parallel) over the sampled rows: max(cf·S, bw0 + bf·S).
+        v = m.vocab_size / tp
+        self._lm_c = 2 * h * v * c_gemm
+        self._lm_w = h * v * d * b_gemm
+        self._lm_s = (h + v) * d * b_gemm
+
+        self._layer_overhead = L * e.layer_overhead_s
+        self._iter_overhead = e.iteration_overhead_s
+
+        # Everything of a decode-only iteration except decode attention, as (fixed, per decode).
+        (qc, qw, qt), (oc, ow, ot), (uc, uw, ut), (dc, dw, dt) = (
+            self._qkv, self._o, self._up, self._down
+        )
+        self._decode_terms = (qc, qw, qt, oc, ow, ot, uc, uw, ut, dc, dw, dt)
+
+    # ------------------------------------------------------------------ LatencyModel
+
+    def iteration_time(self, shape: BatchShape) -> float:
+        """Seconds for one iteration; 0 for an empty batch."""
+        t = shape.prefill_tokens + shape.num_decodes
+        if t <= 0:
+            return 0.0
+        qc, qw, qt = self._qkv
+        oc, ow, ot = self._o
+        uc, uw, ut = self._up
+        dc, dw, dt = self._down
+        total = (
+            max(qc * t, qw + qt * t)
+            + max(oc * t, ow + ot * t)
+            + max(uc * t, uw + ut * t)
+            + max(dc * t, dw + dt * t)
+        )
+        if shape.prefill_tokens > 0:
+            total += max(
+                self._attn_flop * shape.prefill_attn_pairs,
+                self._attn_kv_byte * shape.prefill_kv_tokens
+                + self._attn_q_byte * shape.prefill_tokens,
+            )
+        if shape.num_decodes > 0:
+            total += max(
+                self._attn_flop * shape.decode_kv_tokens,
+                self._attn_kv_byte * shape.decode_kv_tokens + self._attn_q_byte * shape.num_decodes,
+            )
+        s = shape.num_prefills + shape.num_decodes
+        total += (
+            self._elem * t
+            + (self._ar_fixed + self._ar_tok * t)
+            + self._layer_overhead
+            + max(self._lm_c * s, self._lm_w + self._lm_s * s)
+            + self._iter_overhead
+        )
+        return total
+
+    def decode_iteration_times(self, num_decodes: int, kv_tokens: int, k: int) -> np.ndarray:
+        """Times of k decode-only iterations of `num_decodes` requests whose summed context starts
+        at `kv_tokens` and grows by `num_decodes` per iteration (vectorised iteration_time)."""
+        if k <= 0:
+            return np.zeros(0)
+        n = num_decodes
+        if n <= 0:
+            return np.zeros(k)
+        qc, qw, qt, oc, ow, ot, uc, uw, ut, dc, dw, dt = self._decode_terms
+        fixed = (
+            max(qc * n, qw + qt * n)
+            + max(oc * n, ow + ot * n)
+            + max(uc * n, uw + ut * n)
+            + max(dc * n, dw + dt * n)
+        )
+        kv = kv_tokens + n * np.arange(k, dtype=np.float64)
+        attn = np.maximum(
+            self._attn_flop * kv, self._attn_kv_byte * kv + self._attn_q_byte * n
+        )
+        rest = (
+            self._elem * n
+            + (self._ar_fixed + self._ar_tok * n)
+            + self._layer_overhead
+            + max(self._lm_c * n, self._lm_w + self._lm_s * n)
+            + self._iter_overhead
+        )
+        out = fixed + attn
+        out += rest
+        return out
+
+    # ------------------------------------------------------------------ reports
+
+    def breakdown(self, shape: BatchShape) -> dict[str, float]:
+        """Seconds per named term (see `TERMS`) for one shape; they sum to iteration_time."""
+        terms = dict.fromkeys(TERMS, 0.0)
+        t = shape.prefill_tokens + shape.num_decodes
+        if t <= 0:
+            return terms
+        for name, (c, w, b) in (
+            ("qkv_proj", self._qkv), ("o_proj", self._o),
+            ("mlp_gate_up", self._up), ("mlp_down", self._down),
+        ):
+            terms[name] = max(c * t, w + b * t)
+        if shape.prefill_tokens > 0:
+            terms["attn_prefill"] = max(
+                self._attn_flop * shape.prefill_attn_pairs,
+                self._attn_kv_byte * shape.prefill_kv_tokens
+                + self._attn_q_byte * shape.prefill_tokens,
+            )
+        if shape.num_decodes > 0:
+            terms["attn_decode"] = max(
+                self._attn_flop * shape.decode_kv_tokens,
+                self._attn_kv_byte * shape.decode_kv_tokens + self._attn_q_byte * shape.num_decodes,
+            )
+        s = shape.num_prefills + shape.num_decodes
+        terms["elementwise"] = self._elem * t
+        terms["allreduce"] = self._ar_fixed + self._ar_tok * t
+        terms["layer_overhead"] = self._layer_overhead
+        terms["lm_head"] = max(self._lm_c * s, self._lm_w + self._lm_s * s)
+        terms["iteration_overhead"] = self._iter_overhead
+        return terms
+
+    def __repr__(self) -> str:
+        return f"RooflineModel({self.model.name!r}, {self.gpu.name!r}, tp={self.tp})"

@@ -1,0 +1,584 @@
+"""Request timelines → per-request metrics → a run summary with vLLM `bench serve` field names.
+
+Definitions follow ``vllm bench serve`` (``vllm/benchmarks/serve.py``) and are spelled out, with
+every place llmsched extends them, in ``docs/metrics.md``. In short, per finished request:
+
+* visible tokens: a reasoning request's answer tokens (indices ``reasoning_tokens..``), otherwise
+  all tokens;
+* ``ttft`` = first visible token − arrival; ``ttft_any`` = first token of any kind − arrival;
+  ``queue_time`` = first scheduled − arrival; ``e2el`` = last token − arrival;
+* ``tpot`` = (e2el − ttft) / (visible − 1) when visible > 1, else undefined (NaN);
+* ``itl`` = the gaps between consecutive visible tokens, pooled across requests.
+
+:class:`MetricsCollector` takes one :class:`~llmsched.metrics.record.RequestRecord` per request as
+it ends and keeps only per-request scalars (one row of a structured numpy array) and the pooled ITL
+gaps (one growing float64 buffer) — never the records nor their ``token_times`` arrays — so a run of
+a million requests costs memory proportional to its scalars plus its gaps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from llmsched.metrics.record import RequestRecord
+
+#: Percentiles reported for every latency metric (vLLM: ``--metric-percentiles 50,90,95,99``).
+PERCENTILES: tuple[float, ...] = (50, 90, 95, 99)
+#: Latency metrics with vLLM's names, in vLLM's order.
+VLLM_LATENCY_METRICS: tuple[str, ...] = ("ttft", "tpot", "itl", "e2el")
+#: Latency metrics llmsched adds (same statistics, same naming pattern).
+EXTRA_LATENCY_METRICS: tuple[str, ...] = ("ttft_any", "queue_time")
+#: Keys a ``goodput`` SLO dict may hold (values in milliseconds), as ``vllm bench serve --goodput``.
+GOODPUT_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2el")
+
+#: Per-request columns, in the order of the per-request CSV.
+CSV_COLUMNS: tuple[str, ...] = (
+    "request_id",
+    "status",
+    "reject_reason",
+    "arrival",
+    "first_scheduled",
+    "first_token",
+    "first_answer_token",
+    "finish",
+    "prompt_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "queue_time",
+    "ttft",
+    "ttft_any",
+    "tpot",
+    "e2el",
+    "max_gap",
+    "preemptions",
+    "migrations",
+    "instance",
+    "priority",
+    "tier",
+)
+
+# Numeric per-request scalars kept by the collector, one structured row per request.
+_ROW_DTYPE = np.dtype(
+    [
+        ("arrival", np.float64),
+        ("first_scheduled", np.float64),
+        ("first_token", np.float64),
+        ("first_answer_token", np.float64),
+        ("finish", np.float64),
+        ("queue_time", np.float64),
+        ("ttft", np.float64),
+        ("ttft_any", np.float64),
+        ("tpot", np.float64),
+        ("e2el", np.float64),
+        ("max_gap", np.float64),
+        ("ttft_slo", np.float64),  # NaN = none
+        ("tpot_slo", np.float64),  # NaN = none
+        ("prompt_tokens", np.int64),
+        ("output_tokens", np.int64),
+        ("reasoning_tokens", np.int64),
+        ("visible_tokens", np.int64),
+        ("preemptions", np.int64),
+        ("migrations", np.int64),
+        ("instance", np.int64),
+        ("priority", np.int64),
+        ("finished", np.bool_),
+        ("slo_met", np.int8),  # 1 met, 0 missed, -1 no SLO (or rejected)
+        ("reject_code", np.int32),  # index into the collector's reason table
+        ("tier_code", np.int32),  # index into the collector's tier table; -1 = None
+    ]
+)
+_NAN = float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# One request
+# --------------------------------------------------------------------------------------------
+
+
+def per_request_metrics(record: RequestRecord) -> dict[str, Any]:
+    """The metrics of one request, in seconds.
+
+    Returns a dict with every :data:`CSV_COLUMNS` key, plus ``visible_tokens``, ``itl`` (a float64
+    array of this request's gaps between consecutive visible tokens), ``ttft_slo``/``tpot_slo``
+    (seconds or None) and ``slo_met`` (True/False against the record's own SLOs, None when it has
+    none or was rejected). Undefined times are NaN: every token-derived time of a rejected request,
+    ``tpot`` with fewer than two visible tokens, ``max_gap`` with fewer than two tokens,
+    ``queue_time`` without a ``first_scheduled``.
+
+    Raises ValueError, naming the request, for a finished record whose timeline is inconsistent.
+    :class:`MetricsCollector` stores exactly what this returns.
+    """
+    rid = record.request_id
+    base: dict[str, Any] = {
+        "request_id": rid,
+        "arrival": float(record.arrival),
+        "first_scheduled": float(record.first_scheduled),
+        "prompt_tokens": int(record.prompt_tokens),
+        "output_tokens": int(record.output_tokens),
+        "reasoning_tokens": int(record.reasoning_tokens),
+        "preemptions": int(record.preemptions),
+        "migrations": int(record.migrations),
+        "instance": int(record.instance),
+        "priority": int(record.priority),
+        "tier": record.tier,
+        "ttft_slo": record.ttft_slo,
+        "tpot_slo": record.tpot_slo,
+    }
+    if not record.finished:
+        base.update(
+            status="rejected",
+            reject_reason=record.reject_reason or "unspecified",
+            first_token=_NAN,
+            first_answer_token=_NAN,
+            finish=_NAN,
+            visible_tokens=0,
+            queue_time=base["first_scheduled"] - base["arrival"],
+            ttft=_NAN,
+            ttft_any=_NAN,
+            tpot=_NAN,
+            e2el=_NAN,
+            max_gap=_NAN,
+            itl=np.zeros(0),
+            slo_met=None,
+        )
+        return base
+
+    times = np.asarray(record.token_times, dtype=np.float64)
+    n = int(record.output_tokens)
+    r = int(record.reasoning_tokens)
+    if times.ndim != 1 or len(times) != n:
+        raise ValueError(
+            f"request {rid!r}: token_times has {len(times)} entries but output_tokens is {n}; "
+            "a finished record needs the generation time of every output token"
+        )
+    if n < 1:
+        raise ValueError(
+            f"request {rid!r}: finished with no output tokens; a finished request must have "
+            "generated at least one token (mark it finished=False with a reject_reason instead)"
+        )
+    if not 0 <= r <= n:
+        raise ValueError(
+            f"request {rid!r}: reasoning_tokens {r} must lie in 0..output_tokens ({n})"
+        )
+    arrival = base["arrival"]
+    gaps = np.diff(times)
+    if not (np.isfinite(times[0]) and np.isfinite(times[-1]) and np.isfinite(gaps).all()):
+        raise ValueError(f"request {rid!r}: token_times contains NaN or infinite values")
+    if n > 1 and gaps.min() < 0:
+        raise ValueError(f"request {rid!r}: token_times must be non-decreasing")
+    if times[0] < arrival:
+        raise ValueError(
+            f"request {rid!r}: first token at {times[0]} s precedes its arrival at {arrival} s"
+        )
+
+    first_token = float(times[0])
+    finish = float(times[-1])
+    visible = n - r
+    e2el = finish - arrival
+    if visible > 0:
+        first_answer = float(times[r])
+        ttft = first_answer - arrival
+    else:
+        # Reasoning that never reached an answer: the user sees nothing until the response ends.
+        first_answer = _NAN
+        ttft = e2el
+    tpot = (e2el - ttft) / (visible - 1) if visible > 1 else _NAN
+    # gaps[i] = times[i+1] - times[i]; gaps between visible tokens are those from index r on.
+    itl = gaps[r:] if visible > 1 else np.zeros(0)
+    base.update(
+        status="finished",
+        reject_reason="",
+        first_token=first_token,
+        first_answer_token=first_answer,
+        finish=finish,
+        visible_tokens=visible,
+        queue_time=base["first_scheduled"] - arrival,
+        ttft=ttft,
+        ttft_any=first_token - arrival,
+        tpot=tpot,
+        e2el=e2el,
+        max_gap=float(gaps.max()) if n > 1 else _NAN,
+        itl=itl,
+        slo_met=_meets_own_slos(ttft, tpot, record.ttft_slo, record.tpot_slo),
+    )
+    return base
+
+
+def _meets_own_slos(
+    ttft: float, tpot: float, ttft_slo: float | None, tpot_slo: float | None
+) -> bool | None:
+    if ttft_slo is None and tpot_slo is None:
+        return None
+    ok = True
+    if ttft_slo is not None:
+        ok = ok and ttft <= ttft_slo
+    if tpot_slo is not None:
+        ok = ok and (0.0 if math.isnan(tpot) else tpot) <= tpot_slo
+    return bool(ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------
+
+
+class _Growable:
+    """A 1-D numpy array with amortised O(1) appends (capacity doubles)."""
+
+    __slots__ = ("_buf", "_n")
+
+    def __init__(self, dtype: Any, capacity: int = 256) -> None:
+        self._buf = np.empty(capacity, dtype=dtype)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _reserve(self, extra: int) -> None:
+        need = self._n + extra
+        if need > len(self._buf):
+            new = np.empty(max(need, 2 * len(self._buf)), dtype=self._buf.dtype)
+            new[: self._n] = self._buf[: self._n]
+            self._buf = new
+
+    def append(self, value: Any) -> None:
+        self._reserve(1)
+        self._buf[self._n] = value
+        self._n += 1
+
+    def extend(self, values: np.ndarray) -> None:
+        k = len(values)
+        if k:
+            self._reserve(k)
+            self._buf[self._n : self._n + k] = values
+            self._n += k
+
+    def widen(self, dtype: Any) -> None:
+        """Change the element type (used to make a fixed-width string column wider)."""
+        self._buf = self._buf.astype(dtype)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._buf.dtype
+
+    def view(self) -> np.ndarray:
+        return self._buf[: self._n]
+
+
+class _Categories:
+    """Small string table: a value ↔ an int code (reasons, tiers: few distinct values)."""
+
+    __slots__ = ("codes", "values")
+
+    def __init__(self) -> None:
+        self.codes: dict[str, int] = {}
+        self.values: list[str] = []
+
+    def code(self, value: str | None) -> int:
+        if value is None:
+            return -1
+        c = self.codes.get(value)
+        if c is None:
+            c = self.codes[value] = len(self.values)
+            self.values.append(value)
+        return c
+
+    def decode(self, codes: np.ndarray, none: str = "") -> np.ndarray:
+        table = np.array([*self.values, none], dtype=str)  # code -1 → the last entry
+        return table[codes]
+
+
+# --------------------------------------------------------------------------------------------
+# Collector
+# --------------------------------------------------------------------------------------------
+
+
+class MetricsCollector:
+    """Accumulates per-request metrics of a run; :meth:`summary` gives vLLM-named results.
+
+    Call :meth:`add` once per request as it ends (finished or rejected). Memory: one fixed-size
+    structured row per request, the request id in a fixed-width string column, and the pooled ITL
+    gaps in one float64 buffer with amortised growth. Nothing per request is kept as a Python
+    object, and records' ``token_times`` arrays are not retained.
+    """
+
+    def __init__(self) -> None:
+        self._rows = _Growable(_ROW_DTYPE)
+        self._ids = _Growable("U16")
+        self._itl = _Growable(np.float64, capacity=4096)
+        self._reasons = _Categories()
+        self._tiers = _Categories()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, record: RequestRecord) -> dict[str, Any]:
+        """Record one request; returns its :func:`per_request_metrics` (callers may ignore it)."""
+        m = per_request_metrics(record)
+        rid = str(m["request_id"])
+        if len(rid) > self._ids.dtype.itemsize // 4:
+            self._ids.widen(f"U{max(len(rid), 2 * (self._ids.dtype.itemsize // 4))}")
+        slo_met = m["slo_met"]
+        self._rows.append(
+            (
+                m["arrival"],
+                m["first_scheduled"],
+                m["first_token"],
+                m["first_answer_token"],
+                m["finish"],
+                m["queue_time"],
+                m["ttft"],
+                m["ttft_any"],
+                m["tpot"],
+                m["e2el"],
+                m["max_gap"],
+                _NAN if m["ttft_slo"] is None else m["ttft_slo"],
+                _NAN if m["tpot_slo"] is None else m["tpot_slo"],
+                m["prompt_tokens"],
+                m["output_tokens"],
+                m["reasoning_tokens"],
+                m["visible_tokens"],
+                m["preemptions"],
+                m["migrations"],
+                m["instance"],
+                m["priority"],
+                m["status"] == "finished",
+                -1 if slo_met is None else int(slo_met),
+                self._reasons.code(m["reject_reason"]),
+                self._tiers.code(m["tier"]),
+            )
+        )
+        self._ids.append(rid)
+        self._itl.extend(m["itl"])
+        return m
+
+    def extend(self, records: Iterable[RequestRecord]) -> None:
+        """:meth:`add` each record."""
+        for record in records:
+            self.add(record)
+
+    # ---- views -------------------------------------------------------------------------------
+
+    @property
+    def num_finished(self) -> int:
+        return int(np.count_nonzero(self._rows.view()["finished"]))
+
+    @property
+    def num_rejected(self) -> int:
+        return len(self) - self.num_finished
+
+    def column(self, name: str) -> np.ndarray:
+        """One per-request numeric column (a read-only view), e.g. ``"ttft"`` or ``"finished"``."""
+        if name == "request_id":
+            col = self._ids.view()
+        else:
+            col = self._rows.view()[name]
+        col = col.view()
+        col.flags.writeable = False
+        return col
+
+    def finished_values(self, name: str) -> np.ndarray:
+        """A numeric column restricted to finished requests (e.g. the TTFTs to plot)."""
+        rows = self._rows.view()
+        return rows[name][rows["finished"]]
+
+    def itl(self) -> np.ndarray:
+        """All pooled inter-token gaps (seconds), a read-only view."""
+        v = self._itl.view().view()
+        v.flags.writeable = False
+        return v
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """One numpy array per :data:`CSV_COLUMNS` entry (plus the SLO columns), in request order.
+
+        String columns (request_id, status, reject_reason, tier) are numpy ``str`` arrays (``""``
+        for none); numeric ones are copies of the stored columns.
+        """
+        rows = self._rows.view()
+        finished = rows["finished"]
+        out: dict[str, np.ndarray] = {}
+        for name in CSV_COLUMNS:
+            if name == "request_id":
+                out[name] = self._ids.view().copy()
+            elif name == "status":
+                out[name] = np.where(finished, "finished", "rejected")
+            elif name == "reject_reason":
+                out[name] = self._reasons.decode(rows["reject_code"])
+            elif name == "tier":
+                out[name] = self._tiers.decode(rows["tier_code"])
+            else:
+                out[name] = rows[name].copy()
+        out["ttft_slo"] = rows["ttft_slo"].copy()
+        out["tpot_slo"] = rows["tpot_slo"].copy()
+        return out
+
+    rows = columns
+
+    # ---- summary -----------------------------------------------------------------------------
+
+    def summary(
+        self,
+        goodput: Mapping[str, float] | None = None,
+        percentiles: Sequence[float] = PERCENTILES,
+    ) -> dict[str, Any]:
+        """The run's summary: vLLM `bench serve` fields (durations in ms) plus extensions.
+
+        ``goodput``: SLOs in milliseconds for any subset of ``ttft``, ``tpot``, ``e2el``, as
+        ``vllm bench serve --goodput``; ``request_goodput`` is None when it is None or empty.
+        Statistics with no data (e.g. no finished request) are None, never NaN, so the dict
+        serialises as strict JSON.
+        """
+        slos_s = _goodput_slos_seconds(goodput)
+        rows = self._rows.view()
+        fin = rows[rows["finished"]]
+        rejected = rows[~rows["finished"]]
+        completed = len(fin)
+
+        arrivals = rows["arrival"]
+        if len(rows):
+            end = max(
+                float(fin["finish"].max()) if completed else -math.inf,
+                float(rejected["arrival"].max()) if len(rejected) else -math.inf,
+            )
+            duration = max(0.0, end - float(arrivals.min()))
+        else:
+            duration = 0.0
+
+        total_in = int(fin["prompt_tokens"].sum())
+        total_out = int(fin["output_tokens"].sum())
+
+        def rate(x: float) -> float | None:
+            return x / duration if duration > 0 else None
+
+        request_goodput = None
+        if slos_s is not None:
+            good = _good_mask(fin["ttft"], fin["tpot"], fin["e2el"], slos_s)
+            request_goodput = rate(int(np.count_nonzero(good)))
+
+        out: dict[str, Any] = {
+            "duration": duration,
+            "completed": completed,
+            "failed": len(rejected),
+            "total_input_tokens": total_in,
+            "total_output_tokens": total_out,
+            "request_throughput": rate(completed),
+            "request_goodput": request_goodput,
+            "output_throughput": rate(total_out),
+            "total_token_throughput": rate(total_in + total_out),
+            "max_concurrent_requests": max_concurrency(fin["arrival"], fin["finish"]),
+        }
+        series = {
+            "ttft": fin["ttft"],
+            "tpot": fin["tpot"][~np.isnan(fin["tpot"])],
+            "itl": self._itl.view(),
+            "e2el": fin["e2el"],
+            "ttft_any": fin["ttft_any"],
+            "queue_time": fin["queue_time"][~np.isnan(fin["queue_time"])],
+        }
+        for name in (*VLLM_LATENCY_METRICS, *EXTRA_LATENCY_METRICS):
+            out.update(latency_stats_ms(name, series[name], percentiles))
+
+        # Extensions.
+        out["total_preemptions"] = int(rows["preemptions"].sum())
+        out["total_migrations"] = int(rows["migrations"].sum())
+        codes, counts = np.unique(rejected["reject_code"], return_counts=True)
+        out["rejected_reasons"] = {
+            self._reasons.values[c]: int(k) for c, k in zip(codes.tolist(), counts.tolist())
+        }
+        with_slo = fin["slo_met"] >= 0
+        n_slo = int(np.count_nonzero(with_slo))
+        out["slo_requests"] = n_slo
+        out["slo_attainment"] = (
+            float(np.count_nonzero(fin["slo_met"] == 1)) / n_slo if n_slo else None
+        )
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared by the collector and anyone holding full arrays
+# --------------------------------------------------------------------------------------------
+
+
+def _pct_key(p: float) -> str:
+    return str(int(p)) if float(p) == int(p) else str(p)
+
+
+def latency_stats_ms(
+    name: str, values_s: np.ndarray, percentiles: Sequence[float] = PERCENTILES
+) -> dict[str, float | None]:
+    """``mean_/median_/std_/p{P}_{name}_ms`` of values in seconds, as vLLM computes them.
+
+    mean, median, population std (``np.std``) and ``np.percentile`` (linear interpolation), times
+    1000. With no values every statistic is None.
+    """
+    keys = [f"mean_{name}_ms", f"median_{name}_ms", f"std_{name}_ms"]
+    keys += [f"p{_pct_key(p)}_{name}_ms" for p in percentiles]
+    v = np.asarray(values_s, dtype=np.float64)
+    if v.size == 0:
+        return dict.fromkeys(keys, None)
+    stats = [np.mean(v), np.median(v), np.std(v)]
+    if len(percentiles):
+        stats += list(np.percentile(v, list(percentiles)))
+    return {k: float(s) * 1000.0 for k, s in zip(keys, stats)}
+
+
+def max_concurrency(arrivals: np.ndarray, finishes: np.ndarray) -> int:
+    """Peak number of requests in flight: sweep over [arrival, finish) intervals.
+
+    A request finishing at the instant another arrives is not counted together with it.
+    """
+    a = np.asarray(arrivals, dtype=np.float64)
+    f = np.asarray(finishes, dtype=np.float64)
+    if a.size == 0:
+        return 0
+    times = np.concatenate([a, f])
+    delta = np.concatenate([np.ones(a.size, np.int64), -np.ones(f.size, np.int64)])
+    order = np.lexsort((delta, times))  # by time, ends (-1) before starts (+1) at equal times
+    return int(np.cumsum(delta[order]).max())
+
+
+def _goodput_slos_seconds(goodput: Mapping[str, float] | None) -> dict[str, float] | None:
+    if not goodput:
+        return None
+    unknown = set(goodput) - set(GOODPUT_METRICS)
+    if unknown:
+        raise ValueError(
+            f"goodput SLO keys {sorted(unknown)} are not known; use any of "
+            f"{list(GOODPUT_METRICS)} with values in milliseconds, e.g. {{'ttft': 500}}"
+        )
+    out = {}
+    for key, ms in goodput.items():
+        v = float(ms)
+        if not v >= 0:
+            raise ValueError(f"goodput SLO {key}={ms!r} must be a number of milliseconds >= 0")
+        out[key] = v / 1000.0
+    return out
+
+
+def _good_mask(
+    ttft: np.ndarray, tpot: np.ndarray, e2el: np.ndarray, slos_s: Mapping[str, float]
+) -> np.ndarray:
+    """Requests meeting every SLO; an undefined TPOT counts as 0, as in vLLM."""
+    good = np.ones(len(ttft), dtype=bool)
+    if "ttft" in slos_s:
+        good &= ttft <= slos_s["ttft"]
+    if "tpot" in slos_s:
+        good &= np.where(np.isnan(tpot), 0.0, tpot) <= slos_s["tpot"]
+    if "e2el" in slos_s:
+        good &= e2el <= slos_s["e2el"]
+    return good
+
+
+def summarize(
+    records: Iterable[RequestRecord],
+    goodput: Mapping[str, float] | None = None,
+    percentiles: Sequence[float] = PERCENTILES,
+) -> dict[str, Any]:
+    """Summary of a finished collection of records (a :class:`MetricsCollector` under the hood)."""
+    collector = MetricsCollector()
+    collector.extend(records)
+    return collector.summary(goodput=goodput, percentiles=percentiles)

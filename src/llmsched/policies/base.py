@@ -1,0 +1,153 @@
+"""The two policy interfaces, their registries, and vLLM's packing loop that most policies share.
+
+* An :class:`InstancePolicy` decides, once per iteration of one engine, what runs: it reads an
+  :class:`~llmsched.engine.instance.InstanceView` and returns a
+  :class:`~llmsched.engine.plan.BatchPlan`.
+* A :class:`Router` decides, across instances, where a new request goes and whether a request
+  migrates when it reaches a phase boundary (`</think>`).
+
+Neither knows which surface (simulator, vLLM, gateway) runs it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from llmsched.engine.plan import BatchBuilder, BatchPlan
+from llmsched.engine.state import RequestState
+
+if TYPE_CHECKING:
+    from llmsched.cluster.cluster import ClusterView
+    from llmsched.engine.instance import InstanceView
+
+Key = Callable[[RequestState], Any]
+
+
+class InstancePolicy:
+    """Decides what one engine instance runs in each iteration."""
+
+    name = "base"
+    # Engine settings of the policy's paper, used unless the user sets them (e.g. Sarathi: 512).
+    engine_defaults: dict[str, Any] = {}
+
+    def __init__(self, preemption: str = "recompute") -> None:
+        self.preemption = preemption
+
+    def waiting_key(self, state: RequestState) -> Any:
+        """Order of the waiting queue (lower first), fixed when a request is queued."""
+        return state.arrival
+
+    def schedule(self, view: "InstanceView") -> BatchPlan:
+        raise NotImplementedError
+
+    # Lifecycle callbacks for policies that keep state.
+    def on_preempt(self, state: RequestState, view: "InstanceView") -> None:
+        pass
+
+    def on_phase_change(self, state: RequestState, view: "InstanceView") -> None:
+        pass
+
+    def on_finish(self, state: RequestState, view: "InstanceView") -> None:
+        pass
+
+
+class Router:
+    """Decides where requests go across instances."""
+
+    name = "base"
+
+    def route(self, state: RequestState, cluster: "ClusterView") -> int:
+        raise NotImplementedError
+
+    def on_phase_change(self, state: RequestState, source: int, cluster: "ClusterView") -> int:
+        """Where a request that just produced `</think>` should continue; `source` = stay."""
+        return source
+
+
+def pack_in_order(
+    view: "InstanceView",
+    *,
+    mode: str,
+    key: Key | None = None,
+    sort_running: bool = False,
+    preempt_for_waiting: bool = False,
+    builder: BatchBuilder | None = None,
+) -> BatchBuilder:
+    """vLLM V1's scheduling loop, ordered by `key` (None = FCFS).
+
+    Running requests are served first (in admission order, or by `key` when `sort_running`);
+    one that cannot get KV preempts the running request that comes last (by `key`, or the most
+    recently admitted), possibly itself. If nothing was preempted, waiting requests are admitted
+    in queue order until one does not fit. With `preempt_for_waiting` (vLLM's priority
+    preemption), a waiting request that does not fit preempts running requests with a worse
+    key, worst first, until it fits.
+    """
+    b = builder or BatchBuilder(view)
+    running = sorted(view.running, key=key) if sort_running and key else list(view.running)
+    alive = list(running)  # still running: candidates for preemption
+
+    def worst(candidates: list[RequestState]) -> RequestState:
+        return candidates[-1] if key is None else max(candidates, key=key)
+
+    for state in running:
+        if b.budget_left == 0:
+            break
+        if state not in alive:
+            continue  # preempted earlier in this loop
+        while not b.schedule(state):
+            victim = worst(alive)
+            alive.remove(victim)
+            b.preempt(victim, mode)
+            if victim is state:
+                break
+    if b.preempted and not preempt_for_waiting:
+        return b
+    for state in view.waiting:
+        if b.budget_left == 0:
+            break
+        while not b.admit(state):
+            if not preempt_for_waiting or key is None:
+                return b
+            worse = [r for r in alive if key(r) > key(state)]
+            if not worse:
+                return b
+            victim = max(worse, key=key)
+            alive.remove(victim)
+            b.preempt(victim, mode)
+    return b
+
+
+# --- registries (a user selects policies by name) -------------------------------------------------
+INSTANCE_POLICIES: dict[str, type[InstancePolicy]] = {}
+ROUTERS: dict[str, type[Router]] = {}
+
+
+def register(cls):
+    """Class decorator: make a policy or router selectable by its `name`."""
+    registry = ROUTERS if issubclass(cls, Router) else INSTANCE_POLICIES
+    registry[cls.name] = cls
+    return cls
+
+
+def _lookup(registry: dict, kind: str, name: str):
+    import llmsched.policies  # noqa: F401  (importing the package registers every policy)
+
+    if name not in registry:
+        import difflib
+
+        close = difflib.get_close_matches(name, registry, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}.{hint}")
+    return registry[name]
+
+
+def policy_class(name: str) -> type[InstancePolicy]:
+    return _lookup(INSTANCE_POLICIES, "policy", name)
+
+
+def router_class(name: str) -> type[Router]:
+    return _lookup(ROUTERS, "router", name)
+
+
+def describe(cls) -> str:
+    return (cls.__doc__ or "").strip().splitlines()[0]

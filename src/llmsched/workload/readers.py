@@ -1,0 +1,510 @@
+"""Trace readers: real request traces (and llmsched's own JSONL) into a columnar Workload.
+
+Every reader checks each row and names the file and the 1-based line of the first bad one, so
+that a broken trace fails with a message a user can act on instead of a traceback from deep
+inside the simulator. Rows that parse but are no servable request (zero-length prompt or output,
+as the real ShareGPT data has) are an error too, unless ``skip_invalid=True``: then they are
+skipped and counted in ``workload.skipped``. Rows are never dropped silently.
+
+Formats (see docs/workload-format.md):
+
+- ``azure``: Azure LLM inference trace CSV (``TIMESTAMP, ContextTokens, GeneratedTokens``).
+- ``lengths``: Sarathi/Vidur/SLAI length CSV (``num_prefill_tokens, num_decode_tokens, ...``).
+- ``mooncake``: Mooncake JSONL (``timestamp`` in ms, ``input_length``, ``output_length``,
+  ``hash_ids``).
+- ``sharegpt``: ShareGPT prompt/response pairs JSONL with cl100k token counts.
+- ``llmsched``: llmsched's own JSONL, one request per line, written by :func:`write_jsonl`.
+
+Any of them may be gzip-compressed (recognised by its magic bytes, whatever the file name).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import math
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from llmsched.workload.request import FIELDS, Workload, request_problem
+
+FORMATS = ("azure", "lengths", "mooncake", "sharegpt", "llmsched")
+LLMSCHED_VERSION = 1
+
+_AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+_LENGTHS_COLUMNS = ("num_prefill_tokens", "num_decode_tokens")
+_REQUIRED = ("request_id", "arrival", "prompt_tokens", "output_tokens")
+
+
+class TraceFormatError(ValueError):
+    """A trace file that cannot be read as its format; the message names file, line and fix."""
+
+
+# --- public API -------------------------------------------------------------------------------
+
+
+def read_trace(
+    path: str | Path,
+    fmt: str | None = None,
+    *,
+    limit: int | None = None,
+    skip_invalid: bool = False,
+) -> Workload:
+    """Read a trace file into a Workload.
+
+    ``fmt`` is one of :data:`FORMATS`, or None to detect it from the file's first line.
+    ``limit`` stops after that many valid rows. With ``skip_invalid`` rows that parse but are no
+    servable request (e.g. 0 output tokens) are skipped; their number is ``workload.skipped``
+    (always set: 0 when nothing was skipped).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"trace file not found: {path}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    if fmt is None:
+        fmt = detect_format(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown trace format {fmt!r}; known formats: {', '.join(FORMATS)}")
+
+    timed = True
+    with _open_text(path) as fh:
+        if fmt == "azure":
+            rows = _azure_rows(path, fh)
+        elif fmt == "lengths":
+            rows = _lengths_rows(path, fh)
+            timed = False
+        elif fmt == "mooncake":
+            rows = _mooncake_rows(path, fh)
+        elif fmt == "sharegpt":
+            rows = _sharegpt_rows(path, fh)
+            timed = False
+        else:
+            header: dict = {}
+            rows = _llmsched_rows(path, fh, header)
+        columns, skipped = _collect(
+            path, rows, limit=limit, skip_invalid=skip_invalid, checks_arrival=fmt == "llmsched"
+        )
+    if fmt == "llmsched":
+        timed = bool(header.get("timed", True))
+
+    if not columns:  # no rows
+        columns = {"arrival": []}
+    elif fmt == "azure":  # absolute times in ns -> seconds since the earliest
+        t = np.asarray(columns["arrival"], dtype=np.int64)
+        columns["arrival"] = (t - t.min()) / 1e9
+    elif fmt == "mooncake":  # ms -> seconds since the earliest
+        t = np.asarray(columns["arrival"], dtype=np.float64)
+        columns["arrival"] = (t - t.min()) / 1000.0
+    elif "arrival" not in columns:  # untimed formats
+        columns["arrival"] = np.zeros(len(columns["prompt_tokens"]))
+    for name in ("prompt_text", "tier", "session_id"):  # an all-None column is no column
+        if name in columns and all(v is None for v in columns[name]):
+            del columns[name]
+
+    workload = Workload(
+        {
+            k: np.asarray(v, dtype=object) if k in _OBJECT_COLUMNS else np.asarray(v)
+            for k, v in columns.items()
+        },
+        source=str(path),
+        timed=timed,
+    )
+    workload.skipped = skipped
+    return workload
+
+
+def detect_format(path: str | Path) -> str:
+    """The format of a trace file, from its first non-empty line (header or first object)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"trace file not found: {path}")
+    with _open_text(path) as fh:
+        first = next((line for line in fh if line.strip()), "")
+    text = first.strip().lstrip("\ufeff")
+    known = f"known formats: {', '.join(FORMATS)}; pass the format explicitly if it is one of them"
+    if not text:
+        raise TraceFormatError(f"{path}: the file is empty, so its format cannot be detected")
+    if text.startswith("["):
+        raise TraceFormatError(
+            f"{path}: a JSON array is not a supported trace; traces are JSONL (one object a "
+            f"line) or CSV ({known})"
+        )
+    if text.startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TraceFormatError(f"{path}, line 1: not valid JSON ({e.msg})") from None
+        keys = set(obj) if isinstance(obj, dict) else set()
+        if obj.get("format") == "llmsched" or set(_REQUIRED) <= keys:
+            return "llmsched"
+        if {"prompt_tokens_cl100k", "response_tokens_cl100k"} <= keys:
+            return "sharegpt"
+        if {"timestamp", "input_length", "output_length"} <= keys:
+            return "mooncake"
+        found = ", ".join(sorted(keys)[:12])
+        raise TraceFormatError(
+            f"{path}: cannot detect the format of a JSONL file with fields {found}; {known}"
+        )
+    header = {h.strip() for h in next(csv.reader([text]))}
+    if set(_AZURE_COLUMNS) <= header:
+        return "azure"
+    if set(_LENGTHS_COLUMNS) <= header:
+        return "lengths"
+    raise TraceFormatError(
+        f"{path}: cannot detect the format from the first line {text[:120]!r}; {known}"
+    )
+
+
+def write_jsonl(workload: Workload, path: str | Path) -> Path:
+    """Write a workload in llmsched's JSONL format (gzip when the name ends in ``.gz``).
+
+    The first line is a header object (``{"format": "llmsched", "version": 1, "timed": ...}``)
+    so that a trace without timestamps stays untimed when read back; each further line is one
+    request, with the four required fields and every other field that is not at its default.
+    """
+    path = Path(path)
+    cols = {k: v.tolist() for k, v in workload.columns.items() if v is not None}
+    header = {
+        "format": "llmsched",
+        "version": LLMSCHED_VERSION,
+        "timed": bool(workload.timed),
+        "source": workload.source,
+    }
+    if path.name.endswith(".gz"):  # mtime=0: the same workload gives the same bytes
+        opener = partial(gzip.GzipFile, mode="wb", mtime=0)
+    else:
+        opener = partial(open, mode="wb")
+    with opener(path) as raw, io.TextIOWrapper(raw, encoding="utf-8") as fh:
+        fh.write(json.dumps(header) + "\n")
+        for i in range(len(workload)):
+            row = {
+                "request_id": str(cols["request_id"][i]),
+                "arrival": cols["arrival"][i],
+                "prompt_tokens": cols["prompt_tokens"][i],
+                "output_tokens": cols["output_tokens"][i],
+            }
+            for name in _OPTIONAL:
+                value = cols[name][i] if name in cols else None
+                if value is None or _is_default(name, value):
+                    continue
+                row[name] = str(value) if name in ("tier", "session_id") else value
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+# --- reading machinery ------------------------------------------------------------------------
+
+_OBJECT_COLUMNS = ("request_id", "prompt_text", "tier", "session_id")
+_OPTIONAL = tuple(f for f in FIELDS if f not in _REQUIRED)
+
+
+def _is_default(name: str, value) -> bool:
+    default = _DEFAULTS[name]
+    if isinstance(default, float) and math.isnan(default):
+        return math.isnan(value)
+    return value == default
+
+
+def _open_text(path: Path) -> IO[str]:
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+    if gzipped:
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _collect(
+    path: Path,
+    rows: Iterator[tuple[int, dict]],
+    *,
+    limit: int | None,
+    skip_invalid: bool,
+    checks_arrival: bool,
+) -> tuple[dict[str, list], int]:
+    """Rows into column lists, applying the invalid-row policy and the limit."""
+    columns: dict[str, list] = {}
+    skipped = 0
+    kept = 0
+    if limit == 0:
+        return columns, 0
+    for lineno, row in rows:
+        problem = request_problem(
+            row["arrival"] if checks_arrival else 0.0,
+            row["prompt_tokens"],
+            row["output_tokens"],
+            row.get("reasoning_tokens", 0),
+        )
+        if problem:
+            if skip_invalid:
+                skipped += 1
+                continue
+            raise TraceFormatError(
+                f"{path}, line {lineno}: {problem}. This is the first such row; how many more "
+                "the file holds is not known. To skip such rows and count them, pass "
+                "skip_invalid=True (CLI: --skip-invalid)"
+            )
+        if not columns:
+            columns = {name: [] for name in row}
+        for name, value in row.items():
+            columns[name].append(value)
+        kept += 1
+        if limit is not None and kept >= limit:
+            break
+    return columns, skipped
+
+
+def _fail(path: Path, lineno: int, what: str) -> TraceFormatError:
+    return TraceFormatError(f"{path}, line {lineno}: {what}")
+
+
+def _csv_rows(path: Path, fh: IO[str], required: tuple[str, ...]) -> Iterator[tuple[int, list]]:
+    """(line number, the required fields) of each data row of a CSV file with a header."""
+    reader = csv.reader(fh)
+    header = next(reader, None)
+    if header is None:
+        raise TraceFormatError(
+            f"{path}: the file is empty; expected a header with columns {', '.join(required)}"
+        )
+    header = [h.strip().lstrip("\ufeff") for h in header]
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise _fail(
+            path, 1, f"missing column(s) {', '.join(missing)}; the header has {', '.join(header)}"
+        )
+    index = [header.index(c) for c in required]
+    for row in reader:
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue  # blank line
+        if len(row) != len(header):
+            raise _fail(
+                path,
+                reader.line_num,
+                f"{len(row)} fields, but the header has {len(header)} ({', '.join(header)})",
+            )
+        yield reader.line_num, [row[i] for i in index]
+
+
+def _json_rows(path: Path, fh: IO[str]) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-empty line of a JSONL file."""
+    for lineno, line in enumerate(fh, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _fail(path, lineno, f"not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise _fail(path, lineno, f"expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
+def _csv_int(text: str, name: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{name} is not a number: {text!r}") from None
+    if not value.is_integer():
+        raise ValueError(f"{name} must be a whole number of tokens, got {text!r}")
+    return int(value)
+
+
+def _field(obj: dict, name: str):
+    if name not in obj:
+        raise ValueError(f"missing field {name!r}")
+    return obj[name]
+
+
+def _json_number(obj: dict, name: str) -> float:
+    value = _field(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"field {name!r} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"field {name!r} must be finite, got {value!r}")
+    return value
+
+
+def _json_int(obj: dict, name: str) -> int:
+    value = _json_number(obj, name)
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"field {name!r} must be a whole number, got {value!r}")
+        value = int(value)
+    return value
+
+
+def _json_str(obj: dict, name: str, *, allow_int: bool = False) -> str | None:
+    value = _field(obj, name)
+    if value is None or isinstance(value, str):
+        return value
+    if allow_int and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"field {name!r} must be a string, got {value!r}")
+
+
+_TIMESTAMP = re.compile(r"(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:?\d\d)?")
+
+
+def _timestamp_ns(text: str) -> int:
+    """Nanoseconds since the epoch (UTC when no offset is given). Exact for Azure's 7 digits."""
+    m = _TIMESTAMP.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(
+            f"unparsable timestamp {text!r} (expected e.g. 2023-11-16 18:15:46.6805900)"
+        )
+    whole, fraction, offset = m.groups()
+    try:
+        dt = datetime.fromisoformat(whole + (offset or ""))
+    except ValueError:
+        raise ValueError(f"unparsable timestamp {text!r} (no such date or time)") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    nanos = int(fraction.ljust(9, "0")) if fraction else 0
+    return int(dt.timestamp()) * 1_000_000_000 + nanos
+
+
+# --- one generator of rows per format ---------------------------------------------------------
+
+
+def _azure_rows(path: Path, fh: IO[str]) -> Iterator[tuple[int, dict]]:
+    for i, (lineno, (ts, ctx, gen)) in enumerate(_csv_rows(path, fh, _AZURE_COLUMNS)):
+        try:
+            row = {
+                "request_id": str(i),
+                "arrival": _timestamp_ns(ts),
+                "prompt_tokens": _csv_int(ctx, "ContextTokens"),
+                "output_tokens": _csv_int(gen, "GeneratedTokens"),
+            }
+        except (ValueError, TypeError) as e:
+            raise _fail(path, lineno, str(e)) from None
+        yield lineno, row
+
+
+def _lengths_rows(path: Path, fh: IO[str]) -> Iterator[tuple[int, dict]]:
+    for i, (lineno, (prefill, decode)) in enumerate(_csv_rows(path, fh, _LENGTHS_COLUMNS)):
+        try:
+            row = {
+                "request_id": str(i),
+                "prompt_tokens": _csv_int(prefill, "num_prefill_tokens"),
+                "output_tokens": _csv_int(decode, "num_decode_tokens"),
+            }
+        except (ValueError, TypeError) as e:
+            raise _fail(path, lineno, str(e)) from None
+        yield lineno, row
+
+
+def _mooncake_rows(path: Path, fh: IO[str]) -> Iterator[tuple[int, dict]]:
+    for i, (lineno, obj) in enumerate(_json_rows(path, fh)):
+        try:
+            row = {
+                "request_id": str(i),
+                "arrival": _json_number(obj, "timestamp"),
+                "prompt_tokens": _json_int(obj, "input_length"),
+                "output_tokens": _json_int(obj, "output_length"),
+            }
+            hash_ids = obj.get("hash_ids", [])
+            if not isinstance(hash_ids, list) or not all(
+                type(h) is int
+                for h in hash_ids  # not isinstance: a bool is no block id
+            ):
+                raise ValueError(
+                    f"field 'hash_ids' must be a list of integers, got {hash_ids!r:.80}"
+                )
+        except (ValueError, TypeError) as e:
+            raise _fail(path, lineno, str(e)) from None
+        yield lineno, row
+
+
+def _sharegpt_rows(path: Path, fh: IO[str]) -> Iterator[tuple[int, dict]]:
+    for lineno, obj in _json_rows(path, fh):
+        try:
+            session = _json_str(obj, "id", allow_int=True)
+            turn = _json_int(obj, "turn")
+            row = {
+                "request_id": f"{session}/{turn}",
+                "prompt_tokens": _json_int(obj, "prompt_tokens_cl100k"),
+                "output_tokens": _json_int(obj, "response_tokens_cl100k"),
+                "prompt_text": _json_str(obj, "prompt"),
+                "session_id": session,
+                "turn": turn,
+            }
+        except (ValueError, TypeError) as e:
+            raise _fail(path, lineno, str(e)) from None
+        yield lineno, row
+
+
+def _llmsched_rows(path: Path, fh: IO[str], header: dict) -> Iterator[tuple[int, dict]]:
+    """Request rows; the optional header line's fields are put into ``header``."""
+    seen: dict[str, int] = {}
+    first = True
+    for lineno, obj in _json_rows(path, fh):
+        if first and "format" in obj:
+            first = False
+            if obj["format"] != "llmsched" or obj.get("version", 1) != LLMSCHED_VERSION:
+                raise _fail(
+                    path,
+                    lineno,
+                    f"header says format {obj['format']!r} version "
+                    f"{obj.get('version')!r}; this reader reads llmsched version "
+                    f"{LLMSCHED_VERSION}",
+                )
+            header.update(obj)
+            continue
+        first = False
+        unknown = set(obj) - set(FIELDS)
+        if unknown:
+            raise _fail(
+                path,
+                lineno,
+                f"unknown field(s) {', '.join(sorted(unknown))}; known fields: {', '.join(FIELDS)}",
+            )
+        try:
+            rid = _json_str(obj, "request_id", allow_int=True)
+            if rid is None:
+                raise TypeError("field 'request_id' must be a string, got None")
+            row = {
+                "request_id": rid,
+                "arrival": float(_json_number(obj, "arrival")),
+                "prompt_tokens": _json_int(obj, "prompt_tokens"),
+                "output_tokens": _json_int(obj, "output_tokens"),
+            }
+            for name in _OPTIONAL:
+                if obj.get(name) is None:
+                    row[name] = _DEFAULTS[name]
+                elif name in ("prompt_text", "tier", "session_id"):
+                    row[name] = _json_str(obj, name, allow_int=name != "prompt_text")
+                elif name in ("reasoning_tokens", "priority", "turn"):
+                    row[name] = _json_int(obj, name)
+                else:
+                    row[name] = float(_json_number(obj, name))
+        except (ValueError, TypeError) as e:
+            raise _fail(path, lineno, str(e)) from None
+        if rid in seen:
+            raise _fail(path, lineno, f"request_id {rid!r} repeats line {seen[rid]}")
+        seen[rid] = lineno
+        yield lineno, row
+
+
+_DEFAULTS = {
+    "reasoning_tokens": 0,
+    "prompt_text": None,
+    "ttft_slo": math.nan,
+    "tpot_slo": math.nan,
+    "priority": 0,
+    "tier": None,
+    "session_id": None,
+    "turn": 0,
+    "tool_time": 0.0,
+}
