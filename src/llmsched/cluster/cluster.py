@@ -42,8 +42,8 @@ class ClusterView:
         return self._cluster.now
 
     def instance(self, i: int) -> Instance:
-        """The instance itself, for cluster policies that need more than the summaries."""
-        return self._cluster.instances[i]
+        """The instance itself (state as of now), for cluster policies that need more."""
+        return self._synced(i)
 
     def outstanding(self, i: int) -> int:
         """Requests running or waiting on instance i (migrations heading there included)."""
@@ -54,11 +54,17 @@ class ClusterView:
 
     def kv_footprint(self, i: int) -> int:
         """KV blocks of instance i's requests: on its GPU plus swapped out to its host."""
-        kv = self._cluster.instances[i].kv
+        kv = self._synced(i).kv
         return kv.used + kv.cpu_used
 
     def kv_free(self, i: int) -> int:
-        return self._cluster.instances[i].kv.free
+        return self._synced(i).kv.free
+
+    def _synced(self, i: int) -> Instance:
+        """Instance i with its state brought to now (it may be in the middle of a span)."""
+        inst = self._cluster.instances[i]
+        inst.sync(self._cluster.now)
+        return inst
 
 
 @dataclass

@@ -97,12 +97,13 @@ class InstanceView:
 
 
 class Span:
-    """A plan being executed for k identical iterations, with their end times."""
+    """A plan being executed for k identical iterations, with their end times; the first
+    `done` of them are already applied to the requests' state."""
 
-    __slots__ = ("plan", "ends", "k")
+    __slots__ = ("plan", "ends", "k", "done")
 
     def __init__(self, plan: BatchPlan, ends: np.ndarray) -> None:
-        self.plan, self.ends, self.k = plan, ends, len(ends)
+        self.plan, self.ends, self.k, self.done = plan, ends, len(ends), 0
 
     @property
     def end(self) -> float:
@@ -293,47 +294,40 @@ class Instance:
             out[i] = self.latency.iteration_time(shape)
         return out
 
-    # --- committing a span --------------------------------------------------------------------
-    def finish_span(self) -> None:
-        """The span ran to its end: commit all its iterations and fire their events."""
+    # --- applying a span's iterations ---------------------------------------------------------
+    def sync(self, t: float) -> None:
+        """Bring the requests' state to time `t` inside the span: apply the iterations that have
+        ended, and allocate KV for the one in progress, as a per-iteration engine would have."""
         span = self.span
-        assert span is not None
-        self._commit(span, span.k)
+        if span is None:
+            return
+        ended = int(np.searchsorted(span.ends, t, side="right"))
+        if span.done < ended < span.k:
+            self._advance(span, ended - span.done)
+            for state, tokens in span.plan.items:
+                self.kv.grow_to(state, state.computed + tokens)
 
     def interrupt(self, t: float) -> float:
         """A request arrives at `t`: cut the span after the iteration in progress at `t`.
         Returns when the instance next schedules."""
         span = self.span
         assert span is not None
+        self.sync(t)
         j = int(np.searchsorted(span.ends, t, side="right")) + 1
         if j < span.k:
             span.ends = span.ends[:j]
             span.k = j
         return span.end
 
-    def _commit(self, span: Span, j: int) -> None:
-        plan = span.plan
-        first = self.log.extend(span.ends[:j])
-        end = float(span.ends[j - 1])
+    def finish_span(self) -> None:
+        """The span ran to its end: apply its remaining iterations and fire their events."""
+        span = self.span
+        assert span is not None
+        events = self._advance(span, span.k - span.done)
+        end = span.end
         self.busy_time += end - self.now
         self.span = None
         self.now = end
-        events = []
-        for state, tokens in plan.items:
-            before = state.to_compute
-            state.computed += tokens * j
-            if j > 1:
-                self.kv.grow_to(state, state.computed)
-            if tokens * j < before:
-                continue  # a prefill chunk that has not completed yet
-            emitted = j if before == 1 else 1  # decodes emit every iteration, a prefill once
-            self._record_tokens(state, first + j - emitted, emitted)
-            old = state.generated
-            state.generated += emitted
-            if state.generated >= state.output_tokens:
-                events.append((state, True))
-            elif old < state.reasoning_tokens <= state.generated:
-                events.append((state, False))
         for state, finished in events:
             if finished:
                 self.running.remove(state)
@@ -344,6 +338,28 @@ class Instance:
             else:
                 self.policy.on_phase_change(state, self.view)
                 self.listener.on_phase_change(state, self, end)
+
+    def _advance(self, span: Span, j: int) -> list[tuple[RequestState, bool]]:
+        """Apply j more iterations of the span; returns (request, finished?) events: requests
+        that finished or produced `</think>` (these happen only at a span's last iteration)."""
+        first = self.log.extend(span.ends[span.done : span.done + j])
+        span.done += j
+        events = []
+        for state, tokens in span.plan.items:
+            before = state.to_compute
+            state.computed += tokens * j
+            self.kv.grow_to(state, state.computed)
+            if tokens * j < before:
+                continue  # a prefill chunk that has not completed yet
+            emitted = j if before == 1 else 1  # decodes emit every iteration, a prefill once
+            self._record_tokens(state, first + j - emitted, emitted)
+            old = state.generated
+            state.generated += emitted
+            if state.generated >= state.output_tokens:
+                events.append((state, True))
+            elif old < state.reasoning_tokens <= state.generated:
+                events.append((state, False))
+        return events
 
     def _record_tokens(self, state: RequestState, first: int, count: int) -> None:
         seg = state.segments

@@ -114,6 +114,10 @@ def pack_in_order(
             victim = max(worse, key=key)
             alive.remove(victim)
             b.preempt(victim, mode)
+        if sort_running:
+            # Next iteration the newcomer is sorted among the running requests, possibly ahead
+            # of those served before it this time: the plan is not repeatable.
+            b.limit_repeat(1)
     return b
 
 

@@ -75,26 +75,10 @@ def read_trace(
     if fmt not in FORMATS:
         raise ValueError(f"unknown trace format {fmt!r}; known formats: {', '.join(FORMATS)}")
 
-    timed = True
-    with _open_text(path) as fh:
-        if fmt == "azure":
-            rows = _azure_rows(path, fh)
-        elif fmt == "lengths":
-            rows = _lengths_rows(path, fh)
-            timed = False
-        elif fmt == "mooncake":
-            rows = _mooncake_rows(path, fh)
-        elif fmt == "sharegpt":
-            rows = _sharegpt_rows(path, fh)
-            timed = False
-        else:
-            header: dict = {}
-            rows = _llmsched_rows(path, fh, header)
-        columns, skipped = _collect(
-            path, rows, limit=limit, skip_invalid=skip_invalid, checks_arrival=fmt == "llmsched"
-        )
-    if fmt == "llmsched":
-        timed = bool(header.get("timed", True))
+    try:
+        columns, skipped, timed = _read_rows(path, fmt, limit, skip_invalid)
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+        raise TraceFormatError(f"{path}: cannot be read as UTF-8 text or gzip ({e})") from None
 
     if not columns:  # no rows
         columns = {"arrival": []}
@@ -127,8 +111,11 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"trace file not found: {path}")
-    with _open_text(path) as fh:
-        first = next((line for line in fh if line.strip()), "")
+    try:
+        with _open_text(path) as fh:
+            first = next((line for line in fh if line.strip()), "")
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as e:
+        raise TraceFormatError(f"{path}: cannot be read as UTF-8 text or gzip ({e})") from None
     text = first.strip().lstrip("\ufeff")
     known = f"known formats: {', '.join(FORMATS)}; pass the format explicitly if it is one of them"
     if not text:
@@ -218,8 +205,35 @@ def _open_text(path: Path) -> IO[str]:
     with open(path, "rb") as raw:
         gzipped = raw.read(2) == b"\x1f\x8b"
     if gzipped:
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def _read_rows(
+    path: Path, fmt: str, limit: int | None, skip_invalid: bool
+) -> tuple[dict[str, list], int, bool]:
+    """(column lists, rows skipped, timed) of a trace in a known format."""
+    timed = True
+    with _open_text(path) as fh:
+        if fmt == "azure":
+            rows = _azure_rows(path, fh)
+        elif fmt == "lengths":
+            rows = _lengths_rows(path, fh)
+            timed = False
+        elif fmt == "mooncake":
+            rows = _mooncake_rows(path, fh)
+        elif fmt == "sharegpt":
+            rows = _sharegpt_rows(path, fh)
+            timed = False
+        else:
+            header: dict = {}
+            rows = _llmsched_rows(path, fh, header)
+        columns, skipped = _collect(
+            path, rows, limit=limit, skip_invalid=skip_invalid, checks_arrival=fmt == "llmsched"
+        )
+    if fmt == "llmsched":
+        timed = bool(header.get("timed", True))
+    return columns, skipped, timed
 
 
 def _collect(
@@ -281,7 +295,13 @@ def _csv_rows(path: Path, fh: IO[str], required: tuple[str, ...]) -> Iterator[tu
             path, 1, f"missing column(s) {', '.join(missing)}; the header has {', '.join(header)}"
         )
     index = [header.index(c) for c in required]
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise _fail(path, reader.line_num, f"not valid CSV ({e})") from None
         if not row or (len(row) == 1 and not row[0].strip()):
             continue  # blank line
         if len(row) != len(header):
@@ -460,6 +480,12 @@ def _llmsched_rows(path: Path, fh: IO[str], header: dict) -> Iterator[tuple[int,
                     f"{obj.get('version')!r}; this reader reads llmsched version "
                     f"{LLMSCHED_VERSION}",
                 )
+            if not isinstance(obj.get("timed", True), bool):
+                raise _fail(
+                    path,
+                    lineno,
+                    f"header field 'timed' must be true or false, got {obj['timed']!r}",
+                )
             header.update(obj)
             continue
         first = False
@@ -489,6 +515,12 @@ def _llmsched_rows(path: Path, fh: IO[str], header: dict) -> Iterator[tuple[int,
                     row[name] = _json_int(obj, name)
                 else:
                     row[name] = float(_json_number(obj, name))
+            for name, low, strict in _LOWER_BOUNDS:
+                value = row[name]
+                if value < low or (strict and value == low):
+                    raise ValueError(
+                        f"field {name!r} must be {'>' if strict else '>='} {low}, got {value!r}"
+                    )
         except (ValueError, TypeError) as e:
             raise _fail(path, lineno, str(e)) from None
         if rid in seen:
@@ -497,6 +529,12 @@ def _llmsched_rows(path: Path, fh: IO[str], header: dict) -> Iterator[tuple[int,
         yield lineno, row
 
 
+_LOWER_BOUNDS = (
+    ("ttft_slo", 0, True),
+    ("tpot_slo", 0, True),
+    ("turn", 0, False),
+    ("tool_time", 0, False),
+)
 _DEFAULTS = {
     "reasoning_tokens": 0,
     "prompt_text": None,

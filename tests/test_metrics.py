@@ -1,0 +1,730 @@
+"""Metrics: hand-computed timelines, vLLM-equivalent summaries, reports."""
+
+from __future__ import annotations
+
+import csv
+import gc
+import itertools
+import json
+import math
+import sys
+import weakref
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llmsched.metrics.record import RequestRecord
+from llmsched.metrics.report import (
+    DEFAULT_COMPARISON_METRICS,
+    format_comparison,
+    format_summary,
+    plot_distributions,
+    write_requests_csv,
+)
+from llmsched.metrics.summary import (
+    CSV_COLUMNS,
+    EXTRA_LATENCY_METRICS,
+    PERCENTILES,
+    VLLM_LATENCY_METRICS,
+    MetricsCollector,
+    max_concurrency,
+    per_request_metrics,
+    summarize,
+)
+
+# --------------------------------------------------------------------------------------------
+# Hand-made timelines (binary-exact numbers so equalities are exact)
+# --------------------------------------------------------------------------------------------
+
+
+def one_token() -> RequestRecord:
+    # ttft = e2el = 0.25, tpot undefined, no ITL, queue 0.125
+    return RequestRecord(
+        "one",
+        arrival=1.0,
+        prompt_tokens=10,
+        output_tokens=1,
+        token_times=np.array([1.25]),
+        first_scheduled=1.125,
+        instance=0,
+    )
+
+
+def four_tokens() -> RequestRecord:
+    # ttft 0.5, e2el 1.5, tpot (1.5-0.5)/3, gaps 0.25 0.5 0.25
+    return RequestRecord(
+        "four",
+        arrival=0.0,
+        prompt_tokens=20,
+        output_tokens=4,
+        token_times=np.array([0.5, 0.75, 1.25, 1.5]),
+        first_scheduled=0.25,
+        preemptions=1,
+        instance=1,
+        priority=2,
+        tier="gold",
+    )
+
+
+def reasoning() -> RequestRecord:
+    # tokens 0..2 hidden; answer tokens at 3.75, 4.0, 4.5
+    # ttft 1.75, ttft_any 0.25, e2el 2.5, tpot (2.5-1.75)/2 = 0.375, ITL 0.25 0.5, max gap 1.0
+    return RequestRecord(
+        "think",
+        arrival=2.0,
+        prompt_tokens=30,
+        output_tokens=6,
+        reasoning_tokens=3,
+        token_times=np.array([2.25, 3.25, 3.5, 3.75, 4.0, 4.5]),
+        first_scheduled=2.0,
+        migrations=1,
+        instance=0,
+    )
+
+
+def rejected(arrival: float = 0.5, reason: str = "kv_capacity") -> RequestRecord:
+    return RequestRecord(
+        "nope",
+        arrival=arrival,
+        prompt_tokens=100_000,
+        output_tokens=5,
+        finished=False,
+        reject_reason=reason,
+    )
+
+
+def test_one_token_request():
+    m = per_request_metrics(one_token())
+    assert m["status"] == "finished"
+    assert m["ttft"] == 0.25
+    assert m["ttft_any"] == 0.25
+    assert m["e2el"] == 0.25
+    assert m["queue_time"] == 0.125
+    assert math.isnan(m["tpot"])
+    assert math.isnan(m["max_gap"])
+    assert len(m["itl"]) == 0
+    assert m["first_token"] == m["first_answer_token"] == m["finish"] == 1.25
+
+
+def test_four_token_request():
+    m = per_request_metrics(four_tokens())
+    assert m["ttft"] == 0.5
+    assert m["ttft_any"] == 0.5
+    assert m["e2el"] == 1.5
+    assert m["tpot"] == pytest.approx(1.0 / 3.0, rel=1e-15)
+    assert m["itl"].tolist() == [0.25, 0.5, 0.25]
+    assert m["max_gap"] == 0.5
+    assert m["queue_time"] == 0.25
+    assert m["visible_tokens"] == 4
+
+
+def test_reasoning_request_ttft_is_first_answer_token():
+    m = per_request_metrics(reasoning())
+    assert m["ttft"] == 1.75
+    assert m["ttft_any"] == 0.25
+    assert m["first_token"] == 2.25
+    assert m["first_answer_token"] == 3.75
+    assert m["e2el"] == 2.5
+    assert m["tpot"] == 0.375
+    assert m["itl"].tolist() == [0.25, 0.5]  # only among answer tokens
+    assert m["max_gap"] == 1.0  # the stall inside the hidden part still shows here
+    assert m["visible_tokens"] == 3
+
+
+def test_reasoning_without_answer_sees_response_end():
+    rec = RequestRecord(
+        "cut",
+        arrival=0.0,
+        prompt_tokens=5,
+        output_tokens=3,
+        reasoning_tokens=3,
+        token_times=np.array([0.25, 0.5, 1.0]),
+    )
+    m = per_request_metrics(rec)
+    assert m["ttft"] == m["e2el"] == 1.0
+    assert math.isnan(m["first_answer_token"])
+    assert math.isnan(m["tpot"])
+    assert len(m["itl"]) == 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"output_tokens": 3, "token_times": np.array([1.0, 2.0])}, "token_times has 2"),
+        ({"output_tokens": 0, "token_times": np.zeros(0)}, "no output tokens"),
+        ({"output_tokens": 2, "token_times": np.array([2.0, 1.5])}, "non-decreasing"),
+        ({"output_tokens": 2, "token_times": np.array([0.5, 1.5])}, "precedes its arrival"),
+        ({"output_tokens": 2, "token_times": np.array([1.5, np.nan])}, "NaN"),
+        (
+            {"output_tokens": 2, "reasoning_tokens": 3, "token_times": np.array([1.5, 2.0])},
+            "reasoning_tokens",
+        ),
+    ],
+)
+def test_inconsistent_finished_record_is_a_clear_error(kwargs, match):
+    rec = RequestRecord("bad", arrival=1.0, prompt_tokens=4, **kwargs)
+    with pytest.raises(ValueError, match=match) as err:
+        per_request_metrics(rec)
+    assert "'bad'" in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+# --------------------------------------------------------------------------------------------
+
+
+def three_collector() -> MetricsCollector:
+    c = MetricsCollector()
+    for r in (one_token(), four_tokens(), reasoning()):
+        c.add(r)
+    return c
+
+
+def test_summary_hand_computed():
+    s = three_collector().summary()
+    assert s["completed"] == 3
+    assert s["failed"] == 0
+    assert s["duration"] == 4.5  # first arrival 0.0 → last finish 4.5
+    assert s["total_input_tokens"] == 60
+    assert s["total_output_tokens"] == 11
+    assert s["request_throughput"] == pytest.approx(3 / 4.5)
+    assert s["output_throughput"] == pytest.approx(11 / 4.5)
+    assert s["total_token_throughput"] == pytest.approx(71 / 4.5)
+    assert s["request_goodput"] is None
+    # TTFT 0.25, 0.5, 1.75 s
+    assert s["mean_ttft_ms"] == pytest.approx(2500 / 3)
+    assert s["median_ttft_ms"] == pytest.approx(500)
+    assert s["p50_ttft_ms"] == pytest.approx(500)
+    assert s["p90_ttft_ms"] == pytest.approx(500 + 0.8 * 1250)  # linear interpolation
+    assert s["std_ttft_ms"] == pytest.approx(np.std([250, 500, 1750]))
+    # TPOT: the one-token request has none → mean of 1/3 and 0.375
+    assert s["mean_tpot_ms"] == pytest.approx((1000 / 3 + 375) / 2)
+    # ITL pooled: 0.25 0.5 0.25 | 0.25 0.5
+    assert s["mean_itl_ms"] == pytest.approx(350)
+    assert s["median_itl_ms"] == pytest.approx(250)
+    # E2EL 0.25 1.5 2.5
+    assert s["mean_e2el_ms"] == pytest.approx(4250 / 3)
+    assert s["p99_e2el_ms"] == pytest.approx(1500 + 0.98 * 1000)
+    # extensions
+    assert s["mean_ttft_any_ms"] == pytest.approx((250 + 500 + 250) / 3)
+    assert s["mean_queue_time_ms"] == pytest.approx((125 + 250 + 0) / 3)
+    assert s["total_preemptions"] == 1
+    assert s["total_migrations"] == 1
+    assert s["rejected_reasons"] == {}
+    assert s["slo_attainment"] is None
+    assert s["max_concurrent_requests"] == 2  # [0,1.5] overlaps [1,1.25]; [2,4.5] alone
+    json.dumps(s, allow_nan=False)  # strict JSON
+
+
+def test_summary_has_vllm_field_names():
+    s = three_collector().summary(goodput={"ttft": 500})
+    for key in (
+        "completed",
+        "failed",
+        "duration",
+        "total_input_tokens",
+        "total_output_tokens",
+        "request_throughput",
+        "request_goodput",
+        "output_throughput",
+        "total_token_throughput",
+        "max_concurrent_requests",
+    ):
+        assert key in s
+    for m in (*VLLM_LATENCY_METRICS, *EXTRA_LATENCY_METRICS):
+        for stat in ("mean", "median", "std", "p50", "p90", "p95", "p99"):
+            assert f"{stat}_{m}_ms" in s
+
+
+def test_itl_pooling_weights_long_requests():
+    # 11 tokens with 0.5 s gaps and 2 tokens with a 4.0 s gap:
+    # pooled mean = (10*0.5 + 4)/11; a per-request mean would be (0.5 + 4)/2.
+    long = RequestRecord("long", 0.0, 1, 11, token_times=0.5 + 0.5 * np.arange(11))
+    short = RequestRecord("short", 0.0, 1, 2, token_times=np.array([1.0, 5.0]))
+    s = summarize([long, short])
+    assert s["mean_itl_ms"] == pytest.approx(1000 * 9 / 11)
+    assert s["median_itl_ms"] == pytest.approx(500)
+    assert s["p99_itl_ms"] == pytest.approx(np.percentile([0.5] * 10 + [4.0], 99) * 1000)
+    # TPOT is per request, so it weighs each request once.
+    assert s["mean_tpot_ms"] == pytest.approx(1000 * (0.5 + 4.0) / 2)
+
+
+@pytest.mark.parametrize(
+    "goodput, good",
+    [
+        ({"ttft": 500}, 2),  # 0.25, 0.5 ≤ 0.5; 1.75 not
+        ({"ttft": 250}, 1),  # boundary: ≤ counts
+        ({"ttft": 200}, 0),
+        ({"tpot": 350}, 2),  # 0 (undefined), 0.333 ≤ 0.35; 0.375 not
+        ({"tpot": 300}, 1),  # only the one-token request (TPOT counts as 0)
+        ({"e2el": 2000}, 2),
+        ({"e2el": 3000}, 3),
+        ({"ttft": 2000, "tpot": 350}, 2),
+        ({"ttft": 400, "e2el": 3000}, 1),
+        ({"tpot": 400, "e2el": 1000}, 1),
+        ({"ttft": 2000, "tpot": 400, "e2el": 3000}, 3),
+        ({"ttft": 2000, "tpot": 400, "e2el": 2000}, 2),
+    ],
+)
+def test_goodput_each_slo_subset(goodput, good):
+    s = three_collector().summary(goodput=goodput)
+    assert s["request_goodput"] == pytest.approx(good / 4.5)
+
+
+def test_goodput_absent_or_bad():
+    c = three_collector()
+    assert c.summary()["request_goodput"] is None
+    assert c.summary(goodput={})["request_goodput"] is None
+    with pytest.raises(ValueError, match="ttft"):
+        c.summary(goodput={"latency": 100})
+    with pytest.raises(ValueError, match=">= 0"):
+        c.summary(goodput={"ttft": -1})
+
+
+def test_percentiles_equal_numpy():
+    rng = np.random.default_rng(7)
+    recs = []
+    for i in range(200):
+        n = int(rng.integers(1, 30))
+        a = float(rng.uniform(0, 100))
+        t = a + rng.exponential(0.3) + np.cumsum(rng.exponential(0.05, n))
+        recs.append(RequestRecord(f"r{i}", a, 5, n, token_times=t))
+    c = MetricsCollector()
+    c.extend(recs)
+    s = c.summary()
+    ttft = np.array([r.token_times[0] - r.arrival for r in recs])
+    itl = np.concatenate([np.diff(r.token_times) for r in recs])
+    for p in PERCENTILES:
+        assert s[f"p{p}_ttft_ms"] == pytest.approx(np.percentile(ttft, p) * 1000, rel=1e-12)
+        assert s[f"p{p}_itl_ms"] == pytest.approx(np.percentile(itl, p) * 1000, rel=1e-12)
+    assert s["median_itl_ms"] == pytest.approx(np.median(itl) * 1000, rel=1e-12)
+    assert s["std_ttft_ms"] == pytest.approx(np.std(ttft) * 1000, rel=1e-12)
+    custom = c.summary(percentiles=(12.5, 75))
+    assert custom["p12.5_ttft_ms"] == pytest.approx(np.percentile(ttft, 12.5) * 1000, rel=1e-12)
+    assert "p99_ttft_ms" not in custom
+
+
+def test_rejected_counts_as_failed_not_in_stats():
+    c = MetricsCollector()
+    c.add(rejected(arrival=0.0, reason="kv_capacity"))
+    c.add(rejected(arrival=0.5, reason="kv_capacity"))
+    c.add(rejected(arrival=0.75, reason="admission"))
+    c.add(RequestRecord("ok", 1.0, 7, 2, token_times=np.array([1.5, 2.0])))
+    s = c.summary()
+    assert s["completed"] == 1
+    assert s["failed"] == 3
+    assert s["rejected_reasons"] == {"kv_capacity": 2, "admission": 1}
+    assert s["mean_ttft_ms"] == 500
+    assert s["mean_e2el_ms"] == 1000
+    assert s["total_input_tokens"] == 7
+    assert s["total_output_tokens"] == 2
+    assert s["duration"] == 2.0  # from the first (rejected) arrival at 0.0
+    assert s["max_concurrent_requests"] == 1
+    assert c.num_finished == 1 and c.num_rejected == 3 and len(c) == 4
+
+
+@pytest.mark.parametrize(
+    "intervals, peak",
+    [
+        ([], 0),
+        ([(0, 1)], 1),
+        ([(0, 1), (1, 2)], 1),  # touching: one ends as the other arrives
+        ([(0, 1), (0.5, 2)], 2),
+        ([(0, 10), (1, 2), (1.5, 3), (2, 4)], 3),
+        ([(0, 10), (1, 9), (2, 8), (3, 7), (11, 12)], 4),
+        ([(0, 5)] * 3 + [(5, 6)] * 2, 3),
+    ],
+)
+def test_max_concurrency(intervals, peak):
+    a = np.array([x for x, _ in intervals], dtype=float)
+    f = np.array([y for _, y in intervals], dtype=float)
+    assert max_concurrency(a, f) == peak
+
+
+def test_max_concurrent_requests_in_summary():
+    recs = [
+        RequestRecord(str(i), a, 1, 1, token_times=np.array([f]))
+        for i, (a, f) in enumerate([(0, 10), (1, 2), (1.5, 3), (2, 4)])
+    ]
+    assert summarize(recs)["max_concurrent_requests"] == 3
+
+
+def test_slo_attainment_uses_own_slos():
+    recs = [
+        # ttft 0.5 ≤ 1.0 and tpot 1/3 ≤ 0.5: met
+        RequestRecord(
+            "a", 0.0, 1, 4, token_times=np.array([0.5, 0.75, 1.25, 1.5]), ttft_slo=1.0, tpot_slo=0.5
+        ),
+        # ttft 0.5 > 0.25: missed
+        RequestRecord("b", 0.0, 1, 1, token_times=np.array([0.5]), ttft_slo=0.25),
+        # tpot undefined counts as 0: met
+        RequestRecord("c", 0.0, 1, 1, token_times=np.array([3.0]), tpot_slo=0.01),
+        # no SLOs: excluded
+        RequestRecord("d", 0.0, 1, 1, token_times=np.array([99.0])),
+        # rejected with SLO: excluded (counted in failed)
+        RequestRecord("e", 0.0, 1, 1, finished=False, reject_reason="x", ttft_slo=0.1),
+    ]
+    s = summarize(recs)
+    assert s["slo_requests"] == 3
+    assert s["slo_attainment"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("with_rejected", [False, True])
+def test_empty_run(with_rejected, tmp_path):
+    c = MetricsCollector()
+    if with_rejected:
+        c.add(rejected(arrival=1.0))
+        c.add(rejected(arrival=3.0))
+    s = c.summary(goodput={"ttft": 100})
+    assert s["completed"] == 0
+    assert s["failed"] == (2 if with_rejected else 0)
+    assert s["duration"] == (2.0 if with_rejected else 0.0)
+    assert s["max_concurrent_requests"] == 0
+    assert s["total_output_tokens"] == 0
+    for m in (*VLLM_LATENCY_METRICS, *EXTRA_LATENCY_METRICS):
+        assert s[f"mean_{m}_ms"] is None and s[f"p99_{m}_ms"] is None
+    if with_rejected:
+        assert s["request_throughput"] == 0.0 and s["request_goodput"] == 0.0
+    else:
+        assert s["request_throughput"] is None and s["request_goodput"] is None
+    assert s["slo_attainment"] is None
+    json.dumps(s, allow_nan=False)
+    assert "n/a" in format_summary(s)
+    assert "-" in format_comparison({"fcfs": s})
+    write_requests_csv(c, tmp_path / "r.csv")
+    plot_distributions({"fcfs": c}, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_collector_does_not_keep_token_times():
+    times = np.array([0.5, 1.0, 1.5])
+    ref = weakref.ref(times)
+    c = MetricsCollector()
+    c.add(RequestRecord("x" * 40, 0.0, 1, 3, token_times=times))  # also widens the id column
+    del times
+    gc.collect()
+    assert ref() is None
+    assert c.columns()["request_id"].tolist() == ["x" * 40]
+    assert c.itl().tolist() == [0.5, 0.5]
+
+
+def test_collector_grows_past_initial_capacity():
+    c = MetricsCollector()
+    for i in range(3000):
+        c.add(RequestRecord(f"req-{i}", float(i), 1, 3, token_times=i + np.array([1.0, 2, 4])))
+    assert len(c) == 3000
+    assert len(c.itl()) == 6000
+    assert c.columns()["request_id"][-1] == "req-2999"
+    assert c.column("ttft").tolist() == [1.0] * 3000
+    assert c.summary()["mean_itl_ms"] == pytest.approx(1500)
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------
+
+
+def _parse(name: str, text: str):
+    if name in ("request_id", "status", "reject_reason", "tier"):
+        return text
+    if name in (
+        "prompt_tokens",
+        "output_tokens",
+        "reasoning_tokens",
+        "preemptions",
+        "migrations",
+        "instance",
+        "priority",
+    ):
+        return int(text)
+    return float(text) if text else float("nan")
+
+
+def test_csv_round_trip(tmp_path):
+    recs = [one_token(), four_tokens(), rejected(), reasoning()]
+    c = MetricsCollector()
+    c.extend(recs)
+    path = tmp_path / "requests.csv"
+    write_requests_csv(c, path)
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        rows = list(reader)
+    assert len(rows) == 4
+    for rec, row in zip(recs, rows):
+        expected = per_request_metrics(rec)
+        for name in CSV_COLUMNS:
+            got = _parse(name, row[name])
+            want = expected[name]
+            if name == "tier":
+                want = want or ""
+            if isinstance(want, float) and math.isnan(want):
+                assert math.isnan(got), (rec.request_id, name)
+            else:
+                assert got == want, (rec.request_id, name, got, want)
+    assert rows[2]["status"] == "rejected" and rows[2]["reject_reason"] == "kv_capacity"
+    assert rows[2]["ttft"] == "" and rows[0]["tpot"] == ""
+    assert rows[1]["tier"] == "gold" and rows[1]["preemptions"] == "1"
+    assert float(rows[3]["ttft"]) == 1.75 and float(rows[3]["first_answer_token"]) == 3.75
+
+
+def test_format_summary_block():
+    text = format_summary(three_collector().summary())
+    lines = text.splitlines()
+    assert "Serving Benchmark Result" in lines[0]
+    assert any(ln.startswith("Successful requests:") and ln.split()[-1] == "3" for ln in lines)
+    assert any(ln.startswith("Benchmark duration (s):") and "4.50" in ln for ln in lines)
+    assert "Request goodput" not in text
+    for label in ("Mean TTFT (ms):", "Median TPOT (ms):", "P99 ITL (ms):", "Mean E2EL (ms):"):
+        assert label in text
+    ttft_line = next(ln for ln in lines if ln.startswith("Mean TTFT (ms):"))
+    assert float(ttft_line.split()[-1]) == pytest.approx(833.33)
+    with_goodput = format_summary(three_collector().summary(goodput={"ttft": 500}))
+    gl = next(ln for ln in with_goodput.splitlines() if ln.startswith("Request goodput"))
+    assert float(gl.split()[-1]) == pytest.approx(2 / 4.5, abs=0.005)
+
+
+def test_format_comparison_table():
+    good = three_collector().summary()
+    c = MetricsCollector()
+    c.add(rejected())
+    c.add(one_token())
+    other = c.summary()
+    text = format_comparison({"fcfs": good, "pascal-long-name": other})
+    lines = text.splitlines()
+    header = lines[0].split()
+    assert header[0] == "policy" and "done" in header and "failed" in header
+    fcfs = lines[2].split()
+    assert fcfs[0] == "fcfs" and fcfs[1] == "3" and fcfs[2] == "0"
+    pascal = lines[3].split()
+    assert pascal[0] == "pascal-long-name" and pascal[1] == "1" and pascal[2] == "1"
+    # columns are aligned: every value ends where its column's rule ends
+    rule = lines[1]
+    ends = [
+        i + 1
+        for i, ch in enumerate(rule)
+        if ch == "-" and (i + 1 == len(rule) or rule[i + 1] == " ")
+    ]
+    assert len(ends) == 1 + len(DEFAULT_COMPARISON_METRICS)
+    for row in (lines[0], *lines[2:4]):
+        for e in ends[1:]:
+            assert row[e - 1] != " " and (e == len(row) or row[e] == " "), (row, e)
+    sel = format_comparison({"a": good}, metrics=["p99_ttft_ms", "mean_itl_ms"])
+    assert sel.splitlines()[0].split() == ["policy", "TTFT", "p99", "ITL", "mean"]
+    assert sel.splitlines()[2].split() == ["a", f"{good['p99_ttft_ms']:.2f}", "350.00"]
+
+
+def test_plot_is_png(tmp_path):
+    a = three_collector()
+    b = MetricsCollector()
+    b.add(four_tokens())
+    path = tmp_path / "cdf.png"
+    plot_distributions({"fcfs": a, "sjf": b}, path)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 5000
+
+
+def test_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
+    for mod in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, mod, None)
+    with pytest.raises(ImportError, match=r"pip install llmsched\[plot\]"):
+        plot_distributions({"x": three_collector()}, tmp_path / "x.png")
+
+
+# --------------------------------------------------------------------------------------------
+# Collector vs a direct computation from full arrays
+# --------------------------------------------------------------------------------------------
+
+
+@st.composite
+def records(draw):
+    n_req = draw(st.integers(0, 25))
+    out = []
+    for i in range(n_req):
+        arrival = draw(st.floats(0, 100, allow_nan=False))
+        prompt = draw(st.integers(1, 1000))
+        n = draw(st.integers(1, 12))
+        if draw(st.integers(0, 4)) == 0:
+            out.append(
+                RequestRecord(
+                    f"r{i}",
+                    arrival,
+                    prompt,
+                    n,
+                    finished=False,
+                    reject_reason=draw(st.sampled_from(["kv", "slo"])),
+                    preemptions=draw(st.integers(0, 2)),
+                )
+            )
+            continue
+        reasoning_tokens = draw(st.integers(0, n))
+        delay = draw(st.floats(0, 10, allow_nan=False))
+        gaps = draw(st.lists(st.floats(0, 2, allow_nan=False), min_size=n - 1, max_size=n - 1))
+        times = arrival + delay + np.concatenate([[0.0], np.cumsum(gaps)])
+        sched = draw(st.one_of(st.just(float("nan")), st.floats(0, 1, allow_nan=False)))
+        out.append(
+            RequestRecord(
+                f"r{i}",
+                arrival,
+                prompt,
+                n,
+                reasoning_tokens=reasoning_tokens,
+                token_times=times,
+                first_scheduled=sched if math.isnan(sched) else arrival + sched,
+                preemptions=draw(st.integers(0, 3)),
+                ttft_slo=draw(st.one_of(st.none(), st.floats(0, 5, allow_nan=False))),
+                tpot_slo=draw(st.one_of(st.none(), st.floats(0, 1, allow_nan=False))),
+            )
+        )
+    return out
+
+
+def _stats(values):
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        return None
+    return [
+        np.mean(v) * 1000,
+        np.median(v) * 1000,
+        np.std(v) * 1000,
+        *(np.percentile(v, p) * 1000 for p in PERCENTILES),
+    ]
+
+
+def _direct_summary(recs, goodput):
+    """Independent reference: full arrays, plain loops, no collector code."""
+    fin = [r for r in recs if r.finished]
+    ttft, ttft_any, tpot, tpot0, e2el, itl, queue = [], [], [], [], [], [], []
+    slo_hits = slo_n = 0
+    for r in fin:
+        t = list(r.token_times)
+        vis = t[r.reasoning_tokens :]
+        e = t[-1] - r.arrival
+        f = (vis[0] if vis else t[-1]) - r.arrival
+        ttft.append(f)
+        ttft_any.append(t[0] - r.arrival)
+        e2el.append(e)
+        if len(vis) > 1:
+            tpot.append((e - f) / (len(vis) - 1))
+            tpot0.append(tpot[-1])
+        else:
+            tpot0.append(0.0)
+        itl += [b - a for a, b in itertools.pairwise(vis)]
+        if not math.isnan(r.first_scheduled):
+            queue.append(r.first_scheduled - r.arrival)
+        if r.ttft_slo is not None or r.tpot_slo is not None:
+            slo_n += 1
+            slo_hits += (r.ttft_slo is None or f <= r.ttft_slo) and (
+                r.tpot_slo is None or tpot0[-1] <= r.tpot_slo
+            )
+    if recs:
+        ends = [r.token_times[-1] for r in fin] + [r.arrival for r in recs if not r.finished]
+        duration = max(ends) - min(r.arrival for r in recs)
+    else:
+        duration = 0.0
+    events = sorted([(r.arrival, 1) for r in fin] + [(r.token_times[-1], -1) for r in fin])
+    peak = cur = 0
+    for _, d in events:
+        cur += d
+        peak = max(peak, cur)
+    good = (
+        sum(
+            all(
+                v <= goodput[k] / 1000
+                for k, v in (("ttft", a), ("tpot", b), ("e2el", c))
+                if k in goodput
+            )
+            for a, b, c in zip(ttft, tpot0, e2el)
+        )
+        if goodput
+        else None
+    )
+    div = (lambda x: x / duration) if duration > 0 else (lambda x: None)
+    n_in = sum(r.prompt_tokens for r in fin)
+    n_out = sum(r.output_tokens for r in fin)
+    reasons: dict[str, int] = {}
+    for r in recs:
+        if not r.finished:
+            reasons[r.reject_reason] = reasons.get(r.reject_reason, 0) + 1
+    return {
+        "completed": len(fin),
+        "failed": len(recs) - len(fin),
+        "duration": duration,
+        "total_input_tokens": n_in,
+        "total_output_tokens": n_out,
+        "request_throughput": div(len(fin)),
+        "output_throughput": div(n_out),
+        "total_token_throughput": div(n_in + n_out),
+        "request_goodput": None if good is None else div(good),
+        "max_concurrent_requests": peak,
+        "total_preemptions": sum(r.preemptions for r in recs),
+        "rejected_reasons": reasons,
+        "slo_requests": slo_n,
+        "slo_attainment": slo_hits / slo_n if slo_n else None,
+        "stats": {
+            "ttft": _stats(ttft),
+            "tpot": _stats(tpot),
+            "itl": _stats(itl),
+            "e2el": _stats(e2el),
+            "ttft_any": _stats(ttft_any),
+            "queue_time": _stats(queue),
+        },
+    }
+
+
+def _close(a, b):
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    recs=records(),
+    goodput=st.one_of(
+        st.none(),
+        st.dictionaries(
+            st.sampled_from(["ttft", "tpot", "e2el"]),
+            st.floats(0, 5000, allow_nan=False),
+            min_size=1,
+        ),
+    ),
+)
+def test_collector_matches_direct_computation(recs, goodput):
+    c = MetricsCollector()
+    for r in recs:
+        c.add(r)
+    s = c.summary(goodput=goodput)
+    ref = _direct_summary(recs, goodput)
+    for key in (
+        "completed",
+        "failed",
+        "total_input_tokens",
+        "total_output_tokens",
+        "max_concurrent_requests",
+        "total_preemptions",
+        "rejected_reasons",
+        "slo_requests",
+    ):
+        assert s[key] == ref[key], key
+    for key in (
+        "duration",
+        "request_throughput",
+        "output_throughput",
+        "total_token_throughput",
+        "request_goodput",
+        "slo_attainment",
+    ):
+        assert _close(s[key], ref[key]), (key, s[key], ref[key])
+    stat_names = ["mean", "median", "std", *(f"p{p}" for p in PERCENTILES)]
+    for metric, values in ref["stats"].items():
+        for i, stat in enumerate(stat_names):
+            want = None if values is None else values[i]
+            assert _close(s[f"{stat}_{metric}_ms"], want), (metric, stat)
+    # the CSV rows carry the same per-request numbers
+    cols = c.columns()
+    assert cols["request_id"].tolist() == [r.request_id for r in recs]
+    assert cols["status"].tolist() == ["finished" if r.finished else "rejected" for r in recs]
