@@ -1,0 +1,221 @@
+"""`llmsched`: simulate LLM-serving schedulers on real traces and compare them.
+
+Run `llmsched demo` first: it compares the baseline policies on an embedded workload.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from llmsched.config import load_config, parse_goodput
+
+EXAMPLES = """examples:
+  llmsched demo
+  llmsched simulate --trace ../shared/data/traces/azure2023/AzureLLMInferenceTrace_conv.csv \\
+      --num-requests 2000 --model llama-2-70b --gpu a100-80gb --tp 2 --instances 8 \\
+      --policy sarathi --out runs/azure-sarathi
+  llmsched compare --policies fcfs,sarathi,sjf --rate 6 --num-requests 2000 --out runs/cmp
+  llmsched simulate --config configs/demo.yaml --policy rr
+  llmsched trace convert ../shared/data/traces/azure2023/AzureLLMInferenceTrace_code.csv code.jsonl
+  llmsched list
+"""
+
+
+def _run_flags() -> argparse.ArgumentParser:
+    """Flags shared by simulate and compare; each maps to a SimulationConfig field."""
+    p = argparse.ArgumentParser(add_help=False)
+    w = p.add_argument_group("workload")
+    w.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings (flags win)")
+    w.add_argument("--trace", metavar="PATH", help="trace file (default: embedded synthetic one)")
+    w.add_argument("--trace-format", choices=["azure", "lengths", "mooncake", "sharegpt", "llmsched"])
+    w.add_argument("--num-requests", type=int, metavar="N", help="first N requests of the trace")
+    w.add_argument("--rate", type=float, metavar="R", help="Poisson arrivals, requests/s")
+    w.add_argument("--cv", type=float, help="burstiness: Gamma arrivals with this CV of gaps")
+    w.add_argument("--arrival", choices=["auto", "trace", "poisson", "gamma"])
+    w.add_argument("--time-scale", type=float, help="replay: multiply the trace's gaps")
+    w.add_argument("--sample", choices=["head", "random"], help="which requests of the trace")
+    w.add_argument("--skip-invalid", action="store_true", default=None,
+                   help="skip unservable trace rows (e.g. 0 output tokens) and report them")
+    w.add_argument("--seed", type=int)
+    h = p.add_argument_group("hardware and engine")
+    h.add_argument("--model", help="e.g. llama-3-8b, llama-2-70b, or a Hugging Face id")
+    h.add_argument("--gpu", help="e.g. a100-80gb, h100, h200, l40s")
+    h.add_argument("--tp", type=int, help="tensor-parallel GPUs per instance")
+    h.add_argument("--instances", type=int, help="engine instances in the cluster")
+    h.add_argument("--router", help="round-robin, random, least-outstanding, least-kv")
+    h.add_argument("--max-num-batched-tokens", type=int, metavar="TOKENS")
+    h.add_argument("--max-num-seqs", type=int, metavar="SEQS")
+    h.add_argument("--max-model-len", type=int, metavar="TOKENS")
+    h.add_argument("--preemption", choices=["recompute", "swap"])
+    h.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION")
+    h.add_argument("--kv-fraction", type=float, help="cap KV at this share of what fits")
+    h.add_argument("--num-blocks", type=int, help="KV blocks per instance (overrides memory)")
+    o = p.add_argument_group("output")
+    o.add_argument("--goodput", nargs="+", metavar="METRIC:MS",
+                   help="SLOs for request_goodput, as vllm bench serve: ttft:500 tpot:50")
+    o.add_argument("--out", metavar="DIR", help="write summary.json, requests.csv, config.yaml")
+    o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: on when stderr is a terminal)")
+    return p
+
+
+CONFIG_FLAGS = (
+    "trace trace_format num_requests rate cv arrival time_scale sample skip_invalid seed model "
+    "gpu tp instances router max_num_batched_tokens max_num_seqs max_model_len preemption "
+    "gpu_memory_utilization kv_fraction num_blocks"
+).split()
+
+
+def _config(args, **extra):
+    overrides = {name: getattr(args, name, None) for name in CONFIG_FLAGS}
+    overrides["goodput"] = parse_goodput(args.goodput)
+    return load_config(args.config, **overrides, **extra)
+
+
+def _progress(args) -> bool:
+    return sys.stderr.isatty() if args.progress is None else args.progress
+
+
+def cmd_simulate(args) -> int:
+    from llmsched.experiment import save, simulate
+    from llmsched.metrics.report import format_summary
+
+    cfg = _config(args, policy=args.policy)
+    result = simulate(cfg, progress=_progress(args))
+    print(format_summary(result.summary))
+    _report_run(result)
+    if args.out:
+        print(f"wrote {save(result, args.out)}/{{summary.json,requests.csv,config.yaml}}")
+    return 0
+
+
+def _report_run(result) -> None:
+    s, r = result.summary, result.resolved
+    print(f"workload: {r['workload']}" + (
+        f" ({r['skipped_trace_rows']} unservable trace rows skipped)"
+        if r["skipped_trace_rows"] else ""))
+    print(f"engine: {r['model']} on {r['gpu']}, {r['num_blocks']} KV blocks per instance, "
+          f"budget {r['max_num_batched_tokens']} tokens, {r['max_num_seqs']} seqs")
+    print(f"simulated {s['completed'] + s['failed']} requests ({s['failed']} rejected) in "
+          f"{s['sim_wall_seconds']:.2f} s wall, {s['sim_steps']} policy decisions, "
+          f"{s['sim_iterations']} iterations")
+
+
+def cmd_compare(args, policies: list[str] | None = None, out: str | None = None) -> int:
+    from llmsched.experiment import load_workload, save, simulate
+    from llmsched.metrics.report import format_comparison, plot_distributions
+
+    policies = policies or [p.strip() for p in args.policies.split(",") if p.strip()]
+    base = _config(args, policy=policies[0])
+    workload = load_workload(base)  # identical requests and arrival times for every policy
+    print(f"workload: {workload.describe()}")
+    summaries, collectors = {}, {}
+    for name in policies:
+        start = time.perf_counter()
+        result = simulate(base.replace(policy=name), workload, progress=_progress(args))
+        summaries[name], collectors[name] = result.summary, result.collector
+        print(f"  {name}: {time.perf_counter() - start:.2f} s", file=sys.stderr)
+        if out or args.out:
+            save(result, Path(out or args.out) / name)
+    print(format_comparison(summaries))
+    out = out or args.out
+    if out:
+        plot = Path(out) / "latency_cdf.png"
+        try:
+            plot_distributions(collectors, plot)
+            print(f"wrote {plot}")
+        except ImportError as err:
+            print(f"no plot: {err}", file=sys.stderr)
+        (Path(out) / "comparison.json").write_text(json.dumps(summaries, indent=2) + "\n")
+        print(f"wrote {out}/comparison.json and one folder per policy")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    # A load at which the policies differ: about 90 % of this engine's capacity.
+    args.rate = args.rate or 7.0
+    args.num_requests = args.num_requests or 1500
+    print("llmsched demo: baseline schedulers on an embedded workload shaped like the Azure 2023\n"
+          "conversation trace (synthetic lengths, Poisson arrivals), Llama-3-8B on one A100-80GB.\n")
+    return cmd_compare(args, ["fcfs", "sarathi", "vllm-v0", "rr", "sjf", "srpt"], args.out)
+
+
+def cmd_trace(args) -> int:
+    from llmsched.workload.readers import read_trace, write_jsonl
+
+    workload = read_trace(args.input, args.format, skip_invalid=args.skip_invalid)
+    print(f"{args.input}: {workload.describe()}"
+          + ("" if workload.timed else " (no timestamps)")
+          + (f"; skipped {workload.skipped} unservable rows" if getattr(workload, "skipped", 0) else ""))
+    if args.action == "convert":
+        if not args.output:
+            raise ValueError("trace convert needs an output path: llmsched trace convert IN OUT")
+        write_jsonl(workload, args.output)
+        print(f"wrote {args.output} (llmsched JSONL, see docs/workload-format.md)")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from llmsched.hardware.specs import list_gpus, list_models
+    from llmsched.policies import INSTANCE_POLICIES, ROUTERS
+    from llmsched.policies.base import describe
+
+    print("policies (--policy):")
+    for name, cls in sorted(INSTANCE_POLICIES.items()):
+        print(f"  {name:12s} {describe(cls)}")
+    print("routers (--router):")
+    for name, cls in sorted(ROUTERS.items()):
+        print(f"  {name:18s} {describe(cls)}")
+    print("models (--model):", ", ".join(list_models()))
+    print("gpus (--gpu):", ", ".join(list_gpus()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmsched",
+        description="Simulate and compare LLM-serving schedulers (vLLM FCFS and priority, "
+        "Sarathi-Serve, round-robin, oracle SJF/SRPT, ...) on real traces.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run_flags = _run_flags()
+    s = sub.add_parser("simulate", parents=[run_flags], help="run one policy, print the summary",
+                       description="Simulate one scheduling policy on a workload.")
+    s.add_argument("--policy", help="scheduling policy (llmsched list)")
+    s.set_defaults(func=cmd_simulate)
+    c = sub.add_parser("compare", parents=[run_flags], help="run policies on the same workload",
+                       description="Run several policies on the identical workload; print a "
+                       "table and plot TTFT/E2E distributions.")
+    c.add_argument("--policies", required=True, help="comma-separated, e.g. fcfs,sarathi,sjf")
+    c.set_defaults(func=cmd_compare)
+    d = sub.add_parser("demo", parents=[run_flags], help="compare baselines on built-in data")
+    d.set_defaults(func=cmd_demo, out="runs/demo")
+    t = sub.add_parser("trace", help="inspect or convert a trace to llmsched JSONL")
+    t.add_argument("action", choices=["info", "convert"])
+    t.add_argument("input")
+    t.add_argument("output", nargs="?")
+    t.add_argument("--format", choices=["azure", "lengths", "mooncake", "sharegpt", "llmsched"])
+    t.add_argument("--skip-invalid", action="store_true")
+    t.set_defaults(func=cmd_trace)
+    lst = sub.add_parser("list", help="policies, routers, models and GPUs")
+    lst.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"llmsched: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

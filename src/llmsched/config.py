@@ -1,0 +1,158 @@
+"""A run, fully described: one config file (YAML or TOML) plus command-line flags.
+
+Every field has a default, so an empty config runs the embedded synthetic workload. The
+resolved config (defaults, file and flags merged, engine limits filled in) is saved beside the
+results, so any run can be repeated from its output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ARRIVALS = ("auto", "trace", "poisson", "gamma")
+GOODPUT_METRICS = ("ttft", "tpot", "e2el")
+
+
+@dataclass
+class SimulationConfig:
+    # --- workload ---
+    trace: str | None = None  # path to a trace; None = the embedded synthetic workload
+    trace_format: str | None = None  # azure | lengths | mooncake | sharegpt | llmsched (auto)
+    num_requests: int | None = None  # None = the whole trace (synthetic: 1000)
+    arrival: str = "auto"  # auto: the trace's timestamps if it has them and no rate is given
+    rate: float | None = None  # requests/s for poisson or gamma arrivals
+    cv: float = 1.0  # burstiness of gamma arrivals (coefficient of variation of the gaps)
+    time_scale: float = 1.0  # trace replay: multiply the gaps (0.5 = twice as fast)
+    sample: str = "head"  # head: the first N requests; random: N drawn with replacement
+    skip_invalid: bool = False  # skip trace rows that are not servable (reported)
+    seed: int = 0
+    # --- hardware ---
+    model: str = "llama-3-8b"
+    gpu: str = "a100-80gb"
+    tp: int = 1
+    gpu_memory_utilization: float = 0.9
+    kv_fraction: float = 1.0  # cap the KV cache at this share of what memory allows
+    num_blocks: int | None = None  # KV blocks per instance; None = from memory arithmetic
+    # --- engine and policies ---
+    instances: int = 1
+    policy: str = "fcfs"
+    policy_params: dict[str, Any] = field(default_factory=dict)
+    router: str = "round-robin"
+    max_num_batched_tokens: int | None = None  # None = the policy's default (vLLM: 2048)
+    max_num_seqs: int | None = None  # None = the policy's default (vLLM: 256)
+    max_model_len: int | None = None  # None = the model's context length
+    preemption: str = "recompute"
+    block_size: int = 16
+    watermark: float | None = None  # None = the policy's default
+    link_gbps: float = 100.0  # inter-instance link for migrations, Gb/s
+    # --- metrics ---
+    goodput: dict[str, float] | None = None  # SLOs in ms, e.g. {"ttft": 500, "tpot": 50}
+
+    def validate(self) -> "SimulationConfig":
+        problems = []
+        if self.arrival not in ARRIVALS:
+            problems.append(f"arrival must be one of {ARRIVALS}, got {self.arrival!r}")
+        if self.arrival in ("poisson", "gamma") and self.rate is None:
+            problems.append(f"arrival={self.arrival} needs a rate (--rate REQ_PER_S)")
+        if self.rate is not None and self.rate <= 0:
+            problems.append(f"rate must be > 0 requests/s, got {self.rate}")
+        if self.num_requests is not None and self.num_requests < 1:
+            problems.append(f"num_requests must be >= 1, got {self.num_requests}")
+        if self.instances < 1:
+            problems.append(f"instances must be >= 1, got {self.instances}")
+        if self.tp < 1:
+            problems.append(f"tp must be >= 1, got {self.tp}")
+        if not 0 < self.kv_fraction <= 1:
+            problems.append(f"kv_fraction must be in (0, 1], got {self.kv_fraction}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            problems.append(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.cv <= 0:
+            problems.append(f"cv must be > 0, got {self.cv}")
+        if self.time_scale <= 0:
+            problems.append(f"time_scale must be > 0, got {self.time_scale}")
+        for name, value in (self.goodput or {}).items():
+            if name not in GOODPUT_METRICS:
+                problems.append(f"goodput metric must be one of {GOODPUT_METRICS}, got {name!r}")
+            elif value <= 0:
+                problems.append(f"goodput {name} SLO must be > 0 ms, got {value}")
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "SimulationConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> SimulationConfig:
+    """Defaults, then the file's values, then `overrides` (flags; None means "not given")."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        values.update(read_config_file(path))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(SimulationConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        import difflib
+
+        hints = [
+            f"{u!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, known, 1)) else "")
+            for u in unknown
+        ]
+        raise ValueError(
+            f"unknown config key(s) {', '.join(hints)}"
+            + (f" in {path}" if path else "")
+            + f"; known keys: {', '.join(sorted(known))}"
+        )
+    return SimulationConfig(**values).validate()
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml", ".json"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ValueError(f"config file {path}: use .yaml, .yml or .toml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"config file {path} does not parse: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_goodput(items: list[str] | None) -> dict[str, float] | None:
+    """`["ttft:500", "tpot:50"]` (as `vllm bench serve --goodput`) → {"ttft": 500.0, ...}."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--goodput takes METRIC:MS pairs like ttft:500, got {item!r}")
+    return out
+
+
+def save_config(config: SimulationConfig, path: Path, resolved: dict[str, Any]) -> None:
+    """The config as run, with the values the engine derived (KV blocks, budgets) beside it."""
+    data = config.to_dict() | {"resolved": resolved}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))

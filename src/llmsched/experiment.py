@@ -1,0 +1,181 @@
+"""From a config to results: build the workload and the cluster, run, save.
+
+`simulate` is what `llmsched simulate` runs; `compare` runs several policies on the identical
+workload (same requests, same arrival times).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmsched.cluster.cluster import Cluster
+from llmsched.config import SimulationConfig, save_config
+from llmsched.engine.config import EngineConfig
+from llmsched.hardware.memory import kv_cache_blocks
+from llmsched.hardware.roofline import RooflineModel
+from llmsched.hardware.specs import get_gpu, get_model
+from llmsched.metrics.report import write_requests_csv
+from llmsched.metrics.summary import MetricsCollector
+from llmsched.policies import policy_class, router_class
+from llmsched.workload.generators import build_workload, synthetic_workload
+from llmsched.workload.readers import read_trace
+from llmsched.workload.request import Workload
+
+SYNTHETIC_REQUESTS = 1000
+SYNTHETIC_RATE = 4.0  # requests/s when neither a trace nor a rate is given
+
+
+@dataclass
+class RunResult:
+    config: SimulationConfig
+    collector: MetricsCollector
+    summary: dict[str, Any]
+    resolved: dict[str, Any]  # what the engine derived: KV blocks, budgets, workload facts
+
+
+def load_workload(cfg: SimulationConfig) -> Workload:
+    """The run's requests: a trace (arrivals replayed or generated) or the synthetic default."""
+    if cfg.trace is None:
+        return synthetic_workload(
+            cfg.num_requests or SYNTHETIC_REQUESTS,
+            rate=cfg.rate or SYNTHETIC_RATE,
+            cv=cfg.cv,
+            seed=cfg.seed,
+            max_prompt=6144,  # prompt + output <= 8192: fits every registered model's context
+            max_output=2048,
+        )
+    source = read_trace(cfg.trace, cfg.trace_format, skip_invalid=cfg.skip_invalid)
+    arrival = cfg.arrival
+    if arrival == "auto":
+        arrival = "trace" if source.timed and cfg.rate is None else "poisson"
+        if not source.timed and cfg.rate is None:
+            raise ValueError(
+                f"trace {cfg.trace} has no timestamps: give an arrival rate (--rate REQ_PER_S)"
+            )
+        if arrival == "poisson" and cfg.cv != 1.0:
+            arrival = "gamma"
+    options: dict[str, Any] = {}
+    if arrival == "trace":
+        options["time_scale"] = cfg.time_scale
+    else:
+        options["rate"] = cfg.rate
+        if arrival == "gamma":
+            options["cv"] = cfg.cv
+    workload = build_workload(
+        source,
+        num_requests=cfg.num_requests,
+        arrival=arrival,
+        sample=cfg.sample,
+        seed=cfg.seed,
+        **options,
+    )
+    workload.skipped = getattr(source, "skipped", 0)
+    return workload
+
+
+def engine_config(cfg: SimulationConfig) -> tuple[EngineConfig, dict[str, Any]]:
+    """Per-instance limits: the policy's paper defaults, then the user's settings; KV capacity
+    from the GPU's memory as vLLM computes it unless given in blocks."""
+    policy = policy_class(cfg.policy)
+    model, gpu = get_model(cfg.model), get_gpu(cfg.gpu)
+    defaults = {"max_num_batched_tokens": 2048, "max_num_seqs": 256, "watermark": 0.0}
+    defaults |= policy.engine_defaults
+    chosen = {
+        name: getattr(cfg, name) if getattr(cfg, name) is not None else defaults[name]
+        for name in ("max_num_batched_tokens", "max_num_seqs", "watermark")
+    }
+    max_model_len = cfg.max_model_len or model.max_model_len
+    if cfg.policy == "vllm-v0" and chosen["max_num_batched_tokens"] < max_model_len:
+        if cfg.max_num_batched_tokens is not None:
+            raise ValueError(
+                f"vllm-v0 has no chunked prefill: max_num_batched_tokens "
+                f"({chosen['max_num_batched_tokens']}) must be >= max_model_len ({max_model_len}),"
+                " as vLLM v0 requires; raise it or lower --max-model-len"
+            )
+        chosen["max_num_batched_tokens"] = max_model_len
+    capacity = kv_cache_blocks(
+        model,
+        gpu,
+        cfg.tp,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        block_size=cfg.block_size,
+        max_num_batched_tokens=chosen["max_num_batched_tokens"],
+        max_num_seqs=chosen["max_num_seqs"],
+        kv_fraction=cfg.kv_fraction,
+    )
+    num_blocks = cfg.num_blocks or capacity.num_blocks
+    engine = EngineConfig(
+        num_blocks=num_blocks,
+        block_size=cfg.block_size,
+        max_model_len=max_model_len,
+        preemption=cfg.preemption,
+        kv_bytes_per_block=capacity.bytes_per_block,
+        pcie_bandwidth=gpu.pcie_bandwidth,
+        **chosen,
+    )
+    resolved = {
+        "model": model.name,
+        "gpu": gpu.name,
+        "num_blocks": num_blocks,
+        "kv_capacity": capacity.describe() if cfg.num_blocks is None else "given in blocks",
+        "max_model_len": max_model_len,
+        **chosen,
+    }
+    return engine, resolved
+
+
+def build_cluster(cfg: SimulationConfig, *, observer=None) -> tuple[Cluster, dict[str, Any]]:
+    engine, resolved = engine_config(cfg)
+    policy = policy_class(cfg.policy)
+    params = dict(cfg.policy_params)
+    accepted = inspect.signature(policy.__init__).parameters
+    unknown = sorted(set(params) - set(accepted) - {"self"})
+    if unknown:
+        raise ValueError(
+            f"policy {cfg.policy!r} takes no parameter(s) {', '.join(unknown)}; it takes: "
+            + ", ".join(p for p in accepted if p != "self")
+        )
+    params.setdefault("preemption", cfg.preemption)
+    cluster = Cluster(
+        cfg.instances,
+        engine,
+        lambda: policy(**params),
+        router_class(cfg.router)(seed=cfg.seed),
+        RooflineModel(get_model(cfg.model), get_gpu(cfg.gpu), cfg.tp),
+        link_bandwidth=cfg.link_gbps * 1e9 / 8,
+        observer=observer,
+    )
+    return cluster, resolved
+
+
+def simulate(
+    cfg: SimulationConfig, workload: Workload | None = None, *, progress: bool = False
+) -> RunResult:
+    cfg.validate()
+    workload = load_workload(cfg) if workload is None else workload
+    cluster, resolved = build_cluster(cfg)
+    collector = cluster.run(workload, progress=progress)
+    summary = collector.summary(goodput=cfg.goodput)
+    summary |= {"policy": cfg.policy, "router": cfg.router, "instances": cfg.instances}
+    summary |= cluster.stats.as_dict()
+    resolved |= {
+        "workload": workload.describe(),
+        "workload_source": workload.source or "synthetic",
+        "skipped_trace_rows": getattr(workload, "skipped", 0),
+    }
+    return RunResult(cfg, collector, summary, resolved)
+
+
+def save(result: RunResult, out: str | Path) -> Path:
+    """Write summary.json, requests.csv and config.yaml (the resolved config) to `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in result.summary.items() if k != "sim_wall_seconds"}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_requests_csv(result.collector, out / "requests.csv")
+    save_config(result.config, out / "config.yaml", result.resolved)
+    return out

@@ -1,0 +1,113 @@
+"""The command line and the experiment runner, end to end on small runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from llmsched.cli import main
+from llmsched.config import load_config
+from llmsched.experiment import simulate
+
+SMALL = ["--num-requests", "150", "--rate", "6"]
+
+
+def test_simulate_writes_summary_requests_and_resolved_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["simulate", *SMALL, "--policy", "sarathi", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["completed"] + summary["failed"] == 150
+    for field in ("request_throughput", "mean_ttft_ms", "p99_tpot_ms", "median_itl_ms"):
+        assert field in summary
+    with open(out / "requests.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 150
+    config = (out / "config.yaml").read_text()
+    assert "policy: sarathi" in config and "max_num_batched_tokens: 512" in config
+    assert "Serving Benchmark Result" in capsys.readouterr().out
+
+
+def test_same_seed_gives_byte_identical_summary(tmp_path):
+    for name in ("a", "b"):
+        main(["simulate", *SMALL, "--policy", "rr", "--seed", "3", "--out", str(tmp_path / name)])
+    assert (tmp_path / "a/summary.json").read_bytes() == (tmp_path / "b/summary.json").read_bytes()
+    assert (tmp_path / "a/requests.csv").read_bytes() == (tmp_path / "b/requests.csv").read_bytes()
+    main(["simulate", *SMALL, "--policy", "rr", "--seed", "4", "--out", str(tmp_path / "c")])
+    assert (tmp_path / "a/summary.json").read_bytes() != (tmp_path / "c/summary.json").read_bytes()
+
+
+def test_compare_runs_every_policy_on_the_identical_workload(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", *SMALL, "--policies", "fcfs,sjf", "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "fcfs" in table and "sjf" in table
+    assert (out / "latency_cdf.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    arrivals = {}
+    for name in ("fcfs", "sjf"):
+        with open(out / name / "requests.csv") as fh:
+            arrivals[name] = sorted((r["request_id"], r["arrival"]) for r in csv.DictReader(fh))
+    assert arrivals["fcfs"] == arrivals["sjf"]
+
+
+def test_goodput_and_config_file_with_flag_override(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('policy = "fcfs"\nnum-requests = 80\nrate = 4.0\n[goodput]\nttft = 1e9\n')
+    cfg = load_config(config, policy="sjf")
+    assert cfg.policy == "sjf" and cfg.num_requests == 80
+    result = simulate(cfg)
+    # Every finished request meets a 1e9 ms TTFT SLO: goodput equals throughput.
+    assert result.summary["request_goodput"] == pytest.approx(
+        result.summary["request_throughput"]
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["simulate", "--policy", "nope"], "unknown policy 'nope'"),
+        (["simulate", "--model", "llama-9"], "llama-9"),
+        (["simulate", "--model", "llama-2-70b", "--tp", "1"], "tp=2 fits"),
+        (["simulate", "--trace", "/no/such/trace.csv"], "/no/such/trace.csv"),
+        (["simulate", "--rate", "-1"], "rate must be > 0"),
+        (["simulate", "--goodput", "ttft500"], "METRIC:MS"),
+        (["simulate", "--policy", "vllm-v0", "--max-num-batched-tokens", "512"], "chunked"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_config_key_suggests_the_right_one(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("polcy: fcfs\n")
+    with pytest.raises(ValueError, match="did you mean 'policy'"):
+        load_config(config)
+
+
+def test_requests_too_long_for_the_kv_cache_are_rejected_and_reported(tmp_path):
+    result = simulate(load_config(num_requests=50, rate=5.0, num_blocks=200))
+    s = result.summary
+    assert s["failed"] > 0 and s["completed"] + s["failed"] == 50
+    assert any("KV cache is too small" in reason for reason in s["rejected_reasons"])
+
+
+def test_trace_convert_round_trips(tmp_path):
+    src = tmp_path / "lengths.csv"
+    src.write_text("num_prefill_tokens,num_decode_tokens\n10,5\n20,7\n")
+    dst = tmp_path / "out.jsonl"
+    assert main(["trace", "convert", str(src), str(dst)]) == 0
+    assert main(["trace", "info", str(dst)]) == 0
+    from llmsched.workload.readers import read_trace
+
+    w = read_trace(dst)
+    assert list(w.columns["prompt_tokens"]) == [10, 20] and not w.timed
+
+
+def test_list_names_every_policy(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("fcfs", "priority", "sarathi", "vllm-v0", "rr", "sjf", "srpt", "least-kv"):
+        assert name in out
