@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## compare the baseline policies on the embedded default workload
 	$(BIN)/llmsched demo
 
-test: $(STAMP)  ## run the test suite
+test: $(STAMP)  ## lint, then run the test suite
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -58,9 +58,7 @@ def test_goodput_and_config_file_with_flag_override(tmp_path):
     assert cfg.policy == "sjf" and cfg.num_requests == 80
     result = simulate(cfg)
     # Every finished request meets a 1e9 ms TTFT SLO: goodput equals throughput.
-    assert result.summary["request_goodput"] == pytest.approx(
-        result.summary["request_throughput"]
-    )
+    assert result.summary["request_goodput"] == pytest.approx(result.summary["request_throughput"])
 
 
 @pytest.mark.parametrize(

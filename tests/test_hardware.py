@@ -61,8 +61,16 @@ def test_gpu_names_and_aliases_resolve(alias, name):
 
 
 def test_required_registry_entries():
-    required_models = {"llama-2-7b", "llama-2-70b", "llama-3-8b", "llama-3-70b", "mistral-7b",
-                       "qwen2.5-7b", "qwen2.5-32b", "llama-3.1-8b"}
+    required_models = {
+        "llama-2-7b",
+        "llama-2-70b",
+        "llama-3-8b",
+        "llama-3-70b",
+        "mistral-7b",
+        "qwen2.5-7b",
+        "qwen2.5-32b",
+        "llama-3.1-8b",
+    }
     required_gpus = {"a100-80gb", "h100-sxm-80gb", "h100-96gb", "h200", "l40s", "rtx-6000-ada"}
     assert required_models <= set(list_models())
     assert required_gpus <= set(list_gpus())
@@ -92,15 +100,35 @@ def test_unknown_gpu_error_names_input_lists_and_suggests():
 
 def test_published_architectures():
     m = get_model("llama-2-70b")
-    assert (m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim,
-            m.intermediate_size, m.vocab_size) == (80, 8192, 64, 8, 128, 28672, 32000)
+    assert (
+        m.num_layers,
+        m.hidden_size,
+        m.num_heads,
+        m.num_kv_heads,
+        m.head_dim,
+        m.intermediate_size,
+        m.vocab_size,
+    ) == (80, 8192, 64, 8, 128, 28672, 32000)
     q = get_model("qwen2.5-32b")
-    assert (q.num_layers, q.hidden_size, q.num_heads, q.num_kv_heads, q.head_dim,
-            q.intermediate_size, q.vocab_size) == (64, 5120, 40, 8, 128, 27648, 152064)
+    assert (
+        q.num_layers,
+        q.hidden_size,
+        q.num_heads,
+        q.num_kv_heads,
+        q.head_dim,
+        q.intermediate_size,
+        q.vocab_size,
+    ) == (64, 5120, 40, 8, 128, 27648, 152064)
     # Parameter counts computed from the shapes match the published sizes.
-    for name, billions in [("llama-2-7b", 6.74), ("llama-2-70b", 68.98), ("llama-3-8b", 8.03),
-                           ("llama-3-70b", 70.55), ("mistral-7b", 7.24), ("qwen2.5-7b", 7.62),
-                           ("qwen2.5-32b", 32.76)]:
+    for name, billions in [
+        ("llama-2-7b", 6.74),
+        ("llama-2-70b", 68.98),
+        ("llama-3-8b", 8.03),
+        ("llama-3-70b", 70.55),
+        ("mistral-7b", 7.24),
+        ("qwen2.5-7b", 7.62),
+        ("qwen2.5-32b", 32.76),
+    ]:
         assert get_model(name).num_params / 1e9 == pytest.approx(billions, abs=0.01), name
 
 
@@ -150,8 +178,9 @@ def test_kv_cache_blocks_llama2_7b_a100():
     assert 50 < kv_gib < 62  # tens of GB of KV cache
     assert cap.num_blocks == int(cap.kv_bytes // cap.bytes_per_block)
     assert cap.usable_bytes == pytest.approx(0.9 * get_gpu("a100").memory_bytes, abs=1)
-    assert cap.kv_bytes == (cap.usable_bytes - cap.weight_bytes - cap.activation_bytes
-                            - cap.non_torch_bytes)
+    assert cap.kv_bytes == (
+        cap.usable_bytes - cap.weight_bytes - cap.activation_bytes - cap.non_torch_bytes
+    )
     assert cap.num_tokens == cap.num_blocks * 16
 
 
@@ -181,7 +210,8 @@ def test_kv_cache_blocks_grows_with_memory_and_shrinks_with_batch_tokens():
     big = kv_cache_blocks("llama-3-8b", "h200", max_num_batched_tokens=2048)
     assert small.num_blocks < base.num_blocks < big.num_blocks
     assert activation_bytes("llama-3-8b", max_num_batched_tokens=16384) > activation_bytes(
-        "llama-3-8b", max_num_batched_tokens=2048)
+        "llama-3-8b", max_num_batched_tokens=2048
+    )
 
 
 def test_llama2_70b_tp1_does_not_fit_on_a100():
@@ -206,8 +236,12 @@ def test_error_suggests_a_bigger_gpu():
 
 def prefill(c: int, p: int = 0) -> BatchShape:
     """One prefill chunk of c tokens after p already-computed tokens."""
-    return BatchShape(prefill_tokens=c, prefill_attn_pairs=c * (p + (c + 1) / 2),
-                      prefill_kv_tokens=p + c, num_prefills=1)
+    return BatchShape(
+        prefill_tokens=c,
+        prefill_attn_pairs=c * (p + (c + 1) / 2),
+        prefill_kv_tokens=p + c,
+        num_prefills=1,
+    )
 
 
 def decode(n: int, kv: int) -> BatchShape:
@@ -248,9 +282,14 @@ def test_empty_batch_costs_nothing(a100_7b):
 
 
 def test_breakdown_sums_to_iteration_time(a100_7b):
-    shape = BatchShape(prefill_tokens=512, prefill_attn_pairs=512 * 1000.5,
-                       prefill_kv_tokens=1256, num_prefills=2, num_decodes=30,
-                       decode_kv_tokens=30_000)
+    shape = BatchShape(
+        prefill_tokens=512,
+        prefill_attn_pairs=512 * 1000.5,
+        prefill_kv_tokens=1256,
+        num_prefills=2,
+        num_decodes=30,
+        decode_kv_tokens=30_000,
+    )
     for model in (a100_7b, RooflineModel("llama-2-70b", "a100", tp=4)):
         terms = model.breakdown(shape)
         assert tuple(terms) == TERMS
@@ -283,8 +322,13 @@ def test_efficiency_is_used_and_validated():
     assert t == pytest.approx(fast.iteration_time(decode(1, 100)) + 0.0095, rel=1e-9)
 
 
-MODELS = [("llama-2-7b", "a100", 1), ("llama-2-70b", "a100", 2), ("qwen2.5-32b", "h100", 4),
-          ("llama-3-8b", "l40s", 2), ("mistral-7b", "h200", 1)]
+MODELS = [
+    ("llama-2-7b", "a100", 1),
+    ("llama-2-70b", "a100", 2),
+    ("qwen2.5-32b", "h100", 4),
+    ("llama-3-8b", "l40s", 2),
+    ("mistral-7b", "h200", 1),
+]
 
 
 @pytest.mark.parametrize(("model", "gpu", "tp"), MODELS)
@@ -301,19 +345,37 @@ def test_vectorised_decode_equals_scalar(model, gpu, tp, n, kv, k):
 
 shapes = st.builds(
     lambda c, p, nd, kvd, npf: BatchShape(
-        prefill_tokens=c * npf, prefill_attn_pairs=c * npf * (p + (c + 1) / 2),
-        prefill_kv_tokens=(p + c) * npf, num_prefills=npf if c else 0,
-        num_decodes=nd, decode_kv_tokens=kvd + nd),
-    c=st.integers(0, 4096), p=st.integers(0, 32_000), nd=st.integers(0, 512),
-    kvd=st.integers(0, 4_000_000), npf=st.integers(1, 4),
+        prefill_tokens=c * npf,
+        prefill_attn_pairs=c * npf * (p + (c + 1) / 2),
+        prefill_kv_tokens=(p + c) * npf,
+        num_prefills=npf if c else 0,
+        num_decodes=nd,
+        decode_kv_tokens=kvd + nd,
+    ),
+    c=st.integers(0, 4096),
+    p=st.integers(0, 32_000),
+    nd=st.integers(0, 512),
+    kvd=st.integers(0, 4_000_000),
+    npf=st.integers(1, 4),
 )
 
 
 @pytest.mark.parametrize(("model", "gpu", "tp"), MODELS)
 @settings(max_examples=80, deadline=None)
-@given(shape=shapes, field=st.sampled_from(
-    ["prefill_tokens", "prefill_attn_pairs", "prefill_kv_tokens", "num_prefills",
-     "num_decodes", "decode_kv_tokens"]), extra=st.integers(1, 100_000))
+@given(
+    shape=shapes,
+    field=st.sampled_from(
+        [
+            "prefill_tokens",
+            "prefill_attn_pairs",
+            "prefill_kv_tokens",
+            "num_prefills",
+            "num_decodes",
+            "decode_kv_tokens",
+        ]
+    ),
+    extra=st.integers(1, 100_000),
+)
 def test_more_work_is_never_faster(model, gpu, tp, shape, field, extra):
     lm = RooflineModel(model, gpu, tp)
     bigger = dataclasses.replace(shape, **{field: getattr(shape, field) + extra})

@@ -31,15 +31,21 @@ def _run_flags() -> argparse.ArgumentParser:
     w = p.add_argument_group("workload")
     w.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings (flags win)")
     w.add_argument("--trace", metavar="PATH", help="trace file (default: embedded synthetic one)")
-    w.add_argument("--trace-format", choices=["azure", "lengths", "mooncake", "sharegpt", "llmsched"])
+    w.add_argument(
+        "--trace-format", choices=["azure", "lengths", "mooncake", "sharegpt", "llmsched"]
+    )
     w.add_argument("--num-requests", type=int, metavar="N", help="first N requests of the trace")
     w.add_argument("--rate", type=float, metavar="R", help="Poisson arrivals, requests/s")
     w.add_argument("--cv", type=float, help="burstiness: Gamma arrivals with this CV of gaps")
     w.add_argument("--arrival", choices=["auto", "trace", "poisson", "gamma"])
     w.add_argument("--time-scale", type=float, help="replay: multiply the trace's gaps")
     w.add_argument("--sample", choices=["head", "random"], help="which requests of the trace")
-    w.add_argument("--skip-invalid", action="store_true", default=None,
-                   help="skip unservable trace rows (e.g. 0 output tokens) and report them")
+    w.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        default=None,
+        help="skip unservable trace rows (e.g. 0 output tokens) and report them",
+    )
     w.add_argument("--seed", type=int)
     h = p.add_argument_group("hardware and engine")
     h.add_argument("--model", help="e.g. llama-3-8b, llama-2-70b, or a Hugging Face id")
@@ -55,19 +61,46 @@ def _run_flags() -> argparse.ArgumentParser:
     h.add_argument("--kv-fraction", type=float, help="cap KV at this share of what fits")
     h.add_argument("--num-blocks", type=int, help="KV blocks per instance (overrides memory)")
     o = p.add_argument_group("output")
-    o.add_argument("--goodput", nargs="+", metavar="METRIC:MS",
-                   help="SLOs for request_goodput, as vllm bench serve: ttft:500 tpot:50")
+    o.add_argument(
+        "--goodput",
+        nargs="+",
+        metavar="METRIC:MS",
+        help="SLOs for request_goodput, as vllm bench serve: ttft:500 tpot:50",
+    )
     o.add_argument("--out", metavar="DIR", help="write summary.json, requests.csv, config.yaml")
-    o.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: on when stderr is a terminal)")
+    o.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: on when stderr is a terminal)",
+    )
     return p
 
 
-CONFIG_FLAGS = (
-    "trace trace_format num_requests rate cv arrival time_scale sample skip_invalid seed model "
-    "gpu tp instances router max_num_batched_tokens max_num_seqs max_model_len preemption "
-    "gpu_memory_utilization kv_fraction num_blocks"
-).split()
+CONFIG_FLAGS = [
+    "trace",
+    "trace_format",
+    "num_requests",
+    "rate",
+    "cv",
+    "arrival",
+    "time_scale",
+    "sample",
+    "skip_invalid",
+    "seed",
+    "model",
+    "gpu",
+    "tp",
+    "instances",
+    "router",
+    "max_num_batched_tokens",
+    "max_num_seqs",
+    "max_model_len",
+    "preemption",
+    "gpu_memory_utilization",
+    "kv_fraction",
+    "num_blocks",
+]
 
 
 def _config(args, **extra):
@@ -95,14 +128,23 @@ def cmd_simulate(args) -> int:
 
 def _report_run(result) -> None:
     s, r = result.summary, result.resolved
-    print(f"workload: {r['workload']}" + (
-        f" ({r['skipped_trace_rows']} unservable trace rows skipped)"
-        if r["skipped_trace_rows"] else ""))
-    print(f"engine: {r['model']} on {r['gpu']}, {r['num_blocks']} KV blocks per instance, "
-          f"budget {r['max_num_batched_tokens']} tokens, {r['max_num_seqs']} seqs")
-    print(f"simulated {s['completed'] + s['failed']} requests ({s['failed']} rejected) in "
-          f"{s['sim_wall_seconds']:.2f} s wall, {s['sim_steps']} policy decisions, "
-          f"{s['sim_iterations']} iterations")
+    print(
+        f"workload: {r['workload']}"
+        + (
+            f" ({r['skipped_trace_rows']} unservable trace rows skipped)"
+            if r["skipped_trace_rows"]
+            else ""
+        )
+    )
+    print(
+        f"engine: {r['model']} on {r['gpu']}, {r['num_blocks']} KV blocks per instance, "
+        f"budget {r['max_num_batched_tokens']} tokens, {r['max_num_seqs']} seqs"
+    )
+    print(
+        f"simulated {s['completed'] + s['failed']} requests ({s['failed']} rejected) in "
+        f"{s['sim_wall_seconds']:.2f} s wall, {s['sim_steps']} policy decisions, "
+        f"{s['sim_iterations']} iterations"
+    )
 
 
 def cmd_compare(args, policies: list[str] | None = None, out: str | None = None) -> int:
@@ -139,8 +181,10 @@ def cmd_demo(args) -> int:
     # A load at which the policies differ: about 90 % of this engine's capacity.
     args.rate = args.rate or 7.0
     args.num_requests = args.num_requests or 1500
-    print("llmsched demo: baseline schedulers on an embedded workload shaped like the Azure 2023\n"
-          "conversation trace (synthetic lengths, Poisson arrivals), Llama-3-8B on one A100-80GB.\n")
+    print(
+        "llmsched demo: baseline schedulers on an embedded workload shaped like the Azure 2023\n"
+        "conversation trace (synthetic lengths, Poisson arrivals), Llama-3-8B on one A100-80GB.\n"
+    )
     return cmd_compare(args, ["fcfs", "sarathi", "vllm-v0", "rr", "sjf", "srpt"], args.out)
 
 
@@ -148,9 +192,15 @@ def cmd_trace(args) -> int:
     from llmsched.workload.readers import read_trace, write_jsonl
 
     workload = read_trace(args.input, args.format, skip_invalid=args.skip_invalid)
-    print(f"{args.input}: {workload.describe()}"
-          + ("" if workload.timed else " (no timestamps)")
-          + (f"; skipped {workload.skipped} unservable rows" if getattr(workload, "skipped", 0) else ""))
+    print(
+        f"{args.input}: {workload.describe()}"
+        + ("" if workload.timed else " (no timestamps)")
+        + (
+            f"; skipped {workload.skipped} unservable rows"
+            if getattr(workload, "skipped", 0)
+            else ""
+        )
+    )
     if args.action == "convert":
         if not args.output:
             raise ValueError("trace convert needs an output path: llmsched trace convert IN OUT")
@@ -185,13 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run_flags = _run_flags()
-    s = sub.add_parser("simulate", parents=[run_flags], help="run one policy, print the summary",
-                       description="Simulate one scheduling policy on a workload.")
+    s = sub.add_parser(
+        "simulate",
+        parents=[run_flags],
+        help="run one policy, print the summary",
+        description="Simulate one scheduling policy on a workload.",
+    )
     s.add_argument("--policy", help="scheduling policy (llmsched list)")
     s.set_defaults(func=cmd_simulate)
-    c = sub.add_parser("compare", parents=[run_flags], help="run policies on the same workload",
-                       description="Run several policies on the identical workload; print a "
-                       "table and plot TTFT/E2E distributions.")
+    c = sub.add_parser(
+        "compare",
+        parents=[run_flags],
+        help="run policies on the same workload",
+        description="Run several policies on the identical workload; print a "
+        "table and plot TTFT/E2E distributions.",
+    )
     c.add_argument("--policies", required=True, help="comma-separated, e.g. fcfs,sarathi,sjf")
     c.set_defaults(func=cmd_compare)
     d = sub.add_parser("demo", parents=[run_flags], help="compare baselines on built-in data")

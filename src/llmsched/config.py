@@ -54,7 +54,7 @@ class SimulationConfig:
     # --- metrics ---
     goodput: dict[str, float] | None = None  # SLOs in ms, e.g. {"ttft": 500, "tpot": 50}
 
-    def validate(self) -> "SimulationConfig":
+    def validate(self) -> SimulationConfig:
         problems = []
         if self.arrival not in ARRIVALS:
             problems.append(f"arrival must be one of {ARRIVALS}, got {self.arrival!r}")
@@ -90,7 +90,7 @@ class SimulationConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "SimulationConfig":
+    def replace(self, **changes: Any) -> SimulationConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -106,7 +106,12 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> SimulationC
         import difflib
 
         hints = [
-            f"{u!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, known, 1)) else "")
+            f"{u!r}"
+            + (
+                f" (did you mean {m[0]!r}?)"
+                if (m := difflib.get_close_matches(u, known, 1))
+                else ""
+            )
             for u in unknown
         ]
         raise ValueError(

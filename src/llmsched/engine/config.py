@@ -36,7 +36,9 @@ class EngineConfig:
         if self.max_num_seqs < 1:
             problems.append(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.preemption not in PREEMPTION_MODES:
-            problems.append(f"preemption must be one of {PREEMPTION_MODES}, got {self.preemption!r}")
+            problems.append(
+                f"preemption must be one of {PREEMPTION_MODES}, got {self.preemption!r}"
+            )
         if not 0 <= self.watermark < 1:
             problems.append(f"watermark must be in [0, 1), got {self.watermark}")
         if problems:

@@ -12,7 +12,8 @@ progress, exactly where a per-iteration engine would first see the new request.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from sortedcontainers import SortedList
@@ -52,9 +53,9 @@ class IterationLog:
 class Listener(Protocol):
     """Who hears about an instance's request events (the cluster)."""
 
-    def on_finish(self, state: RequestState, instance: "Instance", time: float) -> None: ...
+    def on_finish(self, state: RequestState, instance: Instance, time: float) -> None: ...
 
-    def on_phase_change(self, state: RequestState, instance: "Instance", time: float) -> None: ...
+    def on_phase_change(self, state: RequestState, instance: Instance, time: float) -> None: ...
 
 
 class InstanceView:
@@ -62,7 +63,7 @@ class InstanceView:
 
     __slots__ = ("_inst",)
 
-    def __init__(self, instance: "Instance") -> None:
+    def __init__(self, instance: Instance) -> None:
         self._inst = instance
 
     @property
@@ -100,7 +101,7 @@ class Span:
     """A plan being executed for k identical iterations, with their end times; the first
     `done` of them are already applied to the requests' state."""
 
-    __slots__ = ("plan", "ends", "k", "done")
+    __slots__ = ("done", "ends", "k", "plan")
 
     def __init__(self, plan: BatchPlan, ends: np.ndarray) -> None:
         self.plan, self.ends, self.k, self.done = plan, ends, len(ends), 0
@@ -115,10 +116,10 @@ class Instance:
         self,
         index: int,
         config: EngineConfig,
-        policy: "InstancePolicy",
+        policy: InstancePolicy,
         latency: LatencyModel,
         listener: Listener,
-        observer: Callable[["Instance", Span], None] | None = None,
+        observer: Callable[[Instance, Span], None] | None = None,
         fast_forward: bool = True,
     ) -> None:
         self.index = index
@@ -251,7 +252,7 @@ class Instance:
         k = plan.repeat if self.fast_forward else 1
         if k == 1:
             return 1
-        for state, tokens in plan.items:
+        for state, _ in plan.items:
             if state.is_decode:  # finishes, or reaches </think>, at the span's last iteration
                 k = min(k, state.output_tokens - state.generated)
                 if state.generated < state.reasoning_tokens:

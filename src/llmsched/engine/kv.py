@@ -13,7 +13,7 @@ def blocks_for(tokens: int, block_size: int) -> int:
 class KVBlockManager:
     """GPU KV blocks of one instance. Host (swap) memory is unbounded, as in PASCAL's setup."""
 
-    __slots__ = ("num_blocks", "block_size", "used", "cpu_used")
+    __slots__ = ("block_size", "cpu_used", "num_blocks", "used")
 
     def __init__(self, num_blocks: int, block_size: int = 16) -> None:
         if num_blocks < 1:

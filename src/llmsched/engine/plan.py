@@ -35,20 +35,20 @@ class BatchBuilder:
     """Packs one iteration under the token budget, the sequence cap and the free KV blocks."""
 
     __slots__ = (
-        "view",
-        "budget",
-        "free",
-        "num_running",
-        "max_seqs",
         "block_size",
+        "budget",
         "chunk_cap",
+        "free",
         "items",
+        "max_seqs",
+        "num_running",
         "preempted",
-        "victims",
         "repeat_cap",
+        "victims",
+        "view",
     )
 
-    def __init__(self, view: "InstanceView", *, budget: int | None = None) -> None:
+    def __init__(self, view: InstanceView, *, budget: int | None = None) -> None:
         cfg = view.config
         self.view = view
         self.budget = cfg.max_num_batched_tokens if budget is None else budget

@@ -80,7 +80,10 @@ def weight_bytes(model: ModelSpec | str, tp: int = 1) -> int:
 
 
 def activation_bytes(
-    model: ModelSpec | str, tp: int = 1, *, max_num_batched_tokens: int = 2048,
+    model: ModelSpec | str,
+    tp: int = 1,
+    *,
+    max_num_batched_tokens: int = 2048,
     max_num_seqs: int = 256,
 ) -> int:
     """Peak activation memory of vLLM's profiling run (one forward pass over
@@ -191,7 +194,8 @@ def kv_cache_blocks(
     if kv < per_block:
         need = weights + act + non_torch_bytes + per_block
         why = (
-            "the weights alone exceed it" if weights >= usable
+            "the weights alone exceed it"
+            if weights >= usable
             else "nothing is left for even one KV block"
         )
         fix = []
@@ -199,7 +203,8 @@ def kv_cache_blocks(
         if tp_ok is not None and tp_ok > tp:
             fix.append(f"a higher tensor parallelism (tp={tp_ok} fits)")
         gpus = [
-            name for name in list_gpus()
+            name
+            for name in list_gpus()
             if need < get_gpu(name).memory_bytes * gpu_memory_utilization
         ]
         if gpus:

@@ -58,8 +58,14 @@ class Efficiency:
     iteration_overhead_s: float = 0.5e-3  # per iteration: scheduling, input prep, sampling glue
 
     def __post_init__(self) -> None:
-        for name in ("gemm_compute", "gemm_memory", "attn_compute", "attn_memory",
-                     "elementwise_memory", "link"):
+        for name in (
+            "gemm_compute",
+            "gemm_memory",
+            "attn_compute",
+            "attn_memory",
+            "elementwise_memory",
+            "link",
+        ):
             v = getattr(self, name)
             if not 0 < v <= 1:
                 raise ValueError(f"Efficiency.{name} must be in (0, 1], got {v}")
@@ -140,7 +146,10 @@ class RooflineModel:
 
         # Everything of a decode-only iteration except decode attention, as (fixed, per decode).
         (qc, qw, qt), (oc, ow, ot), (uc, uw, ut), (dc, dw, dt) = (
-            self._qkv, self._o, self._up, self._down
+            self._qkv,
+            self._o,
+            self._up,
+            self._down,
         )
         self._decode_terms = (qc, qw, qt, oc, ow, ot, uc, uw, ut, dc, dw, dt)
 
@@ -198,9 +207,7 @@ class RooflineModel:
             + max(dc * n, dw + dt * n)
         )
         kv = kv_tokens + n * np.arange(k, dtype=np.float64)
-        attn = np.maximum(
-            self._attn_flop * kv, self._attn_kv_byte * kv + self._attn_q_byte * n
-        )
+        attn = np.maximum(self._attn_flop * kv, self._attn_kv_byte * kv + self._attn_q_byte * n)
         rest = (
             self._elem * n
             + (self._ar_fixed + self._ar_tok * n)
@@ -221,8 +228,10 @@ class RooflineModel:
         if t <= 0:
             return terms
         for name, (c, w, b) in (
-            ("qkv_proj", self._qkv), ("o_proj", self._o),
-            ("mlp_gate_up", self._up), ("mlp_down", self._down),
+            ("qkv_proj", self._qkv),
+            ("o_proj", self._o),
+            ("mlp_gate_up", self._up),
+            ("mlp_down", self._down),
         ):
             terms[name] = max(c * t, w + b * t)
         if shape.prefill_tokens > 0:

@@ -11,7 +11,8 @@ Neither knows which surface (simulator, vLLM, gateway) runs it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from llmsched.engine.plan import BatchBuilder, BatchPlan
 from llmsched.engine.state import RequestState
@@ -37,17 +38,17 @@ class InstancePolicy:
         """Order of the waiting queue (lower first), fixed when a request is queued."""
         return state.arrival
 
-    def schedule(self, view: "InstanceView") -> BatchPlan:
+    def schedule(self, view: InstanceView) -> BatchPlan:
         raise NotImplementedError
 
     # Lifecycle callbacks for policies that keep state.
-    def on_preempt(self, state: RequestState, view: "InstanceView") -> None:
+    def on_preempt(self, state: RequestState, view: InstanceView) -> None:
         pass
 
-    def on_phase_change(self, state: RequestState, view: "InstanceView") -> None:
+    def on_phase_change(self, state: RequestState, view: InstanceView) -> None:
         pass
 
-    def on_finish(self, state: RequestState, view: "InstanceView") -> None:
+    def on_finish(self, state: RequestState, view: InstanceView) -> None:
         pass
 
 
@@ -56,16 +57,16 @@ class Router:
 
     name = "base"
 
-    def route(self, state: RequestState, cluster: "ClusterView") -> int:
+    def route(self, state: RequestState, cluster: ClusterView) -> int:
         raise NotImplementedError
 
-    def on_phase_change(self, state: RequestState, source: int, cluster: "ClusterView") -> int:
+    def on_phase_change(self, state: RequestState, source: int, cluster: ClusterView) -> int:
         """Where a request that just produced `</think>` should continue; `source` = stay."""
         return source
 
 
 def pack_in_order(
-    view: "InstanceView",
+    view: InstanceView,
     *,
     mode: str,
     key: Key | None = None,

@@ -10,8 +10,8 @@ megabytes, not a million Python objects; :class:`Request` rows are made on deman
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -143,7 +143,7 @@ class Workload:
     @classmethod
     def from_requests(
         cls, requests: Iterable[Request], *, source: str = "", timed: bool = True
-    ) -> "Workload":
+    ) -> Workload:
         rows = list(requests)
         columns: dict[str, np.ndarray] = {}
         for name in FIELDS:
@@ -197,15 +197,15 @@ class Workload:
     def arrivals(self) -> np.ndarray:
         return self.columns["arrival"]
 
-    def take(self, index: np.ndarray | slice, *, source: str | None = None) -> "Workload":
+    def take(self, index: np.ndarray | slice, *, source: str | None = None) -> Workload:
         """A new workload of the selected rows."""
         cols = {k: v[index] for k, v in self.columns.items() if v is not None}
         return Workload(cols, source=self.source if source is None else source, timed=self.timed)
 
-    def head(self, n: int) -> "Workload":
+    def head(self, n: int) -> Workload:
         return self.take(slice(0, n))
 
-    def with_columns(self, **columns: np.ndarray) -> "Workload":
+    def with_columns(self, **columns: np.ndarray) -> Workload:
         """A copy with some columns replaced (e.g. new arrival times)."""
         cols = {k: v for k, v in self.columns.items() if v is not None}
         cols.update(columns)
