@@ -109,3 +109,43 @@ def test_list_names_every_policy(capsys):
     out = capsys.readouterr().out
     for name in ("fcfs", "priority", "sarathi", "vllm-v0", "rr", "sjf", "srpt", "least-kv"):
         assert name in out
+
+
+def test_real_azure_trace_end_to_end(tmp_path):
+    """The foundation benchmark's setting on the first 500 requests of the real trace."""
+    from llmsched.data import data_dir
+
+    root = data_dir()
+    if root is None:
+        pytest.skip("shared data not found: set LLMSCHED_DATA to run this test")
+    trace = root / "traces/azure2023/AzureLLMInferenceTrace_conv.csv"
+    out = tmp_path / "azure"
+    argv = [
+        "simulate",
+        "--trace",
+        str(trace),
+        "--num-requests",
+        "500",
+        "--model",
+        "meta-llama/Llama-2-70b-hf",
+        "--gpu",
+        "a100-80gb",
+        "--tp",
+        "2",
+        "--instances",
+        "8",
+        "--policy",
+        "sarathi",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # Llama-2-70B's context is 4096 tokens: longer requests are rejected, with the reason.
+    assert summary["completed"] + summary["failed"] == 500
+    assert all("max_model_len=4096" in r for r in summary["rejected_reasons"])
+    assert 0 < summary["median_ttft_ms"] < summary["p99_ttft_ms"]
+    # Replayed arrivals: the first 500 requests span about 90 s of the trace.
+    assert 60 < summary["duration"] < 300

@@ -57,6 +57,9 @@ class Router:
 
     name = "base"
 
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed  # for routers that draw at random
+
     def route(self, state: RequestState, cluster: ClusterView) -> int:
         raise NotImplementedError
 

@@ -15,6 +15,7 @@ class RoundRobinRouter(Router):
     name = "round-robin"
 
     def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
         self._next = 0
 
     def route(self, state: RequestState, cluster) -> int:
@@ -30,6 +31,7 @@ class RandomRouter(Router):
     name = "random"
 
     def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
         self._rng = np.random.default_rng(seed)
 
     def route(self, state: RequestState, cluster) -> int:
@@ -42,9 +44,6 @@ class LeastOutstandingRouter(Router):
 
     name = "least-outstanding"
 
-    def __init__(self, seed: int = 0) -> None:
-        pass
-
     def route(self, state: RequestState, cluster) -> int:
         loads = [cluster.outstanding(i) for i in range(cluster.num_instances)]
         return int(np.argmin(loads))
@@ -55,9 +54,6 @@ class LeastKVRouter(Router):
     """Lowest KV-cache usage (GPU blocks in use, plus those swapped out), ties by load."""
 
     name = "least-kv"
-
-    def __init__(self, seed: int = 0) -> None:
-        pass
 
     def route(self, state: RequestState, cluster) -> int:
         return min(
