@@ -267,11 +267,6 @@ def test_fcfs_mixes_the_same_prompts_with_decodes_and_chunks():
     assert run.steps[1].items == [("Z", 1), ("A", 40), ("B", 23)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="VllmV0.schedule falls back to pack_in_order, whose FCFS waiting loop admits a new "
-    "prompt that failed v0's whole-prompt + watermark check, into the decode batch",
-)
 def test_vllm_v0_admits_new_prompts_only_in_prefill_only_batches_above_the_watermark():
     """100 blocks of 16 (1 % watermark = 1 block); A (prompt 100) decodes holding 7 blocks, 93
     free. B's 1488-token prompt needs all 93: above the watermark it does not fit, so v0 must keep

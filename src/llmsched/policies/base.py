@@ -75,6 +75,7 @@ def pack_in_order(
     key: Key | None = None,
     sort_running: bool = False,
     preempt_for_waiting: bool = False,
+    admit_waiting: bool = True,
     builder: BatchBuilder | None = None,
 ) -> BatchBuilder:
     """vLLM V1's scheduling loop, ordered by `key` (None = FCFS).
@@ -84,7 +85,8 @@ def pack_in_order(
     recently admitted), possibly itself. If nothing was preempted, waiting requests are admitted
     in queue order until one does not fit. With `preempt_for_waiting` (vLLM's priority
     preemption), a waiting request that does not fit preempts running requests with a worse
-    key, worst first, until it fits.
+    key, worst first, until it fits (as vLLM v0.6 does when the request's blocks, tokens or
+    sequence slot are short). `admit_waiting=False` stops after the running requests.
     """
     b = builder or BatchBuilder(view)
     running = sorted(view.running, key=key) if sort_running and key else list(view.running)
@@ -104,7 +106,7 @@ def pack_in_order(
             b.preempt(victim, mode)
             if victim is state:
                 break
-    if b.preempted and not preempt_for_waiting:
+    if not admit_waiting or (b.preempted and not preempt_for_waiting):
         return b
     for state in view.waiting:
         if b.budget_left == 0:

@@ -46,18 +46,19 @@ class VllmV0(InstancePolicy):
     def schedule(self, view) -> BatchPlan:
         b = BatchBuilder(view)
         reserve = view.config.watermark_blocks
-        # Prefill-first: a batch of new (or recomputed) prompts if the queue head fits.
-        for state in view.waiting:
-            if state.computed > 0:
-                continue  # swapped out or migrated in: resumes in a decode batch
-            if state.to_compute > b.budget_left or not b.admit_whole(state, reserve=reserve):
-                break
-        if b.items:
-            return b.build()
-        # Otherwise every running decode, then resumed (swapped-out) requests.
-        b = pack_in_order(view, mode=self.preemption)
-        if not b.preempted:
+        resuming = [s for s in view.waiting if s.computed > 0]  # swapped out or migrated in
+        # Prefill-first: while nothing is swapped out, a batch of new (or recomputed) prompts
+        # whenever the queue head fits whole.
+        if not resuming:
             for state in view.waiting:
-                if state.computed > 0 and not b.admit(state):
+                if state.to_compute > b.budget_left or not b.admit_whole(state, reserve=reserve):
+                    break
+            if b.items:
+                return b.build()
+        # Otherwise a decode batch: every running request, then the swapped-out ones, in order.
+        b = pack_in_order(view, mode=self.preemption, admit_waiting=False)
+        if not b.preempted:
+            for state in resuming:
+                if not b.admit(state):
                     break
         return b.build()
