@@ -104,7 +104,7 @@ def run(workload, policy, config, instances, router, *, fast_forward=True):
     return cluster, collector
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_every_request_ends_once_and_kv_is_returned(scenario):
     workload, policy, config, instances, router = scenario
@@ -129,7 +129,7 @@ def _order(workload, ids):
     return np.array([position[r] for r in ids])
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_spans_equal_one_iteration_at_a_time(scenario):
     workload, policy, config, instances, router = scenario

@@ -61,4 +61,5 @@ class VllmV0(InstancePolicy):
             for state in resuming:
                 if not b.admit(state):
                     break
+                b.limit_repeat(1)  # once none is swapped out, prefills may start again
         return b.build()
