@@ -149,3 +149,35 @@ def test_real_azure_trace_end_to_end(tmp_path):
     assert 0 < summary["median_ttft_ms"] < summary["p99_ttft_ms"]
     # Replayed arrivals: the first 500 requests span about 90 s of the trace.
     assert 60 < summary["duration"] < 300
+
+
+def test_policy_params_and_per_request_gaps(tmp_path):
+    import numpy as np
+
+    out = tmp_path / "rr"
+    argv = [
+        "simulate",
+        *SMALL,
+        "--policy",
+        "rr",
+        "--policy-param",
+        "quantum=7",
+        "--save-gaps",
+        "--out",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert "quantum: 7" in (out / "config.yaml").read_text()
+    saved = np.load(out / "itl.npz")
+    offsets, gaps = saved["offsets"], saved["gaps_s"]
+    with open(out / "requests.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for i, row in enumerate(rows):
+        mine = gaps[offsets[i] : offsets[i + 1]]
+        if row["status"] == "finished" and int(row["output_tokens"]) > 1:
+            # the gaps of a request add up to its time from first to last token
+            span = float(row["finish"]) - float(row["first_token"])
+            assert abs(mine.sum() - span) < 1e-4 * max(span, 1)
+            assert abs(mine.max() - float(row["max_gap"])) < 1e-6
+    assert main(["simulate", "--policy", "rr", "--policy-param", "quantum"]) == 2
+    assert main(["simulate", "--policy", "rr", "--policy-param", "quantums=3"]) == 2

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmsched.config import load_config, parse_goodput
+from llmsched.config import load_config, parse_goodput, parse_params
 
 EXAMPLES = """examples:
   llmsched demo
@@ -53,6 +53,12 @@ def _run_flags() -> argparse.ArgumentParser:
     h.add_argument("--tp", type=int, help="tensor-parallel GPUs per instance")
     h.add_argument("--instances", type=int, help="engine instances in the cluster")
     h.add_argument("--router", help="round-robin, random, least-outstanding, least-kv")
+    h.add_argument(
+        "--policy-param",
+        action="append",
+        metavar="NAME=VALUE",
+        help="a policy parameter, e.g. quantum=300 for rr (repeatable)",
+    )
     h.add_argument("--max-num-batched-tokens", type=int, metavar="TOKENS")
     h.add_argument("--max-num-seqs", type=int, metavar="SEQS")
     h.add_argument("--max-model-len", type=int, metavar="TOKENS")
@@ -68,6 +74,11 @@ def _run_flags() -> argparse.ArgumentParser:
         help="SLOs for request_goodput, as vllm bench serve: ttft:500 tpot:50",
     )
     o.add_argument("--out", metavar="DIR", help="write summary.json, requests.csv, config.yaml")
+    o.add_argument(
+        "--save-gaps",
+        action="store_true",
+        help="also write DIR/itl.npz: every request's inter-token gaps",
+    )
     o.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -106,6 +117,7 @@ CONFIG_FLAGS = [
 def _config(args, **extra):
     overrides = {name: getattr(args, name, None) for name in CONFIG_FLAGS}
     overrides["goodput"] = parse_goodput(args.goodput)
+    overrides["policy_params"] = parse_params(args.policy_param)
     return load_config(args.config, **overrides, **extra)
 
 
@@ -122,7 +134,8 @@ def cmd_simulate(args) -> int:
     print(format_summary(result.summary))
     _report_run(result)
     if args.out:
-        print(f"wrote {save(result, args.out)}/{{summary.json,requests.csv,config.yaml}}")
+        folder = save(result, args.out, gaps=args.save_gaps)
+        print(f"wrote {folder}/{{summary.json,requests.csv,config.yaml}}")
     return 0
 
 
@@ -162,7 +175,7 @@ def cmd_compare(args, policies: list[str] | None = None, out: str | None = None)
         summaries[name], collectors[name] = result.summary, result.collector
         print(f"  {name}: {time.perf_counter() - start:.2f} s", file=sys.stderr)
         if out or args.out:
-            save(result, Path(out or args.out) / name)
+            save(result, Path(out or args.out) / name, gaps=args.save_gaps)
     print(format_comparison(summaries))
     out = out or args.out
     if out:

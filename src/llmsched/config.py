@@ -99,7 +99,12 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> SimulationC
     values: dict[str, Any] = {}
     if path is not None:
         values.update(read_config_file(path))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            value = values[key] | value  # flags add to (or override) the file's entries
+        values[key] = value
     known = {f.name for f in dataclasses.fields(SimulationConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -154,6 +159,19 @@ def parse_goodput(items: list[str] | None) -> dict[str, float] | None:
             sep = ""
         if not sep:
             raise ValueError(f"--goodput takes METRIC:MS pairs like ttft:500, got {item!r}")
+    return out
+
+
+def parse_params(items: list[str] | None) -> dict[str, Any] | None:
+    """`["quantum=300"]` → {"quantum": 300}; values are read as YAML scalars (numbers, bools)."""
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--policy-param takes NAME=VALUE, got {item!r}")
+        out[name.strip()] = yaml.safe_load(value)
     return out
 
 

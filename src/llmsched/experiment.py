@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llmsched.cluster.cluster import Cluster
 from llmsched.config import SimulationConfig, save_config
 from llmsched.engine.config import EngineConfig
@@ -170,10 +172,15 @@ def simulate(
     return RunResult(cfg, collector, summary, resolved)
 
 
-def save(result: RunResult, out: str | Path) -> Path:
-    """Write summary.json, requests.csv and config.yaml (the resolved config) to `out`."""
+def save(result: RunResult, out: str | Path, *, gaps: bool = False) -> Path:
+    """Write summary.json, requests.csv and config.yaml (the resolved config) to `out`; with
+    `gaps`, also itl.npz: every request's inter-token gaps (MetricsCollector.gaps_by_request)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if gaps:
+        offsets, values = result.collector.gaps_by_request()
+        ids = result.collector.column("request_id")
+        np.savez_compressed(out / "itl.npz", request_id=ids, offsets=offsets, gaps_s=values)
     summary = {k: v for k, v in result.summary.items() if k != "sim_wall_seconds"}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     write_requests_csv(result.collector, out / "requests.csv")
