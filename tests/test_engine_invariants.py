@@ -16,7 +16,7 @@ from llmsched.cluster.cluster import Cluster
 from llmsched.engine.config import EngineConfig
 from llmsched.engine.instance import token_times
 from llmsched.engine.kv import blocks_for
-from llmsched.policies import INSTANCE_POLICIES, ROUTERS, policy_class, router_class
+from llmsched.policies import INSTANCE_POLICIES, ROUTERS, Router, policy_class, router_class
 from llmsched.workload.request import Workload
 
 from .helpers import LinearLatency
@@ -34,6 +34,31 @@ class CheckedCluster(Cluster):
         super().on_finish(state, instance, t)
 
 
+class MigratingRouter(Router):
+    """Round-robin placement; every request that produces `</think>` moves to the next instance
+    (exercises migration under every policy)."""
+
+    name = "test-migrating"
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        self._next = 0
+
+    def route(self, state, cluster) -> int:
+        self._next += 1
+        return self._next % cluster.num_instances
+
+    def on_phase_change(self, state, source, cluster) -> int:
+        return (source + 1) % cluster.num_instances
+
+
+ROUTER_NAMES = [*sorted(ROUTERS), MigratingRouter.name]
+
+
+def make_router(name: str) -> Router:
+    return MigratingRouter() if name == MigratingRouter.name else router_class(name)()
+
+
 def span_observer(last_end: dict):
     def check(inst, span):
         cfg = inst.config
@@ -42,6 +67,8 @@ def span_observer(last_end: dict):
         assert len(inst.running) <= cfg.max_num_seqs
         assert 0 <= inst.kv.used <= inst.kv.num_blocks, "KV blocks out of range"
         assert inst.kv.used == sum(r.blocks for r in inst.running), "KV blocks mis-counted"
+        swapped = sum(entry[2].cpu_blocks for entry in inst.waiting)
+        assert inst.kv.cpu_used == swapped, "host KV blocks mis-counted"
         for state, tokens in plan.items:
             assert tokens >= 1
             assert state.blocks >= blocks_for(state.computed + tokens, cfg.block_size)
@@ -85,7 +112,7 @@ def scenarios(draw):
         # vLLM v0 has no chunked prefill: it needs a budget of at least max_model_len.
         max_model_len=budget if policy == "vllm-v0" else 1 << 30,
     )
-    return workload, policy, config, draw(st.integers(1, 3)), draw(st.sampled_from(sorted(ROUTERS)))
+    return workload, policy, config, draw(st.integers(1, 3)), draw(st.sampled_from(ROUTER_NAMES))
 
 
 def run(workload, policy, config, instances, router, *, fast_forward=True):
@@ -95,7 +122,7 @@ def run(workload, policy, config, instances, router, *, fast_forward=True):
         instances,
         config,
         lambda: cls(preemption=config.preemption),
-        router_class(router)(),
+        make_router(router),
         LinearLatency(),
         observer=span_observer(last_end),
         fast_forward=fast_forward,
