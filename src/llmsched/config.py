@@ -22,7 +22,9 @@ GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 @dataclass
 class SimulationConfig:
     # --- workload ---
-    trace: str | None = None  # path to a trace; None = the embedded synthetic workload
+    # A trace file, or a path inside the shared data folder ($LLMSCHED_DATA), e.g.
+    # traces/azure2023/AzureLLMInferenceTrace_conv.csv; None = the embedded synthetic workload.
+    trace: str | None = None
     trace_format: str | None = None  # azure | lengths | mooncake | sharegpt | llmsched (auto)
     num_requests: int | None = None  # None = the whole trace (synthetic: 1000)
     arrival: str = "auto"  # auto: the trace's timestamps if it has them and no rate is given

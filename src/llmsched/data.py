@@ -37,3 +37,15 @@ def data_path(relative: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (data folder: {root}, from {ENV_VAR})")
     return path
+
+
+def resolve(path: str | Path) -> Path:
+    """A user-given data path: as given when it exists, else relative to the shared data
+    folder (so configs can say `traces/azure2023/...` wherever they run from)."""
+    given = Path(path).expanduser()
+    if given.exists() or given.is_absolute():
+        return given
+    root = data_dir()
+    if root is not None and (root / given).exists():
+        return root / given
+    return given

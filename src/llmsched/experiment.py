@@ -16,6 +16,7 @@ import numpy as np
 
 from llmsched.cluster.cluster import Cluster
 from llmsched.config import SimulationConfig, save_config
+from llmsched.data import resolve
 from llmsched.engine.config import EngineConfig
 from llmsched.hardware.memory import kv_cache_blocks
 from llmsched.hardware.roofline import RooflineModel
@@ -50,7 +51,7 @@ def load_workload(cfg: SimulationConfig) -> Workload:
             max_prompt=6144,  # prompt + output <= 8192: fits every registered model's context
             max_output=2048,
         )
-    source = read_trace(cfg.trace, cfg.trace_format, skip_invalid=cfg.skip_invalid)
+    source = read_trace(resolve(cfg.trace), cfg.trace_format, skip_invalid=cfg.skip_invalid)
     arrival = cfg.arrival
     if arrival == "auto":
         arrival = "trace" if source.timed and cfg.rate is None else "poisson"
