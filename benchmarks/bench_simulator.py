@@ -99,12 +99,18 @@ def measure_one(args: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip the 1M-request case")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile the 8-instance Azure case instead"
+    )
     parser.add_argument("--one", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.one is not None:
         return measure_one(opts.one)
     sys.path.insert(0, str(ROOT / "src"))
     from llmsched.data import data_dir
+
+    if opts.profile:
+        return profile()
 
     rows = []
     for name, n, args in cases(data_dir(), opts.quick):
@@ -135,6 +141,25 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     (out / "simulator.json").write_text(json.dumps({"machine": machine, "cases": rows}, indent=2))
+
+
+def profile() -> None:
+    """Where the time goes: own time per function on the 8-instance Azure case."""
+    import cProfile
+    import pstats
+
+    from llmsched.config import load_config
+    from llmsched.experiment import simulate
+
+    cfg = load_config(ROOT / "configs/azure-conv-llama2-70b.yaml")
+    profiler = cProfile.Profile()
+    profiler.runcall(simulate, cfg)
+    stats = pstats.Stats(profiler)
+    total = sum(s[2] for s in stats.stats.values())
+    print(f"own time of the top functions, % of {total:.2f} s (profiled):")
+    top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:15]
+    for (file, line, name), (_, calls, own, _, _) in top:
+        print(f"  {100 * own / total:5.1f} %  {calls:>9,} calls  {Path(file).name}:{line} {name}")
 
 
 if __name__ == "__main__":

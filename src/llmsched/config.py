@@ -148,33 +148,30 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def parse_goodput(items: list[str] | None) -> dict[str, float] | None:
-    """`["ttft:500", "tpot:50"]` (as `vllm bench serve --goodput`) → {"ttft": 500.0, ...}."""
+def _parse_pairs(items: list[str] | None, sep: str, flag: str, example: str, value) -> dict | None:
+    """`NAME<sep>VALUE` command-line items → {name: value(text)}, with a clear error."""
     if not items:
         return None
     out = {}
     for item in items:
-        name, sep, value = item.partition(":")
+        name, found, text = item.partition(sep)
         try:
-            out[name.strip()] = float(value)
+            if not found or not name.strip():
+                raise ValueError
+            out[name.strip()] = value(text)
         except ValueError:
-            sep = ""
-        if not sep:
-            raise ValueError(f"--goodput takes METRIC:MS pairs like ttft:500, got {item!r}")
+            raise ValueError(f"{flag} takes NAME{sep}VALUE like {example}, got {item!r}") from None
     return out
+
+
+def parse_goodput(items: list[str] | None) -> dict[str, float] | None:
+    """`["ttft:500", "tpot:50"]` (as `vllm bench serve --goodput`) → {"ttft": 500.0, ...}."""
+    return _parse_pairs(items, ":", "--goodput", "ttft:500 (METRIC:MS)", float)
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any] | None:
     """`["quantum=300"]` → {"quantum": 300}; values are read as YAML scalars (numbers, bools)."""
-    if not items:
-        return None
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise ValueError(f"--policy-param takes NAME=VALUE, got {item!r}")
-        out[name.strip()] = yaml.safe_load(value)
-    return out
+    return _parse_pairs(items, "=", "--policy-param", "quantum=300", yaml.safe_load)
 
 
 def save_config(config: SimulationConfig, path: Path, resolved: dict[str, Any]) -> None:

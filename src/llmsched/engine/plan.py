@@ -118,9 +118,8 @@ class BatchBuilder:
             raise ValueError(f"can only preempt running requests, not {victim!r}")
         tokens = self.items.pop(victim, 0)
         self.budget += tokens
-        self.free += victim.blocks + (
-            -(-(victim.computed + tokens) // self.block_size) - victim.blocks if tokens else 0
-        )
+        # Its blocks come back, with those this plan had set aside for its tokens.
+        self.free += -(-(victim.computed + tokens) // self.block_size) if tokens else victim.blocks
         self.num_running -= 1
         self.preempted.append((victim, mode))
         self.victims.add(victim)
