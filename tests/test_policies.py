@@ -319,12 +319,11 @@ def test_sarathi_admits_only_whole_prompts_above_the_watermark(blocks, admitted_
 def _instance_with(policy, config, running):
     """An instance whose running list (admission order) holds `running` as decodes."""
     inst = Instance(0, config, policy, LAT, listener=None)
-    for n, (request, generated) in enumerate(running, 1):
+    for request, generated in running:
         state = RequestState(request)
         state.generated = generated
         state.computed = request.prompt_tokens + generated - 1
         state.status = Status.RUNNING
-        state.admitted_at = n
         inst.kv.grow_to(state, state.computed)
         inst.running.append(state)
     return inst

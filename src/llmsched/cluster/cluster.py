@@ -75,6 +75,7 @@ class RunStats:
     steps: int = 0  # policy decisions (spans)
     iterations: int = 0  # engine iterations simulated
     preemptions: int = 0
+    swap_bytes: float = 0.0
     migrations: int = 0
     migration_seconds: list[float] = field(default_factory=list)
     busy_fraction: list[float] = field(default_factory=list)
@@ -85,8 +86,7 @@ class RunStats:
             "sim_wall_seconds": round(self.wall_seconds, 3),
             "sim_steps": self.steps,
             "sim_iterations": self.iterations,
-            "total_preemptions": self.preemptions,
-            "total_migrations": self.migrations,
+            "total_swap_gb": round(self.swap_bytes / 1e9, 3),
             "p99_migration_ms": float(np.percentile(mig, 99) * 1e3) if len(mig) else None,
             "mean_instance_busy_fraction": (
                 float(np.mean(self.busy_fraction)) if self.busy_fraction else None
@@ -203,6 +203,7 @@ class Cluster:
         for inst in self.instances:
             self.stats.iterations += inst.log.size
             self.stats.preemptions += inst.num_preemptions
+            self.stats.swap_bytes += inst.swap_bytes
             self.stats.busy_fraction.append(inst.busy_time / self.now if self.now > 0 else 0.0)
         return self.collector
 

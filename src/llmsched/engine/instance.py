@@ -137,7 +137,6 @@ class Instance:
         self.now = 0.0
         self.span: Span | None = None
         self._enqueued = 0
-        self._admitted = 0
         # statistics
         self.busy_time = 0.0
         self.num_preemptions = 0
@@ -162,10 +161,6 @@ class Instance:
             state.queue_entry = None
         if state.cpu_blocks:
             self.kv.drop_cpu_copy(state)
-
-    @property
-    def idle(self) -> bool:
-        return self.span is None
 
     @property
     def outstanding(self) -> int:
@@ -220,8 +215,6 @@ class Instance:
                 self.waiting.remove(state.queue_entry)
                 state.queue_entry = None
                 state.status = Status.RUNNING
-                self._admitted += 1
-                state.admitted_at = self._admitted
                 self.running.append(state)
                 if state.cpu_blocks:
                     seconds += self._transfer_time(self.kv.drop_cpu_copy(state))

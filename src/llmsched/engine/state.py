@@ -33,7 +33,6 @@ class RequestState:
     """Mutable progress of one request. The engine updates it; policies only read it."""
 
     __slots__ = (
-        "admitted_at",
         "arrival",
         "blocks",
         "computed",
@@ -75,7 +74,6 @@ class RequestState:
         # Token generation times, compactly: runs of (instance, first iteration, count) that
         # index the instances' iteration-end logs. Flat list: [inst, start, count, inst, ...].
         self.segments: list[int] = []
-        self.admitted_at = 0  # admission counter: orders the running list like vLLM's
         self.queue_entry: tuple | None = None  # its entry in an instance's waiting queue
         self.policy_data: dict = {}  # scratch space for the policy (scores, quanta, ...)
 
