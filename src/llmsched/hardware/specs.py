@@ -333,12 +333,19 @@ _GPUS: tuple[tuple[GPUSpec, tuple[str, ...]], ...] = (
         ("h100", "h100-sxm", "h100-80gb", "h100-sxm5-80gb", "nvidia h100 80gb hbm3"),
     ),
     (
+        # H100 with 96 GB on PCIe 5.0, as in PASCAL's testbed: the H100 NVL card (datasheet:
+        # 94 GB of its 96 GB HBM3 usable, 3.9 TB/s, bf16 835 TFLOPS dense, NVLink bridge
+        # 600 GB/s both ways, PCIe Gen5 x16 128 GB/s both ways, so swap runs at PCIe speed).
+        # CUDA total estimated at 93.0 GiB (about 0.6 GiB under nvidia-smi's 95,830 MiB).
+        GPUSpec("h100-96gb", int(93.0 * GiB), 835e12, 3.9e12, 300e9, 64e9, 96),
+        ("h100-nvl", "h100-pcie-96gb", "h100-96gb-pcie"),
+    ),
+    (
         # The 96 GB HBM3 H100 of the GH200 Grace Hopper Superchip (GH200 datasheet: 96 GB HBM3,
         # 4 TB/s; H100 compute, 989 TFLOPS bf16 dense; NVLink4 900 GB/s between GPUs; host link
-        # NVLink-C2C 900 GB/s). CUDA total estimated at 95.0 GiB (the same ~0.6 GiB reservation
-        # below what nvidia-smi shows as on the 80 GB parts).
-        GPUSpec("h100-96gb", int(95.0 * GiB), 989e12, 4.0e12, 450e9, 450e9, 96),
-        ("gh200", "gh200-96gb", "h100-96gb-hbm3"),
+        # NVLink-C2C 900 GB/s). CUDA total estimated at 95.0 GiB.
+        GPUSpec("gh200", int(95.0 * GiB), 989e12, 4.0e12, 450e9, 450e9, 96),
+        ("gh200-96gb", "h100-96gb-hbm3"),
     ),
     (
         # H200 SXM datasheet: bf16 989 TFLOPS dense, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s,
