@@ -20,7 +20,9 @@ EXAMPLES = """examples:
       --policy sarathi --out runs/azure-sarathi
   llmsched compare --policies fcfs,sarathi,sjf --rate 6 --num-requests 2000 --out runs/cmp
   llmsched simulate --config configs/demo.yaml --policy rr
-  llmsched trace convert ../shared/data/traces/azure2023/AzureLLMInferenceTrace_code.csv code.jsonl
+  llmsched capacity --config configs/slai/tiers.yaml --policies sarathi,slai \
+      --slo "median_ttft<0.5s, p99_tbt<=tier" --num-requests 4096 --out runs/capacity
+  llmsched trace convert traces/azure2023/AzureLLMInferenceTrace_code.csv code.jsonl
   llmsched list
 """
 
@@ -201,6 +203,71 @@ def cmd_demo(args) -> int:
     return cmd_compare(args, ["fcfs", "sarathi", "vllm-v0", "rr", "sjf", "srpt"], args.out)
 
 
+def cmd_capacity(args) -> int:
+    import os
+
+    from llmsched.capacity import parse_slo, search_capacity, tier_limits_ms
+    from llmsched.metrics.report import plot_capacity
+
+    conditions = parse_slo(args.slo)
+    policies = [p.strip() for p in (args.policies or args.policy or "fcfs").split(",") if p.strip()]
+    workers = args.workers or os.cpu_count() or 1
+    results = {}
+    for name in policies:
+        cfg = _config(args, policy=name)
+        print(
+            f"{name}: searching the highest rate with {', '.join(map(str, conditions))} "
+            f"({cfg.num_requests or 'all'} requests, {args.seeds} seed(s), {workers} workers)",
+            file=sys.stderr,
+        )
+
+        def show(e, name=name):
+            values = "; ".join(
+                f"{c} "
+                + ",".join(f"{t}={v:.0f}" if v is not None else f"{t}=-" for t, v in vals.items())
+                for c, vals in e.values.items()
+            )
+            print(
+                f"  {name} {e.rate:8.3f} req/s seed {e.seed}: {'ok  ' if e.ok else 'FAIL'} "
+                f"{values}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        result = search_capacity(
+            cfg,
+            conditions,
+            seeds=args.seeds,
+            workers=workers,
+            start_rate=args.start_rate,
+            tolerance=args.tolerance,
+            on_evaluation=show,
+        )
+        limits = tier_limits_ms(cfg)
+        results[name] = result.as_dict() | {
+            "limits_ms": {
+                str(c): ({"all": c.limit_ms} if c.limit_ms is not None else limits)
+                for c in conditions
+            }
+        }
+    print(f"{'policy':12s} {'capacity (req/s)':>16s}  bracket")
+    base = next(iter(results.values()))["capacity_rps"]
+    for name, r in results.items():
+        lo, hi = r["bracket_rps"]
+        gain = f"  {100 * (r['capacity_rps'] / base - 1):+.1f} % vs {policies[0]}" if base else ""
+        print(f"{name:12s} {r['capacity_rps']:16.3f}  [{lo:.3f}, {hi:.3f}]{gain}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "capacity.json").write_text(json.dumps(results, indent=2) + "\n")
+        try:
+            plot_capacity(results, out / "capacity.png")
+        except ImportError as err:
+            print(f"no plot: {err}", file=sys.stderr)
+        print(f"wrote {out}/capacity.json and capacity.png")
+    return 0
+
+
 def cmd_trace(args) -> int:
     from llmsched.workload.readers import read_trace, write_jsonl
 
@@ -265,6 +332,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--policies", required=True, help="comma-separated, e.g. fcfs,sarathi,sjf")
     c.set_defaults(func=cmd_compare)
+    cap = sub.add_parser(
+        "capacity",
+        parents=[run_flags],
+        help="highest rate that meets SLOs",
+        description="Find the highest Poisson arrival rate at which each policy meets the SLOs "
+        "(every seed must), simulating several rates at once on the local cores.",
+    )
+    cap.add_argument("--policy", help="one policy")
+    cap.add_argument("--policies", help="several, comma-separated (the first is the baseline)")
+    cap.add_argument(
+        "--slo",
+        required=True,
+        help='conditions, e.g. "median_ttft<0.5s, p99_tbt<=tier" (tbt = ITL)',
+    )
+    cap.add_argument("--seeds", type=int, default=1, help="seeds per rate (all must meet SLOs)")
+    cap.add_argument("--workers", type=int, help="parallel simulations (default: all cores)")
+    cap.add_argument("--start-rate", type=float, default=1.0, help="first rate tried, req/s")
+    cap.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.02,
+        help="stop when the bracket is this narrow, relative (default 0.02)",
+    )
+    cap.set_defaults(func=cmd_capacity)
     d = sub.add_parser("demo", parents=[run_flags], help="compare baselines on built-in data")
     d.set_defaults(func=cmd_demo, out="runs/demo")
     t = sub.add_parser("trace", help="inspect or convert a trace to llmsched JSONL")

@@ -53,6 +53,9 @@ class SimulationConfig:
     block_size: int = 16
     watermark: float | None = None  # None = the policy's default
     link_gbps: float = 100.0  # inter-instance link for migrations, Gb/s
+    # --- SLOs ---
+    tbt: float | None = None  # every request's time-between-tokens target, seconds (SLAI: 0.2)
+    tiers: dict[str, dict] | None = None  # {name: {share, tbt}}: tiers drawn per request
     # --- metrics ---
     goodput: dict[str, float] | None = None  # SLOs in ms, e.g. {"ttft": 500, "tpot": 50}
 

@@ -24,7 +24,7 @@ from llmsched.hardware.specs import get_gpu, get_model
 from llmsched.metrics.report import write_requests_csv
 from llmsched.metrics.summary import MetricsCollector
 from llmsched.policies import policy_class, router_class
-from llmsched.workload.generators import build_workload, synthetic_workload
+from llmsched.workload.generators import assign_tiers, build_workload, synthetic_workload
 from llmsched.workload.readers import read_trace
 from llmsched.workload.request import Workload
 
@@ -41,7 +41,19 @@ class RunResult:
 
 
 def load_workload(cfg: SimulationConfig) -> Workload:
-    """The run's requests: a trace (arrivals replayed or generated) or the synthetic default."""
+    """The run's requests (a trace, arrivals replayed or generated, or the synthetic default),
+    with the configured TBT targets or tiers."""
+    workload = _requests(cfg)
+    skipped = getattr(workload, "skipped", 0)
+    if cfg.tbt is not None:
+        workload = workload.with_columns(tpot_slo=np.full(len(workload), float(cfg.tbt)))
+    if cfg.tiers:
+        workload = assign_tiers(workload, cfg.tiers, cfg.seed)
+    workload.skipped = skipped  # unservable trace rows skipped on reading, for the report
+    return workload
+
+
+def _requests(cfg: SimulationConfig) -> Workload:
     if cfg.trace is None:
         return synthetic_workload(
             cfg.num_requests or SYNTHETIC_REQUESTS,

@@ -96,6 +96,17 @@ class InstanceView:
     def num_waiting(self) -> int:
         return len(self._inst.waiting)
 
+    @property
+    def iterations(self) -> int:
+        """Iterations completed so far."""
+        return self._inst.log.size
+
+    @property
+    def mean_iteration_time(self) -> float:
+        """Mean duration of the iterations completed so far (0 before the first)."""
+        inst = self._inst
+        return inst.busy_time / inst.log.size if inst.log.size else 0.0
+
 
 class Span:
     """A plan being executed for k identical iterations, with their end times; the first

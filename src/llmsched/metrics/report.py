@@ -240,17 +240,7 @@ def plot_distributions(
     Needs matplotlib (``pip install llmsched[plot]``); uses the Agg canvas directly, so it neither
     needs a display nor changes pyplot's global backend.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise ImportError(
-            "plot_distributions needs matplotlib, which is not installed: "
-            "pip install llmsched[plot]"
-        ) from exc
-
-    fig = Figure(figsize=(11, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = _figure((11, 4.5))
     axes = fig.subplots(1, 2)
     panels = (
         ("ttft", "TTFT (ms)", "Time to first token"),
@@ -276,4 +266,72 @@ def plot_distributions(
         ax.set_ylim(0, 1.02)
         ax.grid(True, which="both", alpha=0.3)
     fig.suptitle("Latency distributions by policy")
+    fig.savefig(os.fspath(path), format="png", dpi=120)
+
+
+def _figure(size: tuple[float, float]):
+    """A matplotlib figure on the Agg canvas (no display, pyplot's state untouched)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise ImportError(
+            "plots need matplotlib, which is not installed: pip install llmsched[plot]"
+        ) from exc
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_capacity(results: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """For each SLO condition, its measured value (ms, mean over seeds) against the arrival rate,
+    one line per policy and tier, with the limit and each policy's capacity marked.
+
+    ``results`` maps a policy to :meth:`llmsched.capacity.CapacityResult.as_dict` output plus
+    ``"limits_ms"`` ({condition: {tier or "all": limit}})."""
+    conditions = sorted(
+        {c for r in results.values() for e in r["evaluations"] for c in e["values"]}
+    )
+    fig = _figure((5.5 * max(1, len(conditions)), 4.2))
+    axes = fig.subplots(1, max(1, len(conditions)), squeeze=False)[0]
+    colors = [f"C{i}" for i in range(10)]
+    styles = ["-", "--", ":", "-."]
+    for ax, cond in zip(axes, conditions):
+        for index, (policy, r) in enumerate(results.items()):
+            color = colors[index % len(colors)]
+            series: dict[str, dict[float, list[float]]] = {}
+            for e in r["evaluations"]:
+                for tier, value in e["values"].get(cond, {}).items():
+                    if value is not None:
+                        series.setdefault(tier, {}).setdefault(e["rate"], []).append(value)
+            for j, (tier, points) in enumerate(sorted(series.items())):
+                rates = sorted(points)
+                label = policy if tier == "all" else f"{policy} ({tier})"
+                ax.plot(
+                    rates,
+                    [np.mean(points[x]) for x in rates],
+                    marker="o",
+                    markersize=3,
+                    color=color,
+                    linestyle=styles[j % len(styles)],
+                    label=label,
+                )
+            ax.axvline(r["capacity_rps"], color=color, linestyle=":", alpha=0.7)
+        limits = next(iter(results.values())).get("limits_ms", {}).get(cond, {})
+        for tier, limit in limits.items():
+            ax.axhline(limit, color="grey", linestyle="--", linewidth=1)
+            ax.annotate(
+                f"limit {tier}",
+                (0, limit),
+                xycoords=("axes fraction", "data"),
+                fontsize="x-small",
+                va="bottom",
+            )
+        ax.set_yscale("log")
+        ax.set_xlabel("arrival rate (requests/s)")
+        ax.set_ylabel(f"{cond} (ms)")
+        ax.set_title(cond)
+        ax.legend(fontsize="x-small")
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle("SLO metrics against load (dotted: each policy's capacity)")
     fig.savefig(os.fspath(path), format="png", dpi=120)

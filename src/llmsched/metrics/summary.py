@@ -406,6 +406,23 @@ class MetricsCollector:
         assert offsets[-1] == len(self._itl), "pooled gaps out of step with the requests"
         return offsets, self.itl()
 
+    def tier_summary(self, percentiles: Sequence[float] = PERCENTILES) -> dict[str, dict]:
+        """Per tier (e.g. SLAI's paying and free users): TTFT, TPOT and ITL statistics of its
+        finished requests, the ITL pooled over the tier's gaps (its time between tokens)."""
+        rows = self._rows.view()
+        offsets, gaps = self.gaps_by_request()
+        gap_tier = np.repeat(rows["tier_code"], np.diff(offsets))  # the tier of every gap
+        out = {}
+        for code, name in enumerate(self._tiers.values):
+            mine = rows["finished"] & (rows["tier_code"] == code)
+            tier_gaps = gaps[gap_tier == code]
+            tpot = rows["tpot"][mine]
+            out[name] = {"completed": int(np.count_nonzero(mine))}
+            out[name] |= latency_stats_ms("ttft", rows["ttft"][mine], percentiles)
+            out[name] |= latency_stats_ms("tpot", tpot[~np.isnan(tpot)], percentiles)
+            out[name] |= latency_stats_ms("itl", tier_gaps, percentiles)
+        return out
+
     def columns(self) -> dict[str, np.ndarray]:
         """One numpy array per :data:`CSV_COLUMNS` entry (plus the SLO columns), in request order.
 
@@ -503,6 +520,7 @@ class MetricsCollector:
         out["rejected_reasons"] = {
             self._reasons.values[c]: int(k) for c, k in zip(codes.tolist(), counts.tolist())
         }
+        out["by_tier"] = self.tier_summary(percentiles) if len(self._tiers.values) else None
         with_slo = fin["slo_met"] >= 0
         n_slo = int(np.count_nonzero(with_slo))
         out["slo_requests"] = n_slo

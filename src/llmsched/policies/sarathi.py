@@ -58,3 +58,13 @@ class SarathiServe(InstancePolicy):
         for state in view.waiting:
             if b.budget_left == 0 or not b.admit_whole(state, reserve=reserve):
                 return
+
+
+@register
+class SarathiSPF(SarathiServe):
+    """Sarathi-Serve with new prompts shortest first (the SLAI repository's `sarathi_spf`)."""
+
+    name = "sarathi-spf"
+
+    def prefill_order(self, state: RequestState):
+        return (state.prompt_tokens, state.arrival)

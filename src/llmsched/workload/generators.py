@@ -225,3 +225,27 @@ def synthetic_workload(
         source=f"synthetic({num_requests} requests, {rate:g} req/s, cv {cv:g}, seed {seed})",
         timed=True,
     )
+
+
+def assign_tiers(workload: Workload, tiers: dict[str, dict], seed: int = 0) -> Workload:
+    """Draw each request's tier independently, with its TBT/TPOT target.
+
+    ``tiers`` maps a tier name to ``{"share": probability, "tbt": seconds}`` (SLAI's setting:
+    ``{"paying": {"share": 0.05, "tbt": 0.1}, "free": {"share": 0.95, "tbt": 0.5}}``); the
+    shares must sum to 1. The draw uses its own stream of ``seed``, so arrivals are unchanged.
+    """
+    if not tiers:
+        raise ValueError("tiers: give at least one tier, e.g. {free: {share: 1.0, tbt: 0.2}}")
+    names = list(tiers)
+    try:
+        shares = np.array([float(tiers[n]["share"]) for n in names])
+        tbts = np.array([float(tiers[n]["tbt"]) for n in names])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"tiers must map each name to {{share: P, tbt: SECONDS}}, got {tiers!r}"
+        ) from None
+    if (shares < 0).any() or not np.isclose(shares.sum(), 1.0) or (tbts <= 0).any():
+        raise ValueError(f"tier shares must be >= 0 and sum to 1, tbt > 0: got {tiers!r}")
+    rng = np.random.default_rng([seed, 0x7135])
+    pick = rng.choice(len(names), size=len(workload), p=shares / shares.sum())
+    return workload.with_columns(tier=np.array(names, dtype=object)[pick], tpot_slo=tbts[pick])
