@@ -20,7 +20,7 @@ from llmsched.config import SimulationConfig
 
 STATS = ("mean", "median", "p50", "p90", "p95", "p99")
 METRICS = {"ttft": "ttft", "tpot": "tpot", "itl": "itl", "tbt": "itl", "e2el": "e2el"}
-_TERM = re.compile(r"^\s*(\w+?)_(\w+)\s*(<=|<)\s*([\w.]+?)\s*(ms|s)?\s*$")
+_TERM = re.compile(r"^\s*(\w+?)_(\w+)\s*(<=|<)\s*(tier|[0-9.eE+-]+)\s*(ms|s)?\s*$")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def parse_slo(text: str) -> list[Condition]:
                 f"{tuple(METRICS)}"
             )
         if value == "tier":
-            if METRICS[metric] not in ("itl", "tpot"):
+            if unit or METRICS[metric] not in ("itl", "tpot"):
                 raise ValueError(f"SLO term {term!r}: 'tier' limits apply to tbt, itl or tpot")
             limit = None
         else:
@@ -80,6 +80,8 @@ def parse_slo(text: str) -> list[Condition]:
                 limit = float(value) * (1000.0 if unit in (None, "s") else 1.0)
             except ValueError:
                 raise ValueError(f"SLO term {term!r}: {value!r} is not a number") from None
+            if not limit > 0 or math.isinf(limit):
+                raise ValueError(f"SLO term {term!r}: the limit must be a positive number")
         conditions.append(Condition(stat, METRICS[metric], op == "<", limit))
     if not conditions:
         raise ValueError("empty SLO: give conditions like 'median_ttft<0.5s, p99_tbt<=tier'")
@@ -171,23 +173,38 @@ def search_capacity(
                     on_evaluation(e)
             return ok
 
-        rate = start_rate
-        while hi == math.inf:  # grow until a rate fails
-            rates = [rate * 2**i for i in range(max(1, workers))]
-            for r, good in sorted(feasible(rates).items()):
-                if good:
-                    lo = max(lo, r)
-                else:
-                    hi = min(hi, r)
-            rate = rates[-1] * 2
-            if rate > max_rate and hi == math.inf:
-                raise ValueError(f"the SLO still holds at {rates[-1]:g} req/s: nothing saturates")
-        while hi - lo > tolerance * hi:  # narrow the bracket
-            step = (hi - lo) / (max(1, workers) + 1)
-            rates = [lo + step * (i + 1) for i in range(max(1, workers))]
-            verdict = feasible(rates)
+        def update(verdict: dict[float, bool]) -> None:
+            # The highest feasible rate seen, and the lowest failure above it: noisy metrics
+            # (not monotone in load) cannot cross the bracket.
+            nonlocal lo, hi
             lo = max([lo, *(r for r, good in verdict.items() if good)])
-            hi = min([hi, *(r for r, good in verdict.items() if not good and r > lo)])
+            failures = [r for r, good in result_rates.items() if not good and r > lo]
+            hi = min(failures, default=math.inf)
+
+        result_rates: dict[float, bool] = {}
+        rate, width = start_rate, max(1, workers)
+        while hi == math.inf:  # grow until a rate fails
+            rates = [rate * 2**i for i in range(width)]
+            verdict = feasible(rates)
+            result_rates |= verdict
+            update(verdict)
+            rate = rates[-1] * 2
+            if hi == math.inf and rate > max_rate:
+                raise ValueError(f"the SLO still holds at {rates[-1]:g} req/s: nothing saturates")
+        floor = start_rate * 2.0**-10
+        while lo == 0.0:  # even the start rate fails: shrink until one passes
+            rates = [hi * 2.0 ** -(i + 1) for i in range(width)]
+            if rates[-1] < floor:
+                result.bracket = (0.0, hi)
+                return result  # capacity 0: no rate down to `floor` meets the SLO
+            verdict = feasible(rates)
+            result_rates |= verdict
+            update(verdict)
+        while hi - lo > tolerance * hi:  # narrow the bracket
+            step = (hi - lo) / (width + 1)
+            verdict = feasible([lo + step * (i + 1) for i in range(width)])
+            result_rates |= verdict
+            update(verdict)
     result.capacity, result.bracket = lo, (lo, hi)
     return result
 

@@ -233,7 +233,7 @@ class Instance:
                     state.first_scheduled = now
             elif state.status is not Status.RUNNING:
                 raise RuntimeError(f"policy {self.policy.name!r} scheduled {state!r}")
-            self.kv.grow_to(state, state.computed + tokens)
+            self.kv.grow_to(state, max(state.computed + tokens, plan.hold.get(state, 0)))
         if plan.num_tokens > self.config.max_num_batched_tokens:
             raise RuntimeError(
                 f"policy {self.policy.name!r} planned {plan.num_tokens} tokens, over the budget "
@@ -276,7 +276,8 @@ class Instance:
         """Blocks beyond those already held that k iterations of the plan need."""
         bs = self.config.block_size
         return sum(
-            -(-(state.computed + tokens * k) // bs) - state.blocks for state, tokens in plan.items
+            max(0, -(-(state.computed + tokens * k) // bs) - state.blocks)
+            for state, tokens in plan.items
         )
 
     def _durations(self, plan: BatchPlan, k: int) -> np.ndarray:

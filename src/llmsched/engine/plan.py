@@ -25,6 +25,9 @@ class BatchPlan:
     items: list[tuple[RequestState, int]] = field(default_factory=list)  # (request, tokens)
     preempted: list[tuple[RequestState, str]] = field(default_factory=list)  # (victim, mode)
     repeat: int = 1  # identical iterations allowed, absent arrivals and completions
+    # Requests admitted with KV for more than this iteration's tokens: {request: tokens to hold}
+    # (Sarathi-Serve and vLLM v0 allocate a whole prompt's blocks when they admit it).
+    hold: dict[RequestState, int] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -39,6 +42,7 @@ class BatchBuilder:
         "budget",
         "chunk_cap",
         "free",
+        "hold",
         "items",
         "max_seqs",
         "num_running",
@@ -60,6 +64,7 @@ class BatchBuilder:
         self.items: dict[RequestState, int] = {}
         self.preempted: list[tuple[RequestState, str]] = []
         self.victims: set[RequestState] = set()
+        self.hold: dict[RequestState, int] = {}
         self.repeat_cap = UNTIL_EVENT
 
     # --- queries ------------------------------------------------------------------------------
@@ -87,7 +92,7 @@ class BatchBuilder:
             tokens = min(tokens, max_tokens)
         if tokens <= 0:
             return 0
-        need = -(-(state.computed + tokens) // self.block_size) - state.blocks
+        need = max(0, -(-(state.computed + tokens) // self.block_size) - state.blocks)
         if need > self.free - reserve:
             return 0
         self.free -= need
@@ -106,20 +111,27 @@ class BatchBuilder:
         return tokens
 
     def admit_whole(self, state: RequestState, *, reserve: int = 0) -> int:
-        """Admit only if KV for the request's whole remaining prompt fits (Sarathi, vLLM v0)."""
+        """Admit only if KV for the request's whole prompt fits, and allocate all of it now, so
+        that its later chunks never wait for blocks (Sarathi-Serve's and vLLM v0's rule)."""
         whole = -(-(state.num_tokens) // self.block_size) - state.blocks
         if whole > self.free - reserve:
             return 0
-        return self.admit(state, reserve=reserve)
+        tokens = self.admit(state, reserve=reserve)
+        if tokens:
+            chunk = max(0, -(-(state.computed + tokens) // self.block_size) - state.blocks)
+            self.free -= whole - chunk
+            self.hold[state] = state.num_tokens
+        return tokens
 
     def preempt(self, victim: RequestState, mode: str) -> None:
         """Take a running request off the GPU ("recompute" or "swap"); its blocks become free."""
         if victim.status is not Status.RUNNING:
             raise ValueError(f"can only preempt running requests, not {victim!r}")
         tokens = self.items.pop(victim, 0)
+        held = max(victim.computed + tokens, self.hold.pop(victim, 0))
         self.budget += tokens
-        # Its blocks come back, with those this plan had set aside for its tokens.
-        self.free += -(-(victim.computed + tokens) // self.block_size) if tokens else victim.blocks
+        # Its blocks come back, with those this plan had set aside for it.
+        self.free += max(-(-held // self.block_size), victim.blocks)
         self.num_running -= 1
         self.preempted.append((victim, mode))
         self.victims.add(victim)
@@ -142,4 +154,4 @@ class BatchBuilder:
                 elif not state.is_decode:
                     repeat = 1  # this chunk completes a prefill: next time it is a decode
                     break
-        return BatchPlan(list(self.items.items()), self.preempted, max(1, repeat))
+        return BatchPlan(list(self.items.items()), self.preempted, max(1, repeat), self.hold)
