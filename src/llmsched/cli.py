@@ -271,7 +271,9 @@ def cmd_capacity(args) -> int:
 def cmd_trace(args) -> int:
     from llmsched.workload.readers import read_trace, write_jsonl
 
-    workload = read_trace(args.input, args.format, skip_invalid=args.skip_invalid)
+    from llmsched.data import resolve
+
+    workload = read_trace(resolve(args.input), args.format, skip_invalid=args.skip_invalid)
     print(
         f"{args.input}: {workload.describe()}"
         + ("" if workload.timed else " (no timestamps)")
