@@ -107,7 +107,19 @@ def test_trace_convert_round_trips(tmp_path):
 def test_list_names_every_policy(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("fcfs", "priority", "sarathi", "vllm-v0", "rr", "sjf", "srpt", "least-kv"):
+    for name in (
+        "fcfs",
+        "priority",
+        "sarathi",
+        "sarathi-spf",
+        "vllm-v0",
+        "rr",
+        "sjf",
+        "srpt",
+        "slai",
+        "rad",
+        "least-kv",
+    ):
         assert name in out
 
 

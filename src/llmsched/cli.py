@@ -269,9 +269,8 @@ def cmd_capacity(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    from llmsched.workload.readers import read_trace, write_jsonl
-
     from llmsched.data import resolve
+    from llmsched.workload.readers import read_trace, write_jsonl
 
     workload = read_trace(resolve(args.input), args.format, skip_invalid=args.skip_invalid)
     print(
