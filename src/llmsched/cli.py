@@ -366,12 +366,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--format", choices=["azure", "lengths", "mooncake", "sharegpt", "llmsched"])
     t.add_argument("--skip-invalid", action="store_true")
     t.set_defaults(func=cmd_trace)
+    # `llmsched profile ARGS` is handed to the profiler's own parser (see main).
+    sub.add_parser("profile", help="measure operator and layer times on the GPU (or a tiny CPU "
+                   "shape): llmsched profile --model NAME --tp 1 --out DIR", add_help=False)
     lst = sub.add_parser("list", help="policies, routers, models and GPUs")
     lst.set_defaults(func=cmd_list)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["profile"]:
+        from llmsched.hardware import profiler
+
+        return profiler.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
