@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="cProfile the 8-instance Azure case instead"
     )
+    parser.add_argument("--latency", default="roofline", choices=["roofline", "calibrated"])
     parser.add_argument("--one", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.one is not None:
@@ -110,7 +111,7 @@ def main() -> None:
     from llmsched.data import data_dir
 
     if opts.profile:
-        return profile()
+        return profile(opts.latency)
 
     rows = []
     for name, n, args in cases(data_dir(), opts.quick):
@@ -143,15 +144,16 @@ def main() -> None:
     (out / "simulator.json").write_text(json.dumps({"machine": machine, "cases": rows}, indent=2))
 
 
-def profile() -> None:
-    """Where the time goes: own time per function on the 8-instance Azure case."""
+def profile(latency: str = "roofline") -> None:
+    """Where the time goes: own time per function on the 8-instance Azure case, and the latency
+    model's share (its cumulative time)."""
     import cProfile
     import pstats
 
     from llmsched.config import load_config
     from llmsched.experiment import simulate
 
-    cfg = load_config(ROOT / "configs/azure-conv-llama2-70b.yaml")
+    cfg = load_config(ROOT / "configs/azure-conv-llama2-70b.yaml", latency=latency)
     profiler = cProfile.Profile()
     profiler.runcall(simulate, cfg)
     stats = pstats.Stats(profiler)
@@ -160,6 +162,12 @@ def profile() -> None:
     top = sorted(stats.stats.items(), key=lambda kv: -kv[1][2])[:15]
     for (file, line, name), (_, calls, own, _, _) in top:
         print(f"  {100 * own / total:5.1f} %  {calls:>9,} calls  {Path(file).name}:{line} {name}")
+    model = sum(
+        v[3]
+        for (file, _, name), v in stats.stats.items()
+        if file.endswith("roofline.py") and name in ("iteration_time", "decode_iteration_times")
+    )
+    print(f"latency model ({latency}), cumulative: {100 * model / total:.1f} % of the run")
 
 
 if __name__ == "__main__":

@@ -193,3 +193,27 @@ def test_policy_params_and_per_request_gaps(tmp_path):
             assert abs(mine.max() - float(row["max_gap"])) < 1e-6
     assert main(["simulate", "--policy", "rr", "--policy-param", "quantum"]) == 2
     assert main(["simulate", "--policy", "rr", "--policy-param", "quantums=3"]) == 2
+
+
+def test_calibrated_latency_and_fidelity_report(tmp_path, capsys):
+    """`--latency calibrated` runs with the stored A100 fit; `fidelity` reports on profiles."""
+    out = tmp_path / "cal"
+    assert main(["simulate", *SMALL, "--latency", "calibrated", "--out", str(out)]) == 0
+    assert "latency: calibrated" in (out / "config.yaml").read_text()
+    roofline = tmp_path / "roof"
+    assert main(["simulate", *SMALL, "--out", str(roofline)]) == 0
+    calibrated = json.loads((out / "summary.json").read_text())
+    default = json.loads((roofline / "summary.json").read_text())
+    assert calibrated["mean_tpot_ms"] != default["mean_tpot_ms"]  # the model really changed
+    with pytest.raises(SystemExit) as exit_info:  # argparse rejects an unknown choice
+        main(["simulate", "--latency", "guess"])
+    assert exit_info.value.code == 2
+
+    from llmsched.data import data_dir
+
+    if data_dir() is None:
+        pytest.skip("shared data not found: set LLMSCHED_DATA for the fidelity report")
+    png = tmp_path / "fidelity.png"
+    assert main(["fidelity", "profiles/vidur", "--plot", str(png)]) == 0
+    report = capsys.readouterr().out
+    assert "decoder layer" in report and png.read_bytes()[:4] == b"\x89PNG"

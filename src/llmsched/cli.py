@@ -68,6 +68,11 @@ def _run_flags() -> argparse.ArgumentParser:
     h.add_argument("--gpu-memory-utilization", type=float, metavar="FRACTION")
     h.add_argument("--kv-fraction", type=float, help="cap KV at this share of what fits")
     h.add_argument("--num-blocks", type=int, help="KV blocks per instance (overrides memory)")
+    h.add_argument(
+        "--latency",
+        choices=["roofline", "calibrated"],
+        help="latency model: roofline defaults, or calibrated on measured profiles",
+    )
     o = p.add_argument_group("output")
     o.add_argument(
         "--goodput",
@@ -113,6 +118,7 @@ CONFIG_FLAGS = [
     "gpu_memory_utilization",
     "kv_fraction",
     "num_blocks",
+    "latency",
 ]
 
 
@@ -290,6 +296,20 @@ def cmd_trace(args) -> int:
     return 0
 
 
+def cmd_fidelity(args) -> int:
+    from llmsched.data import resolve
+    from llmsched.hardware import calibration as cal
+
+    profiles = cal.load_vidur_profiles(resolve(args.profiles), args.gpu)
+    calibration = cal.read_calibration(args.calibration or cal.calibration_path(args.gpu))
+    report = cal.evaluate(calibration, profiles, sorted(profiles.operators), attention="all")
+    print(cal.format_report(report, f"Calibrated model against {args.profiles}"))
+    if args.plot:
+        cal.plot_fidelity(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 def cmd_list(args) -> int:
     from llmsched.hardware.specs import list_gpus, list_models
     from llmsched.policies import INSTANCE_POLICIES, ROUTERS
@@ -366,9 +386,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--format", choices=["azure", "lengths", "mooncake", "sharegpt", "llmsched"])
     t.add_argument("--skip-invalid", action="store_true")
     t.set_defaults(func=cmd_trace)
-    # `llmsched profile ARGS` is handed to the profiler's own parser (see main).
-    sub.add_parser("profile", help="measure operator and layer times on the GPU (or a tiny CPU "
-                   "shape): llmsched profile --model NAME --tp 1 --out DIR", add_help=False)
+    fid = sub.add_parser(
+        "fidelity",
+        help="the calibrated latency model against measured profiles",
+        description="Compare the calibrated latency model with measured operator, layer and "
+        "attention times (a folder in Vidur's or `llmsched profile`'s CSV schema).",
+    )
+    fid.add_argument("profiles", help="profile folder, e.g. profiles/vidur or a profile --out")
+    fid.add_argument("--gpu", default="a100-80gb", help="GPU the profiles were measured on")
+    fid.add_argument("--calibration", help="calibration JSON (default: the GPU's stored one)")
+    fid.add_argument("--plot", metavar="PNG", help="write predicted-vs-measured scatter plots")
+    fid.set_defaults(func=cmd_fidelity)
+    sub.add_parser(
+        "calibrate",
+        add_help=False,
+        help="fit the latency model on measured profiles:"
+        " llmsched calibrate --data DIR --gpu NAME --out FILE.json",
+    )
+    # `llmsched profile ARGS` and `llmsched calibrate ARGS` go to their own parsers (see main).
+    sub.add_parser(
+        "profile",
+        help="measure operator and layer times on the GPU (or a tiny CPU "
+        "shape): llmsched profile --model NAME --tp 1 --out DIR",
+        add_help=False,
+    )
     lst = sub.add_parser("list", help="policies, routers, models and GPUs")
     lst.set_defaults(func=cmd_list)
     return parser
@@ -380,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         from llmsched.hardware import profiler
 
         return profiler.main(argv[1:])
+    if argv[:1] == ["calibrate"]:
+        from llmsched.hardware import calibration
+
+        return calibration.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -41,6 +41,9 @@ class SimulationConfig:
     gpu_memory_utilization: float = 0.9
     kv_fraction: float = 1.0  # cap the KV cache at this share of what memory allows
     num_blocks: int | None = None  # KV blocks per instance; None = from memory arithmetic
+    # roofline: the roofline's default efficiencies; calibrated: fitted on measured profiles
+    # (docs/calibration.md; other GPUs use the A100 fit).
+    latency: str = "roofline"
     # --- engine and policies ---
     instances: int = 1
     policy: str = "fcfs"
@@ -61,6 +64,8 @@ class SimulationConfig:
 
     def validate(self) -> SimulationConfig:
         problems = []
+        if self.latency not in ("roofline", "calibrated"):
+            problems.append(f"latency must be roofline or calibrated, got {self.latency!r}")
         if self.arrival not in ARRIVALS:
             problems.append(f"arrival must be one of {ARRIVALS}, got {self.arrival!r}")
         if self.arrival in ("poisson", "gamma") and self.rate is None:

@@ -143,6 +143,13 @@ def engine_config(cfg: SimulationConfig) -> tuple[EngineConfig, dict[str, Any]]:
     return engine, resolved
 
 
+def latency_model(cfg: SimulationConfig) -> RooflineModel:
+    model, gpu = get_model(cfg.model), get_gpu(cfg.gpu)
+    if cfg.latency == "calibrated":
+        return RooflineModel.calibrated(model, gpu, cfg.tp)
+    return RooflineModel(model, gpu, cfg.tp)
+
+
 def build_cluster(cfg: SimulationConfig, *, observer=None) -> tuple[Cluster, dict[str, Any]]:
     engine, resolved = engine_config(cfg)
     policy = policy_class(cfg.policy)
@@ -160,7 +167,7 @@ def build_cluster(cfg: SimulationConfig, *, observer=None) -> tuple[Cluster, dic
         engine,
         lambda: policy(**params),
         router_class(cfg.router)(seed=cfg.seed),
-        RooflineModel(get_model(cfg.model), get_gpu(cfg.gpu), cfg.tp),
+        latency_model(cfg),
         link_bandwidth=cfg.link_gbps * 1e9 / 8,
         observer=observer,
     )

@@ -13,6 +13,21 @@ Per layer and per GPU (work split over `tp` ranks where vLLM splits it):
   latency + 2(tp−1)/tp · bytes / (link bandwidth · e_link);
 - a fixed per-layer overhead (kernel launches and tails).
 
+Terms that measured kernels need (calibration, `llmsched.hardware.calibration`), each off by
+default so that `Efficiency()` gives the plain roofline above:
+
+- a fixed time per kernel launched (`gemm_overhead_s` per GEMM, `elementwise_overhead_s` per
+  element-wise kernel, `attn_overhead_s` per attention kernel): launch latency and tail;
+- GEMM tile quantisation (`gemm_token_tile`): the FLOPs of T tokens are those of ⌈T/tile⌉·tile
+  rows, as cuBLAS computes whole tiles of the token dimension;
+- a floor on element-wise work (`elementwise_min_tokens`): vLLM's norm, RoPE, activation and
+  cache-write kernels give each token one thread block, so fewer tokens than that leave SMs idle
+  and cost as much as that many tokens;
+- a separate efficiency for the chunk's own causal triangle in prefill attention
+  (`attn_diag_compute`): its diagonal tiles are masked and unevenly loaded. The triangle's pairs
+  are taken as min(pairs, T(T+1)/2), T the prefill tokens: exact for one chunk, an upper bound
+  for several.
+
 Once per iteration: the LM head over the sequences that sample (`num_seqs`), and a CPU/scheduler
 overhead. The efficiencies and overheads are the fields of `Efficiency`, to be calibrated against
 measured profiles; `RooflineModel.breakdown` gives each named term for one shape.
@@ -20,6 +35,7 @@ measured profiles; `RooflineModel.breakdown` gives each named term for one shape
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +43,9 @@ import numpy as np
 from llmsched.hardware.latency import BatchShape
 from llmsched.hardware.memory import kv_heads_per_gpu
 from llmsched.hardware.specs import GPUSpec, ModelSpec, get_gpu, get_model
+
+# Element-wise kernels of one layer: two fused add+RMSNorms, RoPE, SiLU·mul, KV-cache write.
+ELEMENTWISE_KERNELS = 5
 
 TERMS = (
     "qkv_proj",
@@ -56,6 +75,13 @@ class Efficiency:
     allreduce_latency_s: float = 8e-6  # per all-reduce call (custom all-reduce / NCCL LL)
     layer_overhead_s: float = 10e-6  # per layer: launch gaps and kernel tails
     iteration_overhead_s: float = 0.5e-3  # per iteration: scheduling, input prep, sampling glue
+    # Kernel-level terms (see the module docstring); the defaults switch them off.
+    gemm_overhead_s: float = 0.0  # per GEMM kernel (each layer's 4, and the LM head)
+    elementwise_overhead_s: float = 0.0  # per element-wise kernel (ELEMENTWISE_KERNELS a layer)
+    attn_overhead_s: float = 0.0  # per attention kernel (prefill, decode) per layer
+    gemm_token_tile: int = 1  # GEMM FLOPs count ⌈T/tile⌉·tile token rows
+    elementwise_min_tokens: int = 0  # element-wise kernels cost at least this many tokens
+    attn_diag_compute: float | None = None  # the chunk's causal triangle; None: attn_compute
 
     def __post_init__(self) -> None:
         for name in (
@@ -69,10 +95,30 @@ class Efficiency:
             v = getattr(self, name)
             if not 0 < v <= 1:
                 raise ValueError(f"Efficiency.{name} must be in (0, 1], got {v}")
-        for name in ("allreduce_latency_s", "layer_overhead_s", "iteration_overhead_s"):
+        for name in (
+            "allreduce_latency_s",
+            "layer_overhead_s",
+            "iteration_overhead_s",
+            "gemm_overhead_s",
+            "elementwise_overhead_s",
+            "attn_overhead_s",
+        ):
             v = getattr(self, name)
             if v < 0:
                 raise ValueError(f"Efficiency.{name} must be non-negative, got {v}")
+        if not isinstance(self.gemm_token_tile, int) or self.gemm_token_tile < 1:
+            raise ValueError(
+                "Efficiency.gemm_token_tile must be a positive integer, got "
+                f"{self.gemm_token_tile!r}"
+            )
+        if not isinstance(self.elementwise_min_tokens, int) or self.elementwise_min_tokens < 0:
+            raise ValueError(
+                "Efficiency.elementwise_min_tokens must be a non-negative integer, got "
+                f"{self.elementwise_min_tokens!r}"
+            )
+        d = self.attn_diag_compute
+        if d is not None and not 0 < d <= 1:
+            raise ValueError(f"Efficiency.attn_diag_compute must be in (0, 1] or None, got {d}")
 
 
 class RooflineModel:
@@ -118,6 +164,13 @@ class RooflineModel:
         # Attention, all layers. Prefill: FLOPs per causal pair; bytes per KV token read and per
         # query token (Q read, output written). Decode: the same per context token / per decode.
         self._attn_flop = L * 4 * heads * hd * c_attn
+        # Extra seconds per pair of the chunk's own causal triangle (never negative, so that more
+        # tokens never cost less).
+        if e.attn_diag_compute is None:
+            self._attn_diag = 0.0
+        else:
+            c_diag = 1.0 / (g.bf16_flops * e.attn_diag_compute)
+            self._attn_diag = L * 4 * heads * hd * max(0.0, c_diag - c_attn)
         self._attn_kv_byte = L * 2 * kv_gpu * hd * d * b_attn
         self._attn_q_byte = L * 2 * heads * hd * d * b_attn
 
@@ -144,6 +197,14 @@ class RooflineModel:
         self._layer_overhead = L * e.layer_overhead_s
         self._iter_overhead = e.iteration_overhead_s
 
+        # Kernel-level terms: fixed seconds per kernel (all layers), tile and floor sizes.
+        self._gemm_k = L * e.gemm_overhead_s  # each of the 4 GEMMs
+        self._lm_k = e.gemm_overhead_s
+        self._elem_k = L * ELEMENTWISE_KERNELS * e.elementwise_overhead_s
+        self._attn_k = L * e.attn_overhead_s  # each attention kernel (prefill, decode)
+        self._tile = e.gemm_token_tile
+        self._elem_min = e.elementwise_min_tokens
+
         # Everything of a decode-only iteration except decode attention, as (fixed, per decode).
         (qc, qw, qt), (oc, ow, ot), (uc, uw, ut), (dc, dw, dt) = (
             self._qkv,
@@ -153,6 +214,21 @@ class RooflineModel:
         )
         self._decode_terms = (qc, qw, qt, oc, ow, ot, uc, uw, ut, dc, dw, dt)
 
+    @classmethod
+    def calibrated(
+        cls,
+        model: ModelSpec | str,
+        gpu: GPUSpec | str,
+        tp: int = 1,
+        path: str | os.PathLike[str] | None = None,
+    ) -> RooflineModel:
+        """The model with efficiencies fitted on measured profiles: the calibration file at
+        ``path``, else the GPU's own (``hardware/calibrated/<gpu>.json``), else the A100's
+        (`llmsched.hardware.calibration.load_calibration`)."""
+        from llmsched.hardware.calibration import load_calibration
+
+        return cls(model, gpu, tp, load_calibration(path if path is not None else gpu))
+
     # ------------------------------------------------------------------ LatencyModel
 
     def iteration_time(self, shape: BatchShape) -> float:
@@ -160,36 +236,50 @@ class RooflineModel:
         t = shape.prefill_tokens + shape.num_decodes
         if t <= 0:
             return 0.0
+        tile = self._tile
+        tq = t if tile == 1 else -(-t // tile) * tile
         qc, qw, qt = self._qkv
         oc, ow, ot = self._o
         uc, uw, ut = self._up
         dc, dw, dt = self._down
         total = (
-            max(qc * t, qw + qt * t)
-            + max(oc * t, ow + ot * t)
-            + max(uc * t, uw + ut * t)
-            + max(dc * t, dw + dt * t)
+            4 * self._gemm_k
+            + max(qc * tq, qw + qt * t)
+            + max(oc * tq, ow + ot * t)
+            + max(uc * tq, uw + ut * t)
+            + max(dc * tq, dw + dt * t)
         )
         if shape.prefill_tokens > 0:
-            total += max(
-                self._attn_flop * shape.prefill_attn_pairs,
-                self._attn_kv_byte * shape.prefill_kv_tokens
-                + self._attn_q_byte * shape.prefill_tokens,
-            )
+            total += self._prefill_attention(shape)
         if shape.num_decodes > 0:
-            total += max(
+            total += self._attn_k + max(
                 self._attn_flop * shape.decode_kv_tokens,
                 self._attn_kv_byte * shape.decode_kv_tokens + self._attn_q_byte * shape.num_decodes,
             )
         s = shape.num_prefills + shape.num_decodes
+        sq = s if tile == 1 else -(-s // tile) * tile
         total += (
-            self._elem * t
+            self._elem_k
+            + self._elem * (t if t > self._elem_min else self._elem_min)
             + (self._ar_fixed + self._ar_tok * t)
             + self._layer_overhead
-            + max(self._lm_c * s, self._lm_w + self._lm_s * s)
+            + self._lm_k
+            + max(self._lm_c * sq, self._lm_w + self._lm_s * s)
             + self._iter_overhead
         )
         return total
+
+    def _prefill_attention(self, shape: BatchShape) -> float:
+        """Seconds of the prefill chunks' attention, all layers (prefill_tokens > 0)."""
+        pairs = shape.prefill_attn_pairs
+        flops = self._attn_flop * pairs
+        if self._attn_diag:
+            p = shape.prefill_tokens
+            flops += self._attn_diag * min(pairs, p * (p + 1) / 2)
+        return self._attn_k + max(
+            flops,
+            self._attn_kv_byte * shape.prefill_kv_tokens + self._attn_q_byte * shape.prefill_tokens,
+        )
 
     def decode_iteration_times(self, num_decodes: int, kv_tokens: int, k: int) -> np.ndarray:
         """Times of k decode-only iterations of `num_decodes` requests whose summed context starts
@@ -200,19 +290,25 @@ class RooflineModel:
         if n <= 0:
             return np.zeros(k)
         qc, qw, qt, oc, ow, ot, uc, uw, ut, dc, dw, dt = self._decode_terms
+        tile = self._tile
+        nq = n if tile == 1 else -(-n // tile) * tile
         fixed = (
-            max(qc * n, qw + qt * n)
-            + max(oc * n, ow + ot * n)
-            + max(uc * n, uw + ut * n)
-            + max(dc * n, dw + dt * n)
+            4 * self._gemm_k
+            + max(qc * nq, qw + qt * n)
+            + max(oc * nq, ow + ot * n)
+            + max(uc * nq, uw + ut * n)
+            + max(dc * nq, dw + dt * n)
         )
         kv = kv_tokens + n * np.arange(k, dtype=np.float64)
         attn = np.maximum(self._attn_flop * kv, self._attn_kv_byte * kv + self._attn_q_byte * n)
         rest = (
-            self._elem * n
+            self._attn_k
+            + self._elem_k
+            + self._elem * (n if n > self._elem_min else self._elem_min)
             + (self._ar_fixed + self._ar_tok * n)
             + self._layer_overhead
-            + max(self._lm_c * n, self._lm_w + self._lm_s * n)
+            + self._lm_k
+            + max(self._lm_c * nq, self._lm_w + self._lm_s * n)
             + self._iter_overhead
         )
         out = fixed + attn
@@ -227,29 +323,28 @@ class RooflineModel:
         t = shape.prefill_tokens + shape.num_decodes
         if t <= 0:
             return terms
+        tile = self._tile
+        tq = t if tile == 1 else -(-t // tile) * tile
         for name, (c, w, b) in (
             ("qkv_proj", self._qkv),
             ("o_proj", self._o),
             ("mlp_gate_up", self._up),
             ("mlp_down", self._down),
         ):
-            terms[name] = max(c * t, w + b * t)
+            terms[name] = self._gemm_k + max(c * tq, w + b * t)
         if shape.prefill_tokens > 0:
-            terms["attn_prefill"] = max(
-                self._attn_flop * shape.prefill_attn_pairs,
-                self._attn_kv_byte * shape.prefill_kv_tokens
-                + self._attn_q_byte * shape.prefill_tokens,
-            )
+            terms["attn_prefill"] = self._prefill_attention(shape)
         if shape.num_decodes > 0:
-            terms["attn_decode"] = max(
+            terms["attn_decode"] = self._attn_k + max(
                 self._attn_flop * shape.decode_kv_tokens,
                 self._attn_kv_byte * shape.decode_kv_tokens + self._attn_q_byte * shape.num_decodes,
             )
         s = shape.num_prefills + shape.num_decodes
-        terms["elementwise"] = self._elem * t
+        sq = s if tile == 1 else -(-s // tile) * tile
+        terms["elementwise"] = self._elem_k + self._elem * max(t, self._elem_min)
         terms["allreduce"] = self._ar_fixed + self._ar_tok * t
         terms["layer_overhead"] = self._layer_overhead
-        terms["lm_head"] = max(self._lm_c * s, self._lm_w + self._lm_s * s)
+        terms["lm_head"] = self._lm_k + max(self._lm_c * sq, self._lm_w + self._lm_s * s)
         terms["iteration_overhead"] = self._iter_overhead
         return terms
 
