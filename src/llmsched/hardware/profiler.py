@@ -44,23 +44,13 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
+from llmsched.hardware.calibration import LAYER_OPS
 from llmsched.hardware.specs import ModelSpec, get_model
 
 INSTALL_HINT = "pip install 'llmsched[profile]'"
 
-# Vidur's mlp.csv operators, in its column order.
-TOKEN_OPS = (
-    "emb",
-    "input_layernorm",
-    "attn_pre_proj",
-    "attn_rope",
-    "attn_post_proj",
-    "post_attention_layernorm",
-    "mlp_up_proj",
-    "mlp_act",
-    "mlp_down_proj",
-    "add",
-)
+# Vidur's mlp.csv operators, in its column order (the calibration reads the same schema).
+TOKEN_OPS = ("emb", *LAYER_OPS)
 STATS = ("min", "max", "mean", "median", "std")
 
 
