@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import strategies as st
 
 from llmsched.hardware.latency import BatchShape
 
@@ -24,3 +25,22 @@ class LinearLatency:
     def decode_iteration_times(self, n: int, kv: int, k: int) -> np.ndarray:
         i = np.arange(k)
         return self.base + self.per_token * n + self.per_kv * (kv + i * n)
+
+
+def batch_shapes():
+    """Hypothesis strategy: batch shapes of up to 4 prefill chunks (with prefixes) and decodes."""
+    return st.builds(
+        lambda c, p, nd, kvd, npf: BatchShape(
+            prefill_tokens=c * npf,
+            prefill_attn_pairs=c * npf * (p + (c + 1) / 2),
+            prefill_kv_tokens=(p + c) * npf,
+            num_prefills=npf if c else 0,
+            num_decodes=nd,
+            decode_kv_tokens=kvd + nd,
+        ),
+        c=st.integers(0, 4096),
+        p=st.integers(0, 32_000),
+        nd=st.integers(0, 512),
+        kvd=st.integers(0, 4_000_000),
+        npf=st.integers(1, 4),
+    )

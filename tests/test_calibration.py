@@ -18,6 +18,8 @@ from llmsched.hardware.latency import BatchShape
 from llmsched.hardware.roofline import Efficiency, RooflineModel
 from llmsched.hardware.specs import get_gpu
 
+from .helpers import batch_shapes
+
 STATS = ("min", "max", "mean", "median", "std")
 MLP_OPS = ("emb", *cal.LAYER_OPS)
 
@@ -423,21 +425,7 @@ def test_tile_quantisation_and_floors():
 
 
 CALIBRATED = cal.load_calibration("a100")
-shapes = st.builds(
-    lambda c, p, nd, kvd, npf: BatchShape(
-        prefill_tokens=c * npf,
-        prefill_attn_pairs=c * npf * (p + (c + 1) / 2),
-        prefill_kv_tokens=(p + c) * npf,
-        num_prefills=npf if c else 0,
-        num_decodes=nd,
-        decode_kv_tokens=kvd + nd,
-    ),
-    c=st.integers(0, 4096),
-    p=st.integers(0, 32_000),
-    nd=st.integers(0, 512),
-    kvd=st.integers(0, 4_000_000),
-    npf=st.integers(1, 4),
-)
+shapes = batch_shapes()
 
 
 @settings(max_examples=60, deadline=None)

@@ -19,6 +19,8 @@ from llmsched.hardware.memory import (
 from llmsched.hardware.roofline import TERMS, Efficiency, RooflineModel
 from llmsched.hardware.specs import GiB, get_gpu, get_model, list_gpus, list_models
 
+from .helpers import batch_shapes
+
 # ----------------------------------------------------------------------------- specs
 
 
@@ -343,21 +345,7 @@ def test_vectorised_decode_equals_scalar(model, gpu, tp, n, kv, k):
     np.testing.assert_allclose(times, expected, rtol=1e-9, atol=0)
 
 
-shapes = st.builds(
-    lambda c, p, nd, kvd, npf: BatchShape(
-        prefill_tokens=c * npf,
-        prefill_attn_pairs=c * npf * (p + (c + 1) / 2),
-        prefill_kv_tokens=(p + c) * npf,
-        num_prefills=npf if c else 0,
-        num_decodes=nd,
-        decode_kv_tokens=kvd + nd,
-    ),
-    c=st.integers(0, 4096),
-    p=st.integers(0, 32_000),
-    nd=st.integers(0, 512),
-    kvd=st.integers(0, 4_000_000),
-    npf=st.integers(1, 4),
-)
+shapes = batch_shapes()
 
 
 @pytest.mark.parametrize(("model", "gpu", "tp"), MODELS)
