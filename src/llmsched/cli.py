@@ -172,14 +172,19 @@ def cmd_compare(args, policies: list[str] | None = None, out: str | None = None)
     from llmsched.experiment import load_workload, save, simulate
     from llmsched.metrics.report import format_comparison, plot_distributions
 
-    policies = policies or [p.strip() for p in args.policies.split(",") if p.strip()]
-    base = _config(args, policy=policies[0])
+    base = _config(args)
+    if policies is None and args.policies:
+        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    policies = policies or list(base.runs or {})
+    if not policies:
+        raise ValueError("compare needs --policies, or a config file with named `runs`")
     workload = load_workload(base)  # identical requests and arrival times for every policy
     print(f"workload: {workload.describe()}")
     summaries, collectors = {}, {}
     for name in policies:
         start = time.perf_counter()
-        result = simulate(base.replace(policy=name), workload, progress=_progress(args))
+        cfg = base.variant(name) if name in (base.runs or {}) else base.replace(policy=name)
+        result = simulate(cfg, workload, progress=_progress(args))
         summaries[name], collectors[name] = result.summary, result.collector
         print(f"  {name}: {time.perf_counter() - start:.2f} s", file=sys.stderr)
         if out or args.out:
@@ -351,7 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run several policies on the identical workload; print a "
         "table and plot TTFT/E2E distributions.",
     )
-    c.add_argument("--policies", required=True, help="comma-separated, e.g. fcfs,sarathi,sjf")
+    c.add_argument(
+        "--policies",
+        help="comma-separated policies or names of the config's `runs`, e.g. fcfs,sarathi,sjf "
+        "(default: every run the config names)",
+    )
     c.set_defaults(func=cmd_compare)
     cap = sub.add_parser(
         "capacity",

@@ -26,6 +26,11 @@ class SimulationConfig:
     # traces/azure2023/AzureLLMInferenceTrace_conv.csv; None = the embedded synthetic workload.
     trace: str | None = None
     trace_format: str | None = None  # azure | lengths | mooncake | sharegpt | llmsched (auto)
+    # alpaca_eval: a folder of AlpacaEval prompts; `generator` picks whose answer lengths.
+    generator: str | None = None
+    # A hidden reasoning phase before each answer (workload/reasoning.py), e.g.
+    # {split: servegen, max_tokens: 16384}; None = the trace's own reasoning lengths (if any).
+    reasoning: dict[str, Any] | None = None
     num_requests: int | None = None  # None = the whole trace (synthetic: 1000)
     arrival: str = "auto"  # auto: the trace's timestamps if it has them and no rate is given
     rate: float | None = None  # requests/s for poisson or gamma arrivals
@@ -49,6 +54,7 @@ class SimulationConfig:
     policy: str = "fcfs"
     policy_params: dict[str, Any] = field(default_factory=dict)
     router: str = "round-robin"
+    router_params: dict[str, Any] = field(default_factory=dict)
     max_num_batched_tokens: int | None = None  # None = the policy's default (vLLM: 2048)
     max_num_seqs: int | None = None  # None = the policy's default (vLLM: 256)
     max_model_len: int | None = None  # None = the model's context length
@@ -61,6 +67,12 @@ class SimulationConfig:
     tiers: dict[str, dict] | None = None  # {name: {share, tbt}}: tiers drawn per request
     # --- metrics ---
     goodput: dict[str, float] | None = None  # SLOs in ms, e.g. {"ttft": 500, "tpot": 50}
+    # Reasoning requests' answering-phase SLO (seconds): {ttfat: 0.25, tpot: 0.1, min_qoe: 0.95}
+    answer_slo: dict[str, float] | None = None
+    # --- comparisons ---
+    # Named variants that `llmsched compare` runs on the same workload when no --policies are
+    # given: {name: {policy: ..., router: ..., policy_params: ..., router_params: ...}}.
+    runs: dict[str, dict[str, Any]] | None = None
 
     def validate(self) -> SimulationConfig:
         problems = []
@@ -93,9 +105,24 @@ class SimulationConfig:
                 problems.append(f"goodput metric must be one of {GOODPUT_METRICS}, got {name!r}")
             elif value <= 0:
                 problems.append(f"goodput {name} SLO must be > 0 ms, got {value}")
+        known = {f.name for f in dataclasses.fields(self)} - {"runs"}
+        for name, changes in (self.runs or {}).items():
+            if not isinstance(changes, dict) or set(changes) - known:
+                problems.append(
+                    f"run {name!r} must map config keys to values, got {changes!r}"
+                    if not isinstance(changes, dict)
+                    else f"run {name!r} has unknown key(s) {sorted(set(changes) - known)}"
+                )
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
         return self
+
+    def variant(self, name: str) -> SimulationConfig:
+        """The config of one named run of `runs` (its keys override this config's)."""
+        if not self.runs or name not in self.runs:
+            known = ", ".join(self.runs or {}) or "none"
+            raise ValueError(f"no run named {name!r} in the config; runs: {known}")
+        return self.replace(runs=None, **self.runs[name]).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -21,11 +21,13 @@ from llmsched.engine.config import EngineConfig
 from llmsched.hardware.memory import kv_cache_blocks
 from llmsched.hardware.roofline import RooflineModel
 from llmsched.hardware.specs import get_gpu, get_model
+from llmsched.metrics.qoe import AnswerSLO
 from llmsched.metrics.report import write_requests_csv
 from llmsched.metrics.summary import MetricsCollector
 from llmsched.policies import policy_class, router_class
 from llmsched.workload.generators import assign_tiers, build_workload, synthetic_workload
 from llmsched.workload.readers import read_trace
+from llmsched.workload.reasoning import DEFAULT_GENERATOR, add_reasoning, read_alpaca_eval
 from llmsched.workload.request import Workload
 
 SYNTHETIC_REQUESTS = 1000
@@ -45,6 +47,8 @@ def load_workload(cfg: SimulationConfig) -> Workload:
     with the configured TBT targets or tiers."""
     workload = _requests(cfg)
     skipped = getattr(workload, "skipped", 0)
+    if cfg.reasoning:
+        workload = add_reasoning(workload, cfg.reasoning, cfg.seed)
     if cfg.tbt is not None:
         workload = workload.with_columns(tpot_slo=np.full(len(workload), float(cfg.tbt)))
     if cfg.tiers:
@@ -63,7 +67,10 @@ def _requests(cfg: SimulationConfig) -> Workload:
             max_prompt=6144,  # prompt + output <= 8192: fits every registered model's context
             max_output=2048,
         )
-    source = read_trace(resolve(cfg.trace), cfg.trace_format, skip_invalid=cfg.skip_invalid)
+    if cfg.trace_format == "alpaca_eval":
+        source = read_alpaca_eval(resolve(cfg.trace), cfg.generator or DEFAULT_GENERATOR)
+    else:
+        source = read_trace(resolve(cfg.trace), cfg.trace_format, skip_invalid=cfg.skip_invalid)
     arrival = cfg.arrival
     if arrival == "auto":
         arrival = "trace" if source.timed and cfg.rate is None else "poisson"
@@ -153,25 +160,33 @@ def latency_model(cfg: SimulationConfig) -> RooflineModel:
 def build_cluster(cfg: SimulationConfig, *, observer=None) -> tuple[Cluster, dict[str, Any]]:
     engine, resolved = engine_config(cfg)
     policy = policy_class(cfg.policy)
-    params = dict(cfg.policy_params)
-    accepted = inspect.signature(policy.__init__).parameters
-    unknown = sorted(set(params) - set(accepted) - {"self"})
-    if unknown:
-        raise ValueError(
-            f"policy {cfg.policy!r} takes no parameter(s) {', '.join(unknown)}; it takes: "
-            + ", ".join(p for p in accepted if p != "self")
-        )
+    params = _checked_params(policy, cfg.policy, "policy", cfg.policy_params)
     params.setdefault("preemption", cfg.preemption)
+    router = router_class(cfg.router)
+    router_params = _checked_params(router, cfg.router, "router", cfg.router_params)
     cluster = Cluster(
         cfg.instances,
         engine,
         lambda: policy(**params),
-        router_class(cfg.router)(seed=cfg.seed),
+        router(seed=cfg.seed, **router_params),
         latency_model(cfg),
         link_bandwidth=cfg.link_gbps * 1e9 / 8,
         observer=observer,
+        answer_slo=AnswerSLO(**(cfg.answer_slo or {})),
     )
     return cluster, resolved
+
+
+def _checked_params(cls, name: str, kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A policy's or router's parameters, refused with the list it takes when one is unknown."""
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = sorted(set(params) - set(accepted) - {"self"})
+    if unknown:
+        raise ValueError(
+            f"{kind} {name!r} takes no parameter(s) {', '.join(unknown)}; it takes: "
+            + ", ".join(p for p in accepted if p not in ("self", "seed"))
+        )
+    return dict(params)
 
 
 def simulate(

@@ -19,6 +19,7 @@ from llmsched.engine.config import EngineConfig
 from llmsched.engine.instance import Instance, Span, token_times
 from llmsched.engine.state import RequestState, Status
 from llmsched.hardware.latency import LatencyModel
+from llmsched.metrics.qoe import PASCAL_ANSWER_SLO, AnswerSLO
 from llmsched.metrics.record import RequestRecord
 from llmsched.metrics.summary import MetricsCollector
 from llmsched.policies.base import InstancePolicy, Router
@@ -106,6 +107,7 @@ class Cluster:
         link_bandwidth: float = 100e9 / 8,  # bytes/s between instances (100 Gb/s)
         observer: Callable[[Instance, Span], None] | None = None,
         fast_forward: bool = True,
+        answer_slo: AnswerSLO = PASCAL_ANSWER_SLO,
     ) -> None:
         if num_instances < 1:
             raise ValueError(f"need at least one instance, got {num_instances}")
@@ -120,7 +122,7 @@ class Cluster:
         self.inbound = [0] * num_instances  # migrations in flight to each instance
         self.view = ClusterView(self)
         self.now = 0.0
-        self.collector = MetricsCollector()
+        self.collector = MetricsCollector(answer_slo)
         self.stats = RunStats()
         self._events: list = []
         self._seq = 0

@@ -51,7 +51,10 @@ class IterationLog:
 
 
 class Listener(Protocol):
-    """Who hears about an instance's request events (the cluster)."""
+    """Who hears about an instance's request events (the cluster), and keeps every instance's
+    iteration log (a request's tokens may span instances after a migration)."""
+
+    logs: list[IterationLog]
 
     def on_finish(self, state: RequestState, instance: Instance, time: float) -> None: ...
 
@@ -100,6 +103,15 @@ class InstanceView:
     def iterations(self) -> int:
         """Iterations completed so far."""
         return self._inst.log.size
+
+    def requests(self) -> Iterator[RequestState]:
+        """Every request on the instance: running, then waiting (swapped-out ones included)."""
+        yield from self._inst.running
+        yield from self.waiting
+
+    def token_times(self, state: RequestState, start: int = 0) -> np.ndarray:
+        """Generation times of `state`'s output tokens from index `start` on (all instances)."""
+        return token_times(state, self._inst.listener.logs, start)
 
     @property
     def mean_iteration_time(self) -> float:
@@ -213,8 +225,8 @@ class Instance:
             else:
                 self.kv.free_request(victim)
                 victim.computed = 0
+            self.policy.on_preempt(victim, self.view)  # before queueing: its key may change
             self.enqueue(victim)
-            self.policy.on_preempt(victim, self.view)
         return seconds
 
     def _admit_and_allocate(self, plan: BatchPlan, now: float) -> float:
@@ -375,8 +387,17 @@ class Instance:
             seg.extend((self.index, first, count))
 
 
-def token_times(state: RequestState, logs: list[IterationLog]) -> np.ndarray:
-    """Every output token's generation time, from the request's runs in the iteration logs."""
+def token_times(state: RequestState, logs: list[IterationLog], start: int = 0) -> np.ndarray:
+    """Generation times of the request's output tokens from index `start` on, read from its runs
+    in the iteration logs (so a policy that looks only at new tokens pays only for them)."""
     seg = state.segments
-    parts = [logs[seg[i]].data[seg[i + 1] : seg[i + 1] + seg[i + 2]] for i in range(0, len(seg), 3)]
+    parts = []
+    skip = start
+    for i in range(0, len(seg), 3):
+        inst, first, count = seg[i], seg[i + 1], seg[i + 2]
+        if skip >= count:
+            skip -= count
+            continue
+        parts.append(logs[inst].data[first + skip : first + count])
+        skip = 0
     return np.concatenate(parts) if parts else np.zeros(0)

@@ -156,7 +156,10 @@ _HEADERS = {
     "total_preemptions": "preempt",
     "total_migrations": "migr",
     "slo_attainment": "SLO att",
+    "answer_slo_violation_rate": "ans viol",
 }
+# Reasoning workloads add the answering phase's columns (PASCAL).
+ANSWER_METRICS: tuple[str, ...] = ("answer_slo_violation_rate", "p99_answer_gap_ms")
 _SHORT = {
     "ttft": "TTFT",
     "tpot": "TPOT",
@@ -164,6 +167,7 @@ _SHORT = {
     "e2el": "E2EL",
     "ttft_any": "TTFT*",
     "queue_time": "queue",
+    "answer_gap": "ans gap",
 }
 
 
@@ -199,6 +203,8 @@ def format_comparison(
         metrics = list(DEFAULT_COMPARISON_METRICS)
         if any(s.get("request_goodput") is not None for s in summaries.values()):
             metrics.insert(metrics.index("request_throughput") + 1, "request_goodput")
+        if any(s.get("answer_requests") for s in summaries.values()):
+            metrics += ANSWER_METRICS
     header = ["policy", *(_header(m) for m in metrics)]
     body = [[str(name), *(_cell(s.get(m)) for m in metrics)] for name, s in summaries.items()]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]

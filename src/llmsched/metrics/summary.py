@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from llmsched.metrics.qoe import PASCAL_ANSWER_SLO, AnswerSLO, answer_qoe
 from llmsched.metrics.record import RequestRecord
 
 #: Percentiles reported for every latency metric (vLLM: ``--metric-percentiles 50,90,95,99``).
@@ -54,6 +55,8 @@ CSV_COLUMNS: tuple[str, ...] = (
     "tpot",
     "e2el",
     "max_gap",
+    "answer_gap",
+    "qoe",
     "preemptions",
     "migrations",
     "instance",
@@ -75,6 +78,8 @@ _ROW_DTYPE = np.dtype(
         ("tpot", np.float64),
         ("e2el", np.float64),
         ("max_gap", np.float64),
+        ("answer_gap", np.float64),  # reasoning requests: `</think>` to first answer token
+        ("qoe", np.float64),  # reasoning requests: the answer's QoE (metrics/qoe.py)
         ("ttft_slo", np.float64),  # NaN = none
         ("tpot_slo", np.float64),  # NaN = none
         ("prompt_tokens", np.int64),
@@ -99,7 +104,9 @@ _NAN = float("nan")
 # --------------------------------------------------------------------------------------------
 
 
-def per_request_metrics(record: RequestRecord) -> dict[str, Any]:
+def per_request_metrics(
+    record: RequestRecord, answer_slo: AnswerSLO = PASCAL_ANSWER_SLO
+) -> dict[str, Any]:
     """The metrics of one request, in seconds.
 
     Returns a dict with every :data:`CSV_COLUMNS` key, plus ``visible_tokens``, ``itl`` (a float64
@@ -107,7 +114,9 @@ def per_request_metrics(record: RequestRecord) -> dict[str, Any]:
     (seconds or None) and ``slo_met`` (True/False against the record's own SLOs, None when it has
     none or was rejected). Undefined times are NaN: every token-derived time of a rejected request,
     ``tpot`` with fewer than two visible tokens, ``max_gap`` with fewer than two tokens,
-    ``queue_time`` without a ``first_scheduled``.
+    ``queue_time`` without a ``first_scheduled``, ``answer_gap`` and ``qoe`` of a request without
+    a reasoning phase (``answer_gap``: from the `</think>` token to the first answer token, the
+    wait a phase change causes; ``qoe``: the answer's QoE against `answer_slo`).
 
     Raises ValueError, naming the request, for a finished record whose timeline is inconsistent.
     :class:`MetricsCollector` stores exactly what this returns.
@@ -142,6 +151,8 @@ def per_request_metrics(record: RequestRecord) -> dict[str, Any]:
             tpot=_NAN,
             e2el=_NAN,
             max_gap=_NAN,
+            answer_gap=_NAN,
+            qoe=_NAN,
             itl=np.zeros(0),
             slo_met=None,
         )
@@ -202,6 +213,8 @@ def per_request_metrics(record: RequestRecord) -> dict[str, Any]:
         tpot=tpot,
         e2el=e2el,
         max_gap=float(gaps.max()) if n > 1 else _NAN,
+        answer_gap=float(gaps[r - 1]) if 0 < r < n else _NAN,
+        qoe=answer_qoe(times, r, answer_slo),
         itl=itl,
         slo_met=_meets_own_slos(ttft, tpot, record.ttft_slo, record.tpot_slo),
     )
@@ -307,7 +320,8 @@ class MetricsCollector:
     object, and records' ``token_times`` arrays are not retained.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, answer_slo: AnswerSLO = PASCAL_ANSWER_SLO) -> None:
+        self.answer_slo = answer_slo
         self._rows = _Growable(_ROW_DTYPE)
         self._ids = _Growable("U16")
         # The pooled gaps are the one store that grows with tokens: float32 (7 significant
@@ -322,7 +336,7 @@ class MetricsCollector:
 
     def add(self, record: RequestRecord) -> dict[str, Any]:
         """Record one request; returns its :func:`per_request_metrics` (callers may ignore it)."""
-        m = per_request_metrics(record)
+        m = per_request_metrics(record, self.answer_slo)
         rid = str(m["request_id"])
         if len(rid) > self._ids.dtype.itemsize // 4:
             self._ids.widen(f"U{max(len(rid), 2 * (self._ids.dtype.itemsize // 4))}")
@@ -340,6 +354,8 @@ class MetricsCollector:
                 m["tpot"],
                 m["e2el"],
                 m["max_gap"],
+                m["answer_gap"],
+                m["qoe"],
                 _NAN if m["ttft_slo"] is None else m["ttft_slo"],
                 _NAN if m["tpot_slo"] is None else m["tpot_slo"],
                 m["prompt_tokens"],
@@ -527,6 +543,16 @@ class MetricsCollector:
         out["slo_attainment"] = (
             float(np.count_nonzero(fin["slo_met"] == 1)) / n_slo if n_slo else None
         )
+        # Reasoning requests' answering phase (PASCAL): QoE below the SLO's floor, and the wait
+        # between `</think>` and the first answer token (migration, queueing, swap-in).
+        qoe = fin["qoe"][~np.isnan(fin["qoe"])]
+        out["answer_requests"] = len(qoe)
+        out["answer_slo_violation_rate"] = (
+            float(np.count_nonzero(qoe < self.answer_slo.min_qoe)) / len(qoe) if len(qoe) else None
+        )
+        out["mean_answer_qoe"] = float(qoe.mean()) if len(qoe) else None
+        gaps = fin["answer_gap"]
+        out.update(latency_stats_ms("answer_gap", gaps[~np.isnan(gaps)], percentiles))
         return out
 
 

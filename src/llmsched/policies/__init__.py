@@ -1,6 +1,15 @@
 """Scheduling policies: importing this package registers every policy and router by name."""
 
-from llmsched.policies import oracle, rad, round_robin, routing, sarathi, slai, vllm  # noqa: F401
+from llmsched.policies import (  # noqa: F401
+    oracle,
+    pascal,
+    rad,
+    round_robin,
+    routing,
+    sarathi,
+    slai,
+    vllm,
+)
 from llmsched.policies.base import (  # noqa: F401
     INSTANCE_POLICIES,
     ROUTERS,
