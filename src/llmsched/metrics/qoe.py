@@ -63,3 +63,35 @@ def answer_qoe(token_times: np.ndarray, reasoning_tokens: int, slo: AnswerSLO) -
     delay = np.maximum(consumed - expected, 0.0).sum()
     whole = (consumed - t_s).sum()
     return 1.0 - float(delay / whole) if whole > 0 else 1.0
+
+
+# PASCAL plots tail TTFT per reasoning-length bin, with the percentile chosen by the bin's size
+# (its cut-offs are not published; these are llmsched's).
+REASONING_BINS = (0, 256, 512, 1024, 2048, 4096, 8192, 1 << 62)
+
+
+def tail_percentile(count: int) -> float:
+    """The tail a bin of `count` requests can estimate: max below 10, then p90, p95, p99."""
+    return 100.0 if count < 10 else 90.0 if count < 100 else 95.0 if count < 1000 else 99.0
+
+
+def tail_ttft_by_reasoning_bin(
+    ttft: np.ndarray, reasoning: np.ndarray, edges: tuple[int, ...] = REASONING_BINS
+) -> list[dict]:
+    """Per reasoning-length bin [lo, hi): request count, the percentile used and its TTFT."""
+    ttft, reasoning = np.asarray(ttft, dtype=np.float64), np.asarray(reasoning)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        values = ttft[(reasoning >= lo) & (reasoning < hi)]
+        if len(values):
+            q = tail_percentile(len(values))
+            out.append(
+                {
+                    "lo": lo,
+                    "hi": hi,
+                    "count": len(values),
+                    "percentile": q,
+                    "ttft_s": float(np.percentile(values, q)),
+                }
+            )
+    return out

@@ -1,0 +1,172 @@
+"""PASCAL (Cho et al., HPCA 2026) reproduced in the simulator, with llmsched's pascal-slack.
+
+    .venv/bin/python benchmarks/pascal_reproduction.py           # needs ../shared/data
+    .venv/bin/python benchmarks/pascal_reproduction.py --quick   # fewer requests per run
+
+For each workload (configs/pascal/alpaca-{equal,servegen,heavy}.yaml):
+1. sweep FCFS over a grid of Poisson rates and pick Low / Medium / High: Low is the highest rate
+   whose p99 TTFT is within 10 % of the lightest rate's, High the first at which it has grown
+   1.5x (the sharp rise), Medium the grid rate between them;
+2. at each load run every named run of the config (FCFS, RR, PASCAL, its two ablations and
+   pascal-slack) on the identical requests and report TTFT p50/p90/p99, tail TTFT per
+   reasoning-length bin, answering SLO violations (QoE < 0.95), throughput, P99 KV-transfer
+   time and P99 blocking after `</think>` (the first answer token's wait).
+Results: stdout, benchmarks/results/pascal.json and docs/img/pascal_*.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from llmsched.config import load_config  # noqa: E402
+from llmsched.experiment import load_workload, simulate  # noqa: E402
+from llmsched.metrics.qoe import tail_ttft_by_reasoning_bin  # noqa: E402
+
+WORKLOADS = {  # FCFS sweep grids (req/s over 8 instances): the workloads differ ~4x in work
+    "equal": (8, 12, 14, 16, 18, 20, 22),
+    "servegen": (0.2, 0.3, 0.4, 0.5, 0.6, 0.8),
+    "heavy": (0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+}
+RUNS = ("fcfs", "rr", "pascal", "pascal-nomig", "pascal-nonadaptive", "pascal-slack")
+
+
+def run(workload: str, name: str, rate: float, n: int) -> dict:
+    base = load_config(ROOT / f"configs/pascal/alpaca-{workload}.yaml", rate=rate, num_requests=n)
+    start = time.perf_counter()
+    result = simulate(base.variant(name), load_workload(base))
+    s, c = result.summary, result.collector
+    fin = c.column("finished")
+    bins = tail_ttft_by_reasoning_bin(c.column("ttft")[fin], c.column("reasoning_tokens")[fin])
+    return {
+        "workload": workload,
+        "run": name,
+        "rate": rate,
+        "requests": n,
+        "p50_ttft_s": s["median_ttft_ms"] / 1e3,
+        "p90_ttft_s": s["p90_ttft_ms"] / 1e3,
+        "p99_ttft_s": s["p99_ttft_ms"] / 1e3,
+        "tail_ttft_by_bin": bins,
+        "answer_slo_violation_rate": s["answer_slo_violation_rate"],
+        "request_throughput": s["request_throughput"],
+        "output_throughput": s["output_throughput"],
+        "p99_kv_transfer_ms": s["p99_migration_ms"],
+        "p99_blocking_ms": s["p99_answer_gap_ms"],
+        "migrations": s["total_migrations"],
+        "preemptions": s["total_preemptions"],
+        "failed": s["failed"],
+        "sim_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def pick_loads(sweep: list[dict]) -> dict[str, float]:
+    """Low / Medium / High from FCFS's p99 TTFT against the rate (see the module docstring)."""
+    sweep = sorted(sweep, key=lambda r: r["rate"])
+    base = sweep[0]["p99_ttft_s"]
+    low = max((r["rate"] for r in sweep if r["p99_ttft_s"] <= 1.1 * base), default=sweep[0]["rate"])
+    high = next((r["rate"] for r in sweep if r["p99_ttft_s"] >= 1.5 * base), sweep[-1]["rate"])
+    between = [r["rate"] for r in sweep if low < r["rate"] < high]
+    medium = between[len(between) // 2] if between else (low + high) / 2
+    return {"low": low, "medium": medium, "high": high}
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        f"{'run':<20}{'p50 s':>8}{'p90 s':>8}{'p99 s':>8}{'viol %':>8}{'req/s':>7}"
+        f"{'xfer p99 ms':>12}{'block p99 ms':>13}{'migr':>6}"
+    )
+    lines = [head]
+    for r in rows:
+        xfer = r["p99_kv_transfer_ms"]
+        lines.append(
+            f"{r['run']:<20}{r['p50_ttft_s']:8.1f}{r['p90_ttft_s']:8.1f}{r['p99_ttft_s']:8.1f}"
+            f"{100 * (r['answer_slo_violation_rate'] or 0):8.2f}{r['request_throughput']:7.2f}"
+            f"{(f'{xfer:.0f}' if xfer is not None else '-'):>12}"
+            f"{r['p99_blocking_ms']:13.0f}{r['migrations']:6d}"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = ("low", "medium", "high")
+    fig, axes = plt.subplots(len(results), 3, figsize=(15, 4 * len(results)), squeeze=False)
+    for row, (workload, res) in enumerate(results.items()):
+        for col, load in enumerate(loads):
+            ax = axes[row][col]
+            for r in res["runs"][load]:
+                bins = r["tail_ttft_by_bin"]
+                ax.plot(
+                    [f"{b['lo']}-" for b in bins],
+                    [b["ttft_s"] for b in bins],
+                    marker="o",
+                    label=r["run"],
+                )
+            ax.set_title(f"{workload}, {load} load ({res['loads'][load]} req/s)")
+            ax.set_xlabel("reasoning tokens (bin start)")
+            ax.set_ylabel("tail TTFT (s)")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="800 requests per run, not 2,000")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    opts = parser.parse_args()
+    n = 800 if opts.quick else 2000
+    results = {}
+    with ProcessPoolExecutor(opts.workers) as pool:
+        for workload in opts.workloads.split(","):
+            grid = WORKLOADS[workload]
+            sweep = list(
+                pool.map(run, [workload] * len(grid), ["fcfs"] * len(grid), grid, [n] * len(grid))
+            )
+            loads = pick_loads(sweep)
+            print(f"\n== {workload}: FCFS sweep (rate req/s -> p99 TTFT s)")
+            print("  ".join(f"{r['rate']}: {r['p99_ttft_s']:.1f}" for r in sweep))
+            print(f"loads: {loads}")
+            jobs = [(load, name) for load in loads for name in RUNS]
+            rows = list(
+                pool.map(
+                    run,
+                    [workload] * len(jobs),
+                    [name for _, name in jobs],
+                    [loads[load] for load, _ in jobs],
+                    [n] * len(jobs),
+                )
+            )
+            runs = {load: [r for (ld, _), r in zip(jobs, rows) if ld == load] for load in loads}
+            for load in loads:
+                print(f"\n{workload}, {load} load ({loads[load]} req/s, {n} requests)")
+                print(table(runs[load]))
+            results[workload] = {"sweep": sweep, "loads": loads, "runs": runs}
+    out = ROOT / "benchmarks/results/pascal.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    try:
+        img = ROOT / "docs/img/pascal_tail_ttft.png"
+        plot(results, img)
+        print(f"\nwrote {out} and {img}")
+    except ImportError as err:
+        print(f"\nwrote {out}; no plot: {err}")
+    print(f"reproduce: .venv/bin/python benchmarks/pascal_reproduction.py{' --quick' * opts.quick}")
+
+
+if __name__ == "__main__":
+    main()
