@@ -9,6 +9,7 @@ one iteration at a time gives.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -159,7 +160,36 @@ def _order(workload, ids):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_spans_equal_one_iteration_at_a_time(scenario):
-    workload, policy, config, instances, router = scenario
+    assert_spans_equal_iterations(*scenario)
+
+
+@pytest.mark.parametrize("router", ["pascal", MigratingRouter.name])
+@pytest.mark.parametrize("seed", range(6))
+def test_rad_rotation_is_exact_when_requests_migrate_in(router, seed):
+    """Regression: RAD's least-recently-served stamps counted plans, so a request migrated in
+    with another instance's stamp sorted differently in spans than one iteration at a time."""
+    rng = np.random.default_rng(seed)
+    n = 40
+    output = rng.integers(2, 400, n)
+    workload = Workload(
+        {
+            "arrival": np.sort(rng.random(n)),
+            "prompt_tokens": rng.integers(1, 300, n),
+            "output_tokens": output,
+            "reasoning_tokens": rng.integers(1, output),
+        }
+    )
+    config = EngineConfig(
+        num_blocks=int(rng.integers(40, 80)),
+        block_size=16,
+        max_num_batched_tokens=1,
+        max_num_seqs=3,
+        kv_bytes_per_block=16000,
+    )
+    assert_spans_equal_iterations(workload, "rad", config, 3, router)
+
+
+def assert_spans_equal_iterations(workload, policy, config, instances, router):
     fast, fast_metrics = run(workload, policy, config, instances, router)
     slow, slow_metrics = run(workload, policy, config, instances, router, fast_forward=False)
     assert [i.log.size for i in fast.instances] == [i.log.size for i in slow.instances]

@@ -158,18 +158,16 @@ class AnswerPacer:
         p = self._fold(state, view)
         return p["t_s"] + self.slo.ttfat if p["n"] == 0 else p["last"] + self.slo.tpot
 
-    def slack(self, state: RequestState, view: InstanceView) -> float:
-        """Seconds until the reader of this answer next waits for a token (< 0: waiting now)."""
-        return self.deadline(state, view) - view.now
-
-    def keeps_pace(self, state: RequestState, view: InstanceView) -> bool:
+    def keeps_pace(self, state: RequestState, view: InstanceView, now: float) -> bool:
+        """At `now` the reader is not waiting for a token and the QoE so far meets the SLO."""
         p = self._fold(state, view)
         qoe = 1.0 - p["delay"] / p["whole"] if p["whole"] > 0 else 1.0
-        return qoe >= self.slo.min_qoe and self.slack(state, view) >= 0
+        return qoe >= self.slo.min_qoe and self.deadline(state, view) >= now
 
-    def instance_ok(self, view: InstanceView) -> bool:
-        """PASCAL's t_i: every answering request on the instance keeps pace."""
-        return all(self.keeps_pace(s, view) for s in view.requests() if is_answering(s))
+    def instance_ok(self, view: InstanceView, now: float) -> bool:
+        """PASCAL's t_i at `now` (the cluster's clock: an instance's own clock stays at the
+        start of the span it is running): every answering request on it keeps pace."""
+        return all(self.keeps_pace(s, view, now) for s in view.requests() if is_answering(s))
 
 
 @register
@@ -257,13 +255,13 @@ class PascalRouter(Router):
     def _views(self, cluster: ClusterView) -> list[InstanceView]:
         return [cluster.instance(i).view for i in range(cluster.num_instances)]
 
-    def _compliant(self, views: list[InstanceView]) -> list[int]:
-        return [v.index for v in views if self.pacer.instance_ok(v)]
+    def _compliant(self, views: list[InstanceView], now: float) -> list[int]:
+        return [v.index for v in views if self.pacer.instance_ok(v, now)]
 
     def route(self, state: RequestState, cluster: ClusterView) -> int:
         """Algorithm 1: the smallest KV footprint among SLO-compliant instances (else all)."""
         views = self._views(cluster)
-        candidates = self._compliant(views) or range(len(views))
+        candidates = self._compliant(views, cluster.now) or range(len(views))
         return min(candidates, key=lambda i: (cluster.kv_footprint(i), i))
 
     def on_phase_change(self, state: RequestState, source: int, cluster: ClusterView) -> int:
@@ -294,7 +292,7 @@ class PascalRouter(Router):
                     n += 1
             return (n, cluster.kv_footprint(i), i)
 
-        compliant = self._compliant(views)
+        compliant = self._compliant(views, cluster.now)
         if compliant:
             return min(compliant, key=lambda i: load(i, fresh=False))
         return min(range(len(views)), key=lambda i: load(i, fresh=True))

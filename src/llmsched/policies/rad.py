@@ -86,10 +86,12 @@ class RAD(InstancePolicy):
 
     def _decode_mode(self, view) -> BatchBuilder:
         b = BatchBuilder(view)
-        decodes = sorted(
-            (s for s in view.running if s.is_decode),
-            key=lambda s: s.policy_data.get("rad_served", -1),
-        )
+        def last_served(s: RequestState) -> int:
+            # Stamps of another instance (a request migrated in) count as never served here.
+            where, when = s.policy_data.get("rad_served", (view.index, -1))
+            return when if where == view.index else -1
+
+        decodes = sorted((s for s in view.running if s.is_decode), key=last_served)
         limit = min(len(decodes), view.config.max_num_batched_tokens)
         if limit >= self.tile:
             limit = limit // self.tile * self.tile
@@ -106,7 +108,7 @@ class RAD(InstancePolicy):
                     break
         self._served += 1
         for state in b.items:
-            state.policy_data["rad_served"] = self._served
+            state.policy_data["rad_served"] = (view.index, self._served)
         if len(b.items) < len(decodes):
             b.limit_repeat(1)  # the held-back decodes go first next time
         return b
