@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from hypothesis import strategies as st
 
@@ -44,3 +46,8 @@ def batch_shapes():
         kvd=st.integers(0, 4_000_000),
         npf=st.integers(1, 4),
     )
+
+
+def shape_fields():
+    """Hypothesis strategy: the name of one of BatchShape's work fields."""
+    return st.sampled_from([f.name for f in dataclasses.fields(BatchShape)])

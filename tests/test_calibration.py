@@ -18,7 +18,7 @@ from llmsched.hardware.latency import BatchShape
 from llmsched.hardware.roofline import Efficiency, RooflineModel
 from llmsched.hardware.specs import get_gpu
 
-from .helpers import batch_shapes
+from .helpers import batch_shapes, shape_fields
 
 STATS = ("min", "max", "mean", "median", "std")
 MLP_OPS = ("emb", *cal.LAYER_OPS)
@@ -431,16 +431,7 @@ shapes = batch_shapes()
 @settings(max_examples=60, deadline=None)
 @given(
     shape=shapes,
-    field=st.sampled_from(
-        [
-            "prefill_tokens",
-            "prefill_attn_pairs",
-            "prefill_kv_tokens",
-            "num_prefills",
-            "num_decodes",
-            "decode_kv_tokens",
-        ]
-    ),
+    field=shape_fields(),
     extra=st.integers(1, 100_000),
 )
 def test_calibrated_roofline_more_work_is_never_faster(shape, field, extra):

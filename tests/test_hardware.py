@@ -19,7 +19,7 @@ from llmsched.hardware.memory import (
 from llmsched.hardware.roofline import TERMS, Efficiency, RooflineModel
 from llmsched.hardware.specs import GiB, get_gpu, get_model, list_gpus, list_models
 
-from .helpers import batch_shapes
+from .helpers import batch_shapes, shape_fields
 
 # ----------------------------------------------------------------------------- specs
 
@@ -352,16 +352,7 @@ shapes = batch_shapes()
 @settings(max_examples=80, deadline=None)
 @given(
     shape=shapes,
-    field=st.sampled_from(
-        [
-            "prefill_tokens",
-            "prefill_attn_pairs",
-            "prefill_kv_tokens",
-            "num_prefills",
-            "num_decodes",
-            "decode_kv_tokens",
-        ]
-    ),
+    field=shape_fields(),
     extra=st.integers(1, 100_000),
 )
 def test_more_work_is_never_faster(model, gpu, tp, shape, field, extra):

@@ -98,6 +98,20 @@ def test_tail_ttft_per_bin_uses_a_percentile_the_bin_can_estimate():
     )
 
 
+def reasoning_workload(seed, *, n, output, prompt, horizon) -> Workload:
+    """Random reasoning requests: every one thinks for 1 .. output-1 tokens, then answers."""
+    rng = np.random.default_rng(seed)
+    out = rng.integers(2, output, n)
+    return Workload(
+        {
+            "arrival": np.sort(rng.random(n) * horizon),
+            "prompt_tokens": rng.integers(1, prompt, n),
+            "output_tokens": out,
+            "reasoning_tokens": rng.integers(1, out),
+        }
+    )
+
+
 # --- the intra-instance policy ------------------------------------------------------------------
 def test_reasoning_request_swaps_out_an_answering_one_never_the_reverse():
     """20 KV blocks of 1 token. A (prompt 4, 2 reasoning + 14 answer tokens) is answering when B
@@ -159,17 +173,7 @@ def test_think_token_moves_a_request_to_the_back_of_the_low_priority_queue():
 def test_spans_equal_one_iteration_at_a_time(policy, seed):
     """Small quanta, demotion and slack refreshes happen often here; a run in spans must equal
     the run one iteration at a time, token for token."""
-    rng = np.random.default_rng(seed)
-    n = 40
-    output = rng.integers(2, 120, n)
-    workload = Workload(
-        {
-            "arrival": np.sort(rng.random(n) * 2),
-            "prompt_tokens": rng.integers(1, 200, n),
-            "output_tokens": output,
-            "reasoning_tokens": rng.integers(1, output),
-        }
-    )
+    workload = reasoning_workload(seed, n=40, output=120, prompt=200, horizon=2.0)
     results = []
     for fast in (True, False):
         cluster = Cluster(
@@ -193,36 +197,30 @@ def _params(policy):
 
 
 def test_high_priority_requests_are_preempted_only_when_no_answer_runs():
-    """Over a random reasoning workload under KV pressure, no plan preempts a reasoning request
-    while an answering (LP) request keeps running."""
-    rng = np.random.default_rng(3)
-    n = 60
-    output = rng.integers(2, 200, n)
-    workload = Workload(
-        {
-            "arrival": np.sort(rng.random(n) * 3),
-            "prompt_tokens": rng.integers(1, 100, n),
-            "output_tokens": output,
-            "reasoning_tokens": rng.integers(1, output),
-        }
-    )
-    checked = []
+    """Over a random reasoning workload under KV pressure with a short quantum (so reasoning
+    requests also take turns among themselves), no plan preempts a reasoning request while an
+    answering (LP) request keeps running; answers are preempted while reasoning runs."""
+    workload = reasoning_workload(3, n=60, output=200, prompt=100, horizon=3.0)
+    victims = {"HP": 0, "LP with HP running": 0}
 
     def observe(inst, span):
-        if any(is_high_priority(v) for v, _ in span.plan.preempted):
-            assert all(is_high_priority(r) for r in inst.running)
-            checked.append(1)
+        for victim, _ in span.plan.preempted:
+            if is_high_priority(victim):
+                assert all(is_high_priority(r) for r in inst.running)
+                victims["HP"] += 1
+            elif any(is_high_priority(r) for r in inst.running):
+                victims["LP with HP running"] += 1
 
     cluster = Cluster(
         1,
-        EngineConfig(num_blocks=400, block_size=4, preemption="swap"),
-        Pascal,
+        EngineConfig(num_blocks=200, block_size=4, preemption="swap"),
+        lambda: Pascal(quantum=20),
         PascalRouter(),
         LAT,
         observer=observe,
     )
     cluster.run(workload)
-    assert cluster.stats.preemptions > 0
+    assert victims["HP"] > 0 and victims["LP with HP running"] > 0
 
 
 # --- the router -----------------------------------------------------------------------------------
