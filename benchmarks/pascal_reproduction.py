@@ -23,6 +23,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -64,6 +66,20 @@ def run(workload: str, name: str, rate: float, n: int) -> dict:
         "failed": s["failed"],
         "sim_seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def workload_facts(workload: str, n: int) -> str:
+    """The reasoning split as drawn for this workload's runs (docs/workload-format.md)."""
+    cfg = load_config(ROOT / f"configs/pascal/alpaca-{workload}.yaml", num_requests=n)
+    c = load_workload(cfg).columns
+    reasoning, output = c["reasoning_tokens"], c["output_tokens"]
+    answer = output - reasoning
+    cap = cfg.reasoning.get("max_tokens", 16384)
+    return (
+        f"reasoning/answer median {np.median(reasoning / answer):.2f}, mean reasoning "
+        f"{reasoning.mean():.0f} and answer {answer.mean():.0f} tokens, "
+        f"{100 * np.mean(reasoning >= cap):.1f} % of requests at the {cap}-token cap"
+    )
 
 
 def pick_loads(sweep: list[dict]) -> dict[str, float]:
@@ -138,7 +154,8 @@ def main() -> None:
                 pool.map(run, [workload] * len(grid), ["fcfs"] * len(grid), grid, [n] * len(grid))
             )
             loads = pick_loads(sweep)
-            print(f"\n== {workload}: FCFS sweep (rate req/s -> p99 TTFT s)")
+            print(f"\n== {workload}: {workload_facts(workload, n)}")
+            print("FCFS sweep (rate req/s -> p99 TTFT s)")
             print("  ".join(f"{r['rate']}: {r['p99_ttft_s']:.1f}" for r in sweep))
             print(f"loads: {loads}")
             jobs = [(load, name) for load in loads for name in RUNS]
@@ -156,6 +173,14 @@ def main() -> None:
                 print(f"\n{workload}, {load} load ({loads[load]} req/s, {n} requests)")
                 print(table(runs[load]))
             results[workload] = {"sweep": sweep, "loads": loads, "runs": runs}
+    print("\nsimulation wall time per run, median over all loads and workloads (s):")
+    every = [r for res in results.values() for rows in res["runs"].values() for r in rows]
+    print(
+        "  ".join(
+            f"{name}: {np.median([r['sim_seconds'] for r in every if r['run'] == name]):.1f}"
+            for name in RUNS
+        )
+    )
     out = ROOT / "benchmarks/results/pascal.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
