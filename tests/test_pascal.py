@@ -18,6 +18,7 @@ from llmsched.metrics.qoe import (
     AnswerSLO,
     answer_qoe,
     consumption_times,
+    qoe_terms,
     tail_percentile,
     tail_ttft_by_reasoning_bin,
 )
@@ -50,6 +51,19 @@ def test_consumption_times_follow_the_reader_recurrence(gaps, tpot, previous):
     np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-9)
     assert np.all(fast >= generated - 1e-12)
     assert np.all(np.diff(fast) >= tpot - 1e-9)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0, 2), min_size=2, max_size=40), st.data())
+def test_qoe_sums_fold_in_pieces(gaps, data):
+    """The pacer folds an answer's tokens in as they come; any split gives the QoE of the
+    whole answer computed at once (the metric)."""
+    times = np.cumsum([0.0, *gaps])  # `</think>` at 0, then the answer tokens
+    k = data.draw(st.integers(1, len(gaps) - 1))
+    d1, w1, last = qoe_terms(times[1 : 1 + k], 0.0, SLO)
+    d2, w2, _ = qoe_terms(times[1 + k :], 0.0, SLO, first=k, previous=last)
+    folded = 1 - (d1 + d2) / (w1 + w2) if w1 + w2 > 0 else 1.0
+    assert folded == pytest.approx(answer_qoe(times, 1, SLO), abs=1e-12)
 
 
 def test_qoe_is_one_when_the_answer_keeps_ahead_of_its_reader():

@@ -52,17 +52,27 @@ def consumption_times(generated: np.ndarray, tpot: float, previous: float = -np.
     return np.maximum.accumulate(np.maximum(generated - steps, previous + tpot)) + steps
 
 
+def qoe_terms(
+    answer_times: np.ndarray, t_s: float, slo: AnswerSLO, first: int = 0, previous: float = -np.inf
+) -> tuple[float, float, float]:
+    """The QoE sums of answer tokens `first`, `first + 1`, ... generated at `answer_times`
+    (after `</think>` at `t_s`; the token before them consumed at `previous`): (delay, whole,
+    when the last of them is consumed). Sums of consecutive runs add up, so a pacer can fold
+    tokens in as they come."""
+    consumed = consumption_times(answer_times, slo.tpot, previous)
+    expected = t_s + slo.ttfat + (first + np.arange(len(answer_times))) * slo.tpot
+    delay = float(np.maximum(consumed - expected, 0.0).sum())
+    return delay, float((consumed - t_s).sum()), float(consumed[-1])
+
+
 def answer_qoe(token_times: np.ndarray, reasoning_tokens: int, slo: AnswerSLO) -> float:
     """QoE of a reasoning request's answer (NaN for a request without a reasoning phase)."""
     if reasoning_tokens < 1 or reasoning_tokens >= len(token_times):
         return float("nan")
     t_s = float(token_times[reasoning_tokens - 1])
     answer = np.asarray(token_times[reasoning_tokens:], dtype=np.float64)
-    consumed = consumption_times(answer, slo.tpot)
-    expected = t_s + slo.ttfat + np.arange(len(answer)) * slo.tpot
-    delay = np.maximum(consumed - expected, 0.0).sum()
-    whole = (consumed - t_s).sum()
-    return 1.0 - float(delay / whole) if whole > 0 else 1.0
+    delay, whole, _ = qoe_terms(answer, t_s, slo)
+    return 1.0 - delay / whole if whole > 0 else 1.0
 
 
 # PASCAL plots tail TTFT per reasoning-length bin, with the percentile chosen by the bin's size

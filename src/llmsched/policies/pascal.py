@@ -36,12 +36,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from llmsched.engine.kv import blocks_for
 from llmsched.engine.plan import BatchPlan
 from llmsched.engine.state import RequestState
-from llmsched.metrics.qoe import PASCAL_ANSWER_SLO, AnswerSLO, consumption_times
+from llmsched.metrics.qoe import PASCAL_ANSWER_SLO, AnswerSLO, qoe_terms
 from llmsched.policies.base import InstancePolicy, Router, pack_in_order, register
 
 if TYPE_CHECKING:
@@ -142,27 +140,26 @@ class AnswerPacer:
                 "delay": 0.0,
                 "whole": 0.0,
             }
-        new = state.generated - state.reasoning_tokens - p["n"]
-        if new > 0:
+        if state.generated - state.reasoning_tokens > p["n"]:
             gen = view.token_times(state, state.reasoning_tokens + p["n"])
-            consumed = consumption_times(gen, self.slo.tpot, p["last"])
-            expected = p["t_s"] + self.slo.ttfat + (p["n"] + np.arange(len(gen))) * self.slo.tpot
-            p["delay"] += float((consumed - expected).clip(min=0).sum())
-            p["whole"] += float((consumed - p["t_s"]).sum())
-            p["last"] = float(consumed[-1])
+            delay, whole, p["last"] = qoe_terms(gen, p["t_s"], self.slo, p["n"], p["last"])
+            p["delay"] += delay
+            p["whole"] += whole
             p["n"] += len(gen)
         return p
 
+    def _due(self, p: dict) -> float:
+        return p["t_s"] + self.slo.ttfat if p["n"] == 0 else p["last"] + self.slo.tpot
+
     def deadline(self, state: RequestState, view: InstanceView) -> float:
         """When the reader of this answer next waits for a token: the pacer's buffer runs dry."""
-        p = self._fold(state, view)
-        return p["t_s"] + self.slo.ttfat if p["n"] == 0 else p["last"] + self.slo.tpot
+        return self._due(self._fold(state, view))
 
     def keeps_pace(self, state: RequestState, view: InstanceView, now: float) -> bool:
         """At `now` the reader is not waiting for a token and the QoE so far meets the SLO."""
         p = self._fold(state, view)
         qoe = 1.0 - p["delay"] / p["whole"] if p["whole"] > 0 else 1.0
-        return qoe >= self.slo.min_qoe and self.deadline(state, view) >= now
+        return qoe >= self.slo.min_qoe and self._due(p) >= now
 
     def instance_ok(self, view: InstanceView, now: float) -> bool:
         """PASCAL's t_i at `now` (the cluster's clock: an instance's own clock stays at the

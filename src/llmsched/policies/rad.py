@@ -86,6 +86,7 @@ class RAD(InstancePolicy):
 
     def _decode_mode(self, view) -> BatchBuilder:
         b = BatchBuilder(view)
+
         def last_served(s: RequestState) -> int:
             # Stamps of another instance (a request migrated in) count as never served here.
             where, when = s.policy_data.get("rad_served", (view.index, -1))
