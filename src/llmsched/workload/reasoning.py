@@ -138,11 +138,10 @@ def add_reasoning(workload: Workload, spec: dict, seed: int = 0) -> Workload:
             f"unknown reasoning option(s) {', '.join(sorted(unknown))}; known: split, "
             "max_tokens, sigma, low, high, servegen_dir"
         )
+    directory = spec.pop("servegen_dir", None)
     servegen = None
     if split == "servegen":
-        directory = spec.pop("servegen_dir", None) or data_path("traces/servegen-deepseek-r1")
-        servegen = servegen_reason_ratios(directory)
-    spec.pop("servegen_dir", None)
+        servegen = servegen_reason_ratios(directory or data_path("traces/servegen-deepseek-r1"))
     rng = np.random.default_rng([seed, 0x7EA5])
     answers = workload.columns["output_tokens"]
     reasoning = reasoning_lengths(answers, split, rng, servegen=servegen, **spec)
