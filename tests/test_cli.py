@@ -217,3 +217,25 @@ def test_calibrated_latency_and_fidelity_report(tmp_path, capsys):
     assert main(["fidelity", "profiles/vidur", "--plot", str(png)]) == 0
     report = capsys.readouterr().out
     assert "decoder layer" in report and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compare_runs_the_configs_named_runs_with_their_routers(tmp_path, capsys):
+    """A config's `runs` are what compare runs without --policies; each run's router and its
+    parameters apply; a run with an unknown key or router parameter is refused clearly."""
+    config = tmp_path / "runs.yaml"
+    config.write_text(
+        "num_requests: 60\nrate: 4\ninstances: 2\n"
+        "runs:\n  base: {policy: fcfs}\n"
+        "  phased: {policy: pascal, router: pascal, router_params: {migration: never}}\n"
+    )
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", str(config), "--out", str(out)]) == 0
+    assert {"base", "phased"} <= set(capsys.readouterr().out.split())
+    saved = (out / "phased" / "config.yaml").read_text()
+    assert "policy: pascal" in saved and "migration: never" in saved
+    assert "router: round-robin" in (out / "base" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(config, runs={"bad": {"polcy": "fcfs"}})
+    bad = load_config(config, runs={"bad": {"router": "pascal", "router_params": {"mig": 1}}})
+    with pytest.raises(ValueError, match="router 'pascal' takes no parameter"):
+        simulate(bad.variant("bad"))
