@@ -34,6 +34,9 @@ class SimulationConfig:
     sample: str = "head"  # head: the first N requests; random: N drawn with replacement
     skip_invalid: bool = False  # skip trace rows that are not servable (reported)
     seed: int = 0
+    # Per-request predictor scores for PARS-style policies (llmsched.workload.scores), e.g.
+    # {source: noisy-oracle, tau: 0.6, seed: 0}, "oracle", "prompt-length", "model:DIR".
+    scores: str | dict | None = None
     # --- hardware ---
     model: str = "llama-3-8b"
     gpu: str = "a100-80gb"
@@ -93,6 +96,13 @@ class SimulationConfig:
                 problems.append(f"goodput metric must be one of {GOODPUT_METRICS}, got {name!r}")
             elif value <= 0:
                 problems.append(f"goodput {name} SLO must be > 0 ms, got {value}")
+        if self.scores is not None:
+            from llmsched.workload.scores import ScoreSpec
+
+            try:
+                ScoreSpec.parse(self.scores)
+            except ValueError as err:
+                problems.append(str(err))
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
         return self

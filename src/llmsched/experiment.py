@@ -49,6 +49,10 @@ def load_workload(cfg: SimulationConfig) -> Workload:
         workload = workload.with_columns(tpot_slo=np.full(len(workload), float(cfg.tbt)))
     if cfg.tiers:
         workload = assign_tiers(workload, cfg.tiers, cfg.seed)
+    if cfg.scores is not None:
+        from llmsched.workload.scores import attach_scores
+
+        workload = attach_scores(workload, cfg.scores)
     workload.skipped = skipped  # unservable trace rows skipped on reading, for the report
     return workload
 

@@ -1,6 +1,6 @@
 """Scheduling policies: importing this package registers every policy and router by name."""
 
-from llmsched.policies import oracle, rad, round_robin, routing, sarathi, slai, vllm  # noqa: F401
+from llmsched.policies import oracle, pars, rad, round_robin, routing, sarathi, slai, vllm  # noqa: F401
 from llmsched.policies.base import (  # noqa: F401
     INSTANCE_POLICIES,
     ROUTERS,
