@@ -42,8 +42,9 @@ def score_of(state: RequestState, policy: str) -> float:
 
 
 class StarvationCounter:
-    """Per request on one instance: consecutive iterations not scheduled (`idle`) and the
-    scheduled iterations left of a boost (`boost`; -1 = boosted for good).
+    """Per request on one instance: consecutive iterations not scheduled (`idle`), the
+    scheduled iterations left of a boost (`boost`; -1 = boosted for good) and the instance's
+    iteration count when the boost began (`since`).
 
     vllm-ltr's rule: when ``idle`` reaches ``threshold`` the request is boosted for ``period``
     scheduled iterations (``period=None``: until it finishes), then its idle count restarts.
@@ -58,7 +59,7 @@ class StarvationCounter:
             raise ValueError(f"starvation period must be >= 1 iteration, got {period}")
         self.threshold = threshold
         self.period = period
-        self.counts: dict[RequestState, list[int]] = {}  # request -> [idle, boost]
+        self.counts: dict[RequestState, list[int]] = {}  # request -> [idle, boost, since]
         self._scheduled: set[RequestState] = set()
         self._iterations = 0
 
@@ -69,7 +70,7 @@ class StarvationCounter:
         for state in (*view.running, *view.waiting):
             c = self.counts.get(state)
             if c is None:
-                c = [0, 0]  # new here (arrived, or migrated in)
+                c = [0, 0, 0]  # new here (arrived, or migrated in)
             elif state in self._scheduled:
                 c[0] = 0
                 if c[1] > 0:
@@ -77,7 +78,7 @@ class StarvationCounter:
             else:
                 c[0] += elapsed
             if c[1] == 0 and c[0] >= self.threshold:
-                c[0], c[1] = 0, (-1 if self.period is None else self.period)
+                c[0], c[1], c[2] = 0, (-1 if self.period is None else self.period), self._iterations
             counts[state] = c
         self.counts = counts
 
@@ -85,10 +86,13 @@ class StarvationCounter:
         c = self.counts.get(state)
         return c is not None and c[1] != 0
 
+    def boosted_since(self, state: RequestState) -> int:
+        return self.counts[state][2]
+
     def record(self, b: BatchBuilder) -> None:
         """Remember who runs in the plan; cap its repeats at the next boost or boost end."""
         self._scheduled = set(b.items)
-        for state, (idle, boost) in self.counts.items():
+        for state, (idle, boost, _) in self.counts.items():
             if state in self._scheduled:
                 if boost > 0:
                     b.limit_repeat(boost)
@@ -117,9 +121,11 @@ class Pars(Priority):
       running requests with a worse score, by recompute; running requests are not re-sorted).
     - Starvation: none by default (the abstract describes none). ``aging=N`` adds a guard: a
       request not scheduled for N consecutive iterations is promoted for good, ahead of every
-      unpromoted request, promoted requests among themselves by arrival. It is permanent, not
-      vllm-ltr's temporary boost, because reverting a recompute-preempted request to a bad
-      score only re-queues it behind the requests that starved it.
+      unpromoted request; promoted requests rank among themselves by when they were promoted
+      (then arrival), so a request it preempts, starving in turn, queues behind it instead of
+      taking the seat back. Permanent, not vllm-ltr's temporary boost, because reverting a
+      recompute-preempted request to a bad score only re-queues it behind the requests that
+      starved it.
     - The predictor's latency is not charged (PARS reports it as negligible).
     """
 
@@ -134,7 +140,7 @@ class Pars(Priority):
 
     def key(self, state: RequestState):
         if self.starvation is not None and self.starvation.boosted(state):
-            return (0, 0.0, state.arrival)
+            return (0, self.starvation.boosted_since(state), state.arrival)
         return self.waiting_key(state)
 
     def schedule(self, view) -> BatchPlan:

@@ -129,8 +129,9 @@ def noisy_oracle(
     workload allows it), and the tau they realise.
 
     score = (1 - w) * z(log length) + w * noise, with z() standardisation and noise ~ N(0, 1)
-    drawn once from `seed`; w in [0, 1] is found by bisection (tau falls from 1 at w = 0 to
-    the noise's own tau, about 0, at w = 1). The same lengths, tau and seed give the same scores.
+    drawn once from `seed`; w is found by bisection: tau falls from 1 at w = 0 to the noise's
+    own tau at w = 1 (about 0, by chance a little above or below) and below 0 beyond, so w in
+    [0, 2] reaches any target in [0, 1]. The same lengths, tau and seed give the same scores.
     """
     y = np.asarray(lengths, dtype=np.float64)
     if not 0.0 <= tau <= 1.0:
@@ -146,7 +147,7 @@ def noisy_oracle(
 
     if tau >= 1.0:
         return x, kendall_tau(x, y)
-    lo, hi = 0.0, 1.0  # tau(lo) >= target > tau(hi), as long as the noise alone is below it
+    lo, hi = 0.0, 2.0  # tau(lo) = 1 >= target > tau(hi), about -0.3
     realized_hi = kendall_tau(scores(hi), y)
     if realized_hi >= tau:
         return scores(hi), realized_hi
