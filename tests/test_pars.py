@@ -37,7 +37,7 @@ def scored(rid, arrival=0.0, prompt=4, output=4, score=0.0, **kw):
     return req(rid, arrival, prompt, output, score=float(score), **kw)
 
 
-# --- pars ------------------------------------------------------------------------------------------
+# --- pars ----------------------------------------------------------------------------------------
 def test_pars_serves_the_lower_predicted_score_first_whatever_the_true_length():
     """Behind a busy engine (max_num_seqs=1) C (score 1) runs before B (score 5), though B
     arrived first and C's true output is longer: the score, not the length, decides."""
@@ -109,7 +109,7 @@ def test_pars_aging_lifts_a_starved_request_after_exactly_n_idle_iterations(agin
     assert run.col("finish")["X"] < run.col("finish")["A"]
 
 
-# --- ltr -------------------------------------------------------------------------------------------
+# --- ltr -----------------------------------------------------------------------------------------
 def test_ltr_resorts_running_requests_pars_does_not():
     """Budget 8: A (score 5, prompt 40) is prefilling in chunks when B (score 1, prompt 8)
     arrives. ltr re-sorts everything and gives B the whole budget next; pars (vLLM priority)
@@ -176,7 +176,7 @@ def test_policies_without_scores_fail_clearly():
             simulate([req("A"), req("B", 0.001)], policy, num_blocks=100)
 
 
-# --- exactness of the iteration counters under spans ----------------------------------------------
+# --- exactness of the iteration counters under spans ---------------------------------------------
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     scenarios(),
@@ -220,7 +220,7 @@ def test_pars_and_ltr_spans_equal_one_iteration_at_a_time(scenario, policy):
         )
 
 
-# --- score sources ---------------------------------------------------------------------------------
+# --- score sources -------------------------------------------------------------------------------
 def lengths(n=2000, seed=3):
     """ShareGPT-like output lengths: lognormal, many ties."""
     return np.maximum(1, np.random.default_rng(seed).lognormal(5.0, 1.1, n).astype(int))
