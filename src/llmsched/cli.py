@@ -417,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
         "shape): llmsched profile --model NAME --tp 1 --out DIR",
         add_help=False,
     )
+    from llmsched.predict.commands import add_commands as add_predict_commands
+
+    add_predict_commands(sub)  # train-ranker, eval-ranker
     lst = sub.add_parser("list", help="policies, routers, models and GPUs")
     lst.set_defaults(func=cmd_list)
     return parser
