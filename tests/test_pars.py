@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import llmsched.predict
 from llmsched.cli import main
+from llmsched.engine.config import EngineConfig
 from llmsched.policies import policy_class
 from llmsched.workload.readers import read_trace, write_jsonl
 from llmsched.workload.request import Workload
@@ -80,6 +81,34 @@ def test_pars_never_preempts_for_a_worse_score():
     )
     assert not any(s.preempted for s in run.steps)
     assert run.col("first_scheduled")["B"] == run.col("finish")["A"]
+
+
+def test_pars_without_preemption_and_oracle_scores_is_sjf():
+    rng = np.random.default_rng(5)
+    n = 80
+    out = rng.integers(1, 200, n)
+    w = Workload(
+        {
+            "arrival": np.sort(rng.random(n) * 2),
+            "prompt_tokens": rng.integers(1, 300, n),
+            "output_tokens": out,
+            "score": out.astype(float),
+        }
+    )
+    runs = {}
+    variants = {"sjf": ("sjf", {}), "pars-np": ("pars", {"preempt": False}), "pars": ("pars", {})}
+    for label, (name, kw) in variants.items():
+        cls = policy_class(name)
+        cluster = CheckedCluster(
+            1,
+            EngineConfig(num_blocks=300, block_size=16, max_num_seqs=8),
+            lambda cls=cls, kw=kw: cls(**kw),
+            make_router("round-robin"),
+            LinearLatency(),
+        )
+        runs[label] = cluster.run(w).column("e2el")
+    np.testing.assert_array_equal(runs["sjf"], runs["pars-np"])
+    assert not np.array_equal(runs["sjf"], runs["pars"])  # priority preemption acts
 
 
 # A (score 0, 40 tokens) holds the only sequence slot; X (score 100) arrives during A's first

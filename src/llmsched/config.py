@@ -37,6 +37,9 @@ class SimulationConfig:
     # Per-request predictor scores for PARS-style policies (llmsched.workload.scores), e.g.
     # {source: noisy-oracle, tau: 0.6, seed: 0}, "oracle", "prompt-length", "model:DIR".
     scores: str | dict | None = None
+    # Keep only one split (train | val | test) of the length predictor's hash split by
+    # conversation (llmsched.predict.data): schedule prompts the predictor never trained on.
+    split: str | None = None
     # --- hardware ---
     model: str = "llama-3-8b"
     gpu: str = "a100-80gb"

@@ -68,6 +68,12 @@ def _requests(cfg: SimulationConfig) -> Workload:
             max_output=2048,
         )
     source = read_trace(resolve(cfg.trace), cfg.trace_format, skip_invalid=cfg.skip_invalid)
+    if cfg.split is not None:
+        from llmsched.workload.scores import held_out
+
+        skipped = getattr(source, "skipped", 0)
+        source = held_out(source, cfg.split)
+        source.skipped = skipped
     arrival = cfg.arrival
     if arrival == "auto":
         arrival = "trace" if source.timed and cfg.rate is None else "poisson"

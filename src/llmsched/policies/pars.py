@@ -48,6 +48,12 @@ class StarvationCounter:
 
     vllm-ltr's rule: when ``idle`` reaches ``threshold`` the request is boosted for ``period``
     scheduled iterations (``period=None``: until it finishes), then its idle count restarts.
+    One deviation: a boost counts down only in iterations in which the request *produces a
+    token* (a decode, or the last chunk of its prefill). Counting every scheduled iteration
+    lets two starving requests evict each other forever when re-prefilling a preempted request
+    takes more iterations than the period (a small token budget or a long prompt): each
+    boost is spent recomputing what the other's boost discarded. With vLLM's 2,048-token
+    budget and ShareGPT prompts the two counts differ only for prompts above the budget.
     Call :meth:`update` at the start of ``schedule`` and :meth:`record` with the finished
     builder.
     """
@@ -60,7 +66,7 @@ class StarvationCounter:
         self.threshold = threshold
         self.period = period
         self.counts: dict[RequestState, list[int]] = {}  # request -> [idle, boost, since]
-        self._scheduled: set[RequestState] = set()
+        self._scheduled: dict[RequestState, bool] = {}  # last plan: request -> produces?
         self._iterations = 0
 
     def update(self, view) -> None:
@@ -73,7 +79,7 @@ class StarvationCounter:
                 c = [0, 0, 0]  # new here (arrived, or migrated in)
             elif state in self._scheduled:
                 c[0] = 0
-                if c[1] > 0:
+                if c[1] > 0 and self._scheduled[state]:
                     c[1] = max(0, c[1] - elapsed)
             else:
                 c[0] += elapsed
@@ -91,10 +97,12 @@ class StarvationCounter:
 
     def record(self, b: BatchBuilder) -> None:
         """Remember who runs in the plan; cap its repeats at the next boost or boost end."""
-        self._scheduled = set(b.items)
+        # A request produces a token in every iteration of the plan when it decodes; a chunk
+        # that completes a prefill makes a plan of one iteration (BatchBuilder.build).
+        self._scheduled = {s: tokens == s.to_compute for s, tokens in b.items.items()}
         for state, (idle, boost, _) in self.counts.items():
             if state in self._scheduled:
-                if boost > 0:
+                if boost > 0 and self._scheduled[state]:
                     b.limit_repeat(boost)
             elif boost == 0:
                 b.limit_repeat(self.threshold - idle)
@@ -119,6 +127,8 @@ class Pars(Priority):
     - Scheduler semantics: vLLM's priority mode as :class:`Priority` implements it (V1 packing,
       queue by (score, arrival), lower first; a waiting request that does not fit preempts
       running requests with a worse score, by recompute; running requests are not re-sorted).
+      Whether PARS keeps vLLM's priority preemption is not stated (notes §2.6, gap 1):
+      ``preempt=False`` orders the waiting queue only (with oracle scores: exactly ``sjf``).
     - Starvation: none by default (the abstract describes none). ``aging=N`` adds a guard: a
       request not scheduled for N consecutive iterations is promoted for good, ahead of every
       unpromoted request; promoted requests rank among themselves by when they were promoted
@@ -131,9 +141,12 @@ class Pars(Priority):
 
     name = "pars"
 
-    def __init__(self, preemption: str = "recompute", aging: int | None = None) -> None:
+    def __init__(
+        self, preemption: str = "recompute", aging: int | None = None, preempt: bool = True
+    ) -> None:
         super().__init__(preemption)
         self.starvation = None if aging is None else StarvationCounter(aging, None)
+        self.preempt = preempt
 
     def waiting_key(self, state: RequestState):
         return (1, score_of(state, self.name), state.arrival)
@@ -145,14 +158,16 @@ class Pars(Priority):
 
     def schedule(self, view) -> BatchPlan:
         if self.starvation is None:
-            return super().schedule(view)
+            return pack_in_order(
+                view, mode=self.preemption, key=self.key, preempt_for_waiting=self.preempt
+            ).build()
         self.starvation.update(view)
         ordered = _Ordered(list(view.running), sorted(view.waiting, key=self.key))
         b = pack_in_order(
             ordered,
             mode=self.preemption,
             key=self.key,
-            preempt_for_waiting=True,
+            preempt_for_waiting=self.preempt,
             builder=BatchBuilder(view),
         )
         self.starvation.record(b)
@@ -174,8 +189,10 @@ class LearningToRank(InstancePolicy):
       after preempting every lower-ranked running request stops admissions (as vLLM's
       priority scheduler), while running requests further down still get their tokens.
     - Starvation: a request not scheduled for ``starvation_threshold`` consecutive iterations
-      gets top priority for ``starvation_period`` scheduled iterations, then reverts; its idle
-      count restarts. ``starvation_threshold=None`` turns the guard off.
+      gets top priority for ``starvation_period`` scheduled iterations in which it produces a
+      token (see :class:`StarvationCounter` for why tokens), then reverts; its idle count
+      restarts. Boosted requests rank among themselves by score. ``starvation_threshold=None``
+      turns the guard off.
     - Preemption: recompute (vllm-ltr also swaps; the engine setting applies).
     """
 
