@@ -4,10 +4,12 @@
     .venv/bin/python benchmarks/pars_experiment.py --quick    # 1,500 requests, A100 only
     .venv/bin/python benchmarks/pars_experiment.py --plots docs/img   # also write the PNGs
 
-Workload: ShareGPT V3 turns of the predictor's held-out *test* split (hash of the conversation,
-llmsched.predict.data), prompt + response <= 8,192 tokens, shuffled (seed 0), real response
-lengths (cl100k tokens), Poisson arrivals. Llama-3-8B on one A100-80GB and one H100-80GB,
-roofline latency model, vLLM V1 limits (2,048 batched tokens, 256 sequences), recompute.
+Workload and engine: configs/pars/sharegpt-llama3-8b-{a100,h100}.yaml, i.e. the first N ShareGPT
+V3 turns of the predictor's held-out *test* split (hash of the conversation,
+llmsched.predict.data), real response lengths (cl100k tokens), Poisson arrivals; Llama-3-8B on
+one A100-80GB or H100-80GB, roofline latency model, vLLM V1 limits (2,048 batched tokens, 256
+sequences), recompute. Each point is the workload `llmsched compare --config FILE --rate R`
+simulates (checked below); scores are computed once and shared by all rates.
 
 1. Rate sweep, light load to overload: fcfs; pars with the trained pairwise ranker, the
    pointwise and the ListMLE predictors, and the prompt length; ltr (vllm-ltr) with the ListMLE
@@ -34,20 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from llmsched.config import load_config  # noqa: E402
-from llmsched.data import resolve  # noqa: E402
-from llmsched.experiment import simulate  # noqa: E402
+from llmsched.experiment import load_workload, simulate  # noqa: E402
 from llmsched.workload.generators import build_workload  # noqa: E402
-from llmsched.workload.readers import read_trace  # noqa: E402
 from llmsched.workload.request import Workload  # noqa: E402
-from llmsched.workload.scores import (  # noqa: E402
-    compute_scores,
-    held_out,
-    kendall_tau,
-)
+from llmsched.workload.scores import compute_scores, kendall_tau  # noqa: E402
 
-TRACE = "prompts/sharegpt/sharegpt_v3_prefix_pairs.jsonl.gz"
-MAX_MODEL_LEN = 8192  # Llama-3-8B
-MODEL = "llama-3-8b"
+CONFIGS = {
+    "a100-80gb": ROOT / "configs/pars/sharegpt-llama3-8b-a100.yaml",
+    "h100": ROOT / "configs/pars/sharegpt-llama3-8b-h100.yaml",
+}
 # Light load to overload. FCFS's throughput saturates near 26.5 req/s on the A100 (with all
 # 256 sequence slots full) and near 60 req/s on the H100 in this model.
 RATES = {"a100-80gb": (10, 20, 26, 30, 34, 40), "h100": (25, 45, 55, 62, 70, 80)}
@@ -80,16 +77,15 @@ _BASE: Workload | None = None
 _SCORES: dict[str, np.ndarray] = {}
 
 
+def config(gpu: str, **overrides):
+    """The experiment's config for a GPU, without its score source (scores are shared)."""
+    return load_config(CONFIGS[gpu], **overrides).replace(scores=None)
+
+
 def test_workload(n: int, seed: int) -> Workload:
-    """n held-out ShareGPT turns that fit the model's context, shuffled."""
-    source = read_trace(resolve(TRACE), skip_invalid=True)
-    source = held_out(source, "test")
-    c = source.columns
-    fits = np.flatnonzero(c["prompt_tokens"] + c["output_tokens"] <= MAX_MODEL_LEN)
-    pick = np.random.default_rng(seed).permutation(fits)[:n]
-    if len(pick) < n:
-        raise SystemExit(f"only {len(pick)} held-out turns fit; ask for fewer requests")
-    return source.take(pick)
+    """The config's requests (held-out ShareGPT turns) with their prompt texts; arrivals are
+    drawn per rate."""
+    return load_workload(config("a100-80gb", num_requests=n, seed=seed))
 
 
 def all_scores(base: Workload, models: Path) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -123,8 +119,8 @@ def run(
     if score is not None:
         workload = workload.with_columns(score=_SCORES[score])
     workload = build_workload(workload, arrival="poisson", rate=rate, seed=seed)
-    cfg = load_config(
-        None, model=MODEL, gpu=gpu, policy=policy, rate=rate, seed=seed, policy_params=params
+    cfg = config(
+        gpu, num_requests=len(workload), policy=policy, rate=rate, seed=seed, policy_params=params
     )
     start = time.perf_counter()
     s = simulate(cfg, workload).summary
@@ -251,7 +247,12 @@ def main() -> None:
     start = time.perf_counter()
 
     base = test_workload(n, opts.seed)
-    print(f"workload: {base.describe()} (held-out test split, {TRACE})")
+    print(f"workload: {base.describe()} (held-out test split of {base.source})")
+    # The benchmark's arrivals are those of `llmsched compare --config FILE --rate R`:
+    rate = RATES["a100-80gb"][0]
+    again = build_workload(base, arrival="poisson", rate=rate, seed=opts.seed)
+    cli = load_workload(config("a100-80gb", num_requests=n, seed=opts.seed, rate=rate))
+    assert np.array_equal(again.arrivals, cli.arrivals), "benchmark and CLI workloads differ"
     scores, missing = all_scores(base, Path(opts.models))
     # Prompt texts are scored: the workers need only the numbers.
     base = Workload(
