@@ -25,6 +25,7 @@ from llmsched.workload.scores import (
     ScoreSpec,
     attach_scores,
     compute_scores,
+    held_out,
     kendall_tau,
     noisy_oracle,
 )
@@ -364,3 +365,23 @@ def test_cli_runs_pars_with_a_score_flag_and_explains_a_missing_one(capsys):
     assert main([*args, "--scores", "noisy-oracle,tau=0.7,seed=1"]) == 0
     assert main(args) == 2
     assert "predictor score" in capsys.readouterr().err
+
+
+def test_held_out_split_keeps_only_the_predictors_test_conversations():
+    from llmsched.predict.data import split_of
+
+    ids = [f"conv{i}_{i % 3}" for i in range(300)]  # ShareGPT ids: conversation + "_N"
+    w = Workload(
+        {
+            "arrival": np.zeros(300),
+            "prompt_tokens": np.ones(300),
+            "output_tokens": np.ones(300),
+            "session_id": np.array(ids, dtype=object),
+        }
+    )
+    test = held_out(w, "test")
+    kept = set(test.columns["session_id"])
+    assert 0 < len(kept) < 300
+    assert kept == {i for i in ids if split_of(i.rsplit("_", 1)[0]) == "test"}
+    with pytest.raises(ValueError, match="conversation ids"):
+        held_out(Workload({"arrival": [0.0], "prompt_tokens": [1], "output_tokens": [1]}), "test")
