@@ -47,13 +47,13 @@ CONFIGS = {
 }
 # Light load to overload. FCFS's throughput saturates near 26.5 req/s on the A100 (with all
 # 256 sequence slots full) and near 60 req/s on the H100 in this model.
-RATES = {"a100-80gb": (10, 20, 26, 30, 34, 40), "h100": (25, 45, 55, 62, 70, 80)}
+RATES = {"a100-80gb": (10, 26, 30, 34, 40, 50), "h100": (25, 55, 62, 70, 80, 100)}
 TAU_RATE = ("a100-80gb", 34)
 TAUS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 PREDICTORS = {  # score name -> folder under --models
     "pairwise": "pars-sharegpt-minilm",
-    "pointwise": "pointwise-sharegpt-minilm",
-    "listmle": "listmle-sharegpt-minilm",
+    "pointwise": "pointwise-sharegpt-minilm-1k",
+    "listmle": "listmle-sharegpt-minilm-1k",
 }
 NO_PREEMPT = {"preempt": False}
 NO_STARVATION = {"starvation_threshold": None}
@@ -88,14 +88,13 @@ def test_workload(n: int, seed: int) -> Workload:
     return load_workload(config("a100-80gb", num_requests=n, seed=seed))
 
 
-def all_scores(base: Workload, models: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+def all_scores(base: Workload, folders: dict[str, Path]) -> tuple[dict, list[str]]:
     scores = {
         "oracle": compute_scores(base, "oracle"),
         "prompt-length": compute_scores(base, "prompt-length"),
     }
     missing = []
-    for name, folder in PREDICTORS.items():
-        path = models / folder
+    for name, path in folders.items():
         if not path.exists():
             missing.append(f"{name} ({path})")
             continue
@@ -123,14 +122,15 @@ def run(
         gpu, num_requests=len(workload), policy=policy, rate=rate, seed=seed, policy_params=params
     )
     start = time.perf_counter()
-    s = simulate(cfg, workload).summary
+    result = simulate(cfg, workload)
+    s = result.summary
     row = {"gpu": gpu, "rate": rate, "label": label, "policy": policy, "score": score}
     row["params"] = params
     row |= {f"{st}_{m}_s": s[f"{st}_{m}_ms"] / 1000 for m in METRICS for st in STATS}
     row |= {
         "completed": s["completed"],
         "request_throughput": s["request_throughput"],
-        "preemptions": s.get("preemptions"),
+        "preemptions": int(result.collector.column("preemptions").sum()),
         "wall_s": time.perf_counter() - start,
     }
     return row
@@ -149,6 +149,22 @@ def table(rows: list[dict], key: str, title: str) -> str:
             f"{r['request_throughput']:6.2f} {r['preemptions'] or 0:8d}"
         )
     lines.append("(seconds)")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], key: str) -> str:
+    """The same table in Markdown (for docs/pars-scheduling.md)."""
+    cols = [f"{m.upper()} {st}" for m in ("E2E", "TTFT") for st in ("mean", "p50", "p90", "p99")]
+    lines = [
+        f"| {key} | policy | " + " | ".join(cols) + " | req/s | preemptions |",
+        "|" + "---|" * (len(cols) + 4),
+    ]
+    for r in rows:
+        values = " | ".join(f"{r[f'{st}_{m}_s']:.2f}" for m in METRICS for st in STATS)
+        lines.append(
+            f"| {r[key]} | {r['label']} | {values} | {r['request_throughput']:.2f} | "
+            f"{r['preemptions']} |"
+        )
     return "\n".join(lines)
 
 
@@ -239,6 +255,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", default="/work/models", help="trained predictors' folder")
+    for name, folder in PREDICTORS.items():
+        parser.add_argument(f"--{name}", metavar="DIR", help=f"default: MODELS/{folder}")
     parser.add_argument("--plots", metavar="DIR", help="write PNG plots there")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/pars.json"))
     opts = parser.parse_args()
@@ -253,7 +271,11 @@ def main() -> None:
     again = build_workload(base, arrival="poisson", rate=rate, seed=opts.seed)
     cli = load_workload(config("a100-80gb", num_requests=n, seed=opts.seed, rate=rate))
     assert np.array_equal(again.arrivals, cli.arrivals), "benchmark and CLI workloads differ"
-    scores, missing = all_scores(base, Path(opts.models))
+    folders = {
+        name: Path(getattr(opts, name) or Path(opts.models) / folder)
+        for name, folder in PREDICTORS.items()
+    }
+    scores, missing = all_scores(base, folders)
     # Prompt texts are scored: the workers need only the numbers.
     base = Workload(
         {k: v for k, v in base.columns.items() if v is not None and k != "prompt_text"},
@@ -309,6 +331,7 @@ def main() -> None:
         "workload": base.describe(),
         "score_tau": taus,
         "missing_predictors": missing,
+        "predictors": {k: str(v) for k, v in folders.items()},
         "rates": rows,
         "taus": tau_rows,
         "tau_refs": tau_refs,
@@ -317,13 +340,26 @@ def main() -> None:
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\nwrote {out} ({results['wall_s']:.0f} s wall, {opts.workers} workers)")
+    md = [
+        f"### Llama-3-8B on {g}, {n} requests (seconds)\n\n"
+        + markdown([r for r in rows if r["gpu"] == g], "rate")
+        for g in gpus
+    ]
+    md.append(
+        f"### Noisy-oracle scores at {rate} req/s on {gpu} (seconds)\n\n"
+        + markdown(tau_rows, "tau_target")
+    )
+    out.with_suffix(".md").write_text("\n\n".join(md) + "\n")
+    print(f"\nwrote {out} and .md ({results['wall_s']:.0f} s wall, {opts.workers} workers)")
     if opts.plots:
         plot(results, Path(opts.plots))
         print(f"wrote {opts.plots}/pars-rate-*.png and pars-tau.png")
     print(
         f"reproduce: .venv/bin/python benchmarks/pars_experiment.py --requests {n} "
-        f"--seed {opts.seed}" + (" --plots DIR" if opts.plots else "")
+        f"--seed {opts.seed}"
+        + ("" if len(gpus) > 1 else " --quick")
+        + "".join(f" --{k} {v}" for k, v in folders.items())
+        + (" --plots DIR" if opts.plots else "")
     )
 
 
