@@ -89,6 +89,19 @@ def test_workload(n: int, seed: int) -> Workload:
     return load_workload(config("a100-80gb", num_requests=n, seed=seed))
 
 
+def model_scores(base: Workload, path: Path) -> np.ndarray:
+    """`load_predictor(path).score(prompts)`; for a frozen encoder, the same numbers from the
+    encoder's on-disk embedding cache, so the three rankers embed the prompts once."""
+    from llmsched.predict import load_predictor
+
+    predictor = load_predictor(path)
+    encoder = getattr(predictor, "encoder", None)
+    if encoder is not None and getattr(predictor, "finetuned", True) is False:
+        texts = list(base.columns["prompt_text"])
+        return predictor.score_embeddings(encoder.embed_cached(texts))
+    return compute_scores(base, f"model:{path}")
+
+
 def all_scores(base: Workload, folders: dict[str, Path]) -> tuple[dict, list[str]]:
     scores = {
         "oracle": compute_scores(base, "oracle"),
@@ -100,7 +113,7 @@ def all_scores(base: Workload, folders: dict[str, Path]) -> tuple[dict, list[str
             missing.append(f"{name} ({path})")
             continue
         start = time.perf_counter()
-        scores[name] = compute_scores(base, f"model:{path}")
+        scores[name] = model_scores(base, path)
         print(f"scored {len(base)} prompts with {path} in {time.perf_counter() - start:.1f} s")
     for tau in TAUS:
         scores[f"tau={tau}"] = compute_scores(base, {"source": "noisy-oracle", "tau": tau})
