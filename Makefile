@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,plot,profile]'
+	$(BIN)/pip install --quiet -e '.[dev,plot,profile,predict]'
 	touch $(STAMP)
 
 .PHONY: demo test lint bench

@@ -97,6 +97,8 @@ def scenarios(draw):
             "output_tokens": output,
             "reasoning_tokens": reasoning,
             "priority": rng.integers(0, 3, n),
+            # predictor scores for pars/ltr (few distinct values: ties are exercised)
+            "score": rng.integers(0, draw(st.sampled_from([3, 1000])), n).astype(float),
         }
     )
     policy = draw(st.sampled_from(sorted(INSTANCE_POLICIES)))

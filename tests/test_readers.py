@@ -80,6 +80,7 @@ LLMSCHED_ROWS = [
         "session_id": "s1",
         "turn": 2,
         "tool_time": 1.5,
+        "score": -0.75,
     },
     {"request_id": "c", "arrival": 0.1, "prompt_tokens": 1, "output_tokens": 1, "tier": None},
 ]
@@ -213,7 +214,8 @@ def test_llmsched_values_and_defaults(tmp_path):
     assert w.timed  # no header: timed
     assert [r.request_id for r in w] == ["a", "c", "b"]  # sorted by arrival
     b = w[2]
-    assert b == Request("b", 0.25, 100, 50, 40, "why?", 0.5, 0.05, -1, "gold", "s1", 2, 1.5)
+    assert b == Request("b", 0.25, 100, 50, 40, "why?", 0.5, 0.05, -1, "gold", "s1", 2, 1.5, -0.75)
+    assert np.isnan(w.columns["score"][0])  # no score: NaN in the column, None in a Request
     assert w[0] == Request("a", 0.0, 10, 5)
     assert w.columns["tier"].tolist() == [None, None, "gold"]
 
@@ -263,6 +265,7 @@ def requests(draw, i):
         session_id=draw(st.none() | text_st),
         turn=draw(st.integers(0, 1000)),
         tool_time=draw(st.floats(0, 1e4)),
+        score=draw(st.none() | st.floats(-1e6, 1e6, allow_nan=False)),
     )
 
 

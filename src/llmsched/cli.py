@@ -49,6 +49,12 @@ def _run_flags() -> argparse.ArgumentParser:
         help="skip unservable trace rows (e.g. 0 output tokens) and report them",
     )
     w.add_argument("--seed", type=int)
+    w.add_argument(
+        "--scores",
+        metavar="SPEC",
+        help="predictor scores for pars/ltr: oracle, prompt-length, model:DIR, or "
+        "noisy-oracle,tau=0.6,seed=0",
+    )
     h = p.add_argument_group("hardware and engine")
     h.add_argument("--model", help="e.g. llama-3-8b, llama-2-70b, or a Hugging Face id")
     h.add_argument("--gpu", help="e.g. a100-80gb, h100, h200, l40s")
@@ -106,6 +112,7 @@ CONFIG_FLAGS = [
     "sample",
     "skip_invalid",
     "seed",
+    "scores",
     "model",
     "gpu",
     "tp",
@@ -419,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
         "shape): llmsched profile --model NAME --tp 1 --out DIR",
         add_help=False,
     )
+    from llmsched.predict.commands import add_commands as add_predict_commands
+
+    add_predict_commands(sub)  # train-ranker, eval-ranker
     lst = sub.add_parser("list", help="policies, routers, models and GPUs")
     lst.set_defaults(func=cmd_list)
     return parser

@@ -39,6 +39,12 @@ class SimulationConfig:
     sample: str = "head"  # head: the first N requests; random: N drawn with replacement
     skip_invalid: bool = False  # skip trace rows that are not servable (reported)
     seed: int = 0
+    # Per-request predictor scores for PARS-style policies (llmsched.workload.scores), e.g.
+    # {source: noisy-oracle, tau: 0.6, seed: 0}, "oracle", "prompt-length", "model:DIR".
+    scores: str | dict | None = None
+    # Keep only one split (train | val | test) of the length predictor's hash split by
+    # conversation (llmsched.predict.data): schedule prompts the predictor never trained on.
+    split: str | None = None
     # --- hardware ---
     model: str = "llama-3-8b"
     gpu: str = "a100-80gb"
@@ -113,6 +119,13 @@ class SimulationConfig:
                     if not isinstance(changes, dict)
                     else f"run {name!r} has unknown key(s) {sorted(set(changes) - known)}"
                 )
+        if self.scores is not None:
+            from llmsched.workload.scores import ScoreSpec
+
+            try:
+                ScoreSpec.parse(self.scores)
+            except ValueError as err:
+                problems.append(str(err))
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
         return self

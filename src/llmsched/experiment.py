@@ -53,6 +53,10 @@ def load_workload(cfg: SimulationConfig) -> Workload:
         workload = workload.with_columns(tpot_slo=np.full(len(workload), float(cfg.tbt)))
     if cfg.tiers:
         workload = assign_tiers(workload, cfg.tiers, cfg.seed)
+    if cfg.scores is not None:
+        from llmsched.workload.scores import attach_scores
+
+        workload = attach_scores(workload, cfg.scores)
     workload.skipped = skipped  # unservable trace rows skipped on reading, for the report
     return workload
 
@@ -71,6 +75,12 @@ def _requests(cfg: SimulationConfig) -> Workload:
         source = read_alpaca_eval(resolve(cfg.trace), cfg.generator or DEFAULT_GENERATOR)
     else:
         source = read_trace(resolve(cfg.trace), cfg.trace_format, skip_invalid=cfg.skip_invalid)
+    if cfg.split is not None:
+        from llmsched.workload.scores import held_out
+
+        skipped = getattr(source, "skipped", 0)
+        source = held_out(source, cfg.split)
+        source.skipped = skipped
     arrival = cfg.arrival
     if arrival == "auto":
         arrival = "trace" if source.timed and cfg.rate is None else "poisson"

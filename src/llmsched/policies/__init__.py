@@ -2,6 +2,7 @@
 
 from llmsched.policies import (  # noqa: F401
     oracle,
+    pars,
     pascal,
     rad,
     round_robin,

@@ -545,4 +545,5 @@ _DEFAULTS = {
     "session_id": None,
     "turn": 0,
     "tool_time": 0.0,
+    "score": math.nan,
 }

@@ -33,6 +33,9 @@ class Request:
     session_id: str | None = None
     turn: int = 0
     tool_time: float = 0.0  # seconds of tool call after this turn, before the session's next turn
+    # A length predictor's ranking score (higher = longer response expected); None = none
+    # (NaN in the Workload column). Set by llmsched.workload.scores, read by PARS-style policies.
+    score: float | None = None
 
     def __post_init__(self) -> None:
         problem = request_problem(
@@ -78,6 +81,7 @@ _NUMERIC = {
     "priority": np.int64,
     "turn": np.int64,
     "tool_time": np.float64,
+    "score": np.float64,  # NaN = none
 }
 _OBJECT = ("request_id", "prompt_text", "tier", "session_id")
 FIELDS = tuple(f.name for f in fields(Request))
@@ -95,7 +99,7 @@ class Workload:
         self.timed = timed
         self.columns: dict[str, np.ndarray] = {}
         for name, dtype in _NUMERIC.items():
-            default = np.nan if name.endswith("_slo") else 0
+            default = np.nan if name.endswith("_slo") or name == "score" else 0
             col = columns.get(name)
             self.columns[name] = (
                 np.full(n, default, dtype=dtype) if col is None else np.asarray(col, dtype=dtype)
@@ -151,7 +155,7 @@ class Workload:
             if name in _OBJECT:
                 if name == "request_id" or any(v is not None for v in values):
                     columns[name] = np.asarray(values, dtype=object)
-            elif name.endswith("_slo"):
+            elif name.endswith("_slo") or name == "score":
                 columns[name] = np.array([np.nan if v is None else v for v in values], float)
             else:
                 columns[name] = np.array(values, dtype=_NUMERIC[name])
@@ -170,7 +174,7 @@ class Workload:
             col = c[name]
             return None if col is None else col[i]
 
-        def slo(name: str):
+        def slo(name: str):  # NaN = None
             v = float(c[name][i])
             return None if np.isnan(v) else v
 
@@ -188,6 +192,7 @@ class Workload:
             session_id=obj("session_id"),
             turn=int(c["turn"][i]),
             tool_time=float(c["tool_time"][i]),
+            score=slo("score"),
         )
 
     def __iter__(self) -> Iterator[Request]:

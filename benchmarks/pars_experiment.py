@@ -1,0 +1,381 @@
+"""PARS scheduling experiment: prompt-aware ranking vs FCFS and the oracles, in the simulator.
+
+    .venv/bin/python benchmarks/pars_experiment.py            # both GPUs, 3,000 requests a point
+    .venv/bin/python benchmarks/pars_experiment.py --quick    # 1,500 requests, A100 only
+    .venv/bin/python benchmarks/pars_experiment.py --plots docs/img   # also write the PNGs
+
+Workload and engine: configs/pars/sharegpt-llama3-8b-{a100,h100}.yaml, i.e. the first N ShareGPT
+V3 turns of the predictor's held-out *test* split (hash of the conversation,
+llmsched.predict.data), real response lengths (cl100k tokens), Poisson arrivals; Llama-3-8B on
+one A100-80GB or H100-80GB, roofline latency model, vLLM V1 limits (2,048 batched tokens, 256
+sequences), recompute. Each point is the workload `llmsched compare --config FILE --rate R`
+simulates (checked below); scores are computed once and shared by all rates.
+
+1. Rate sweep, light load to overload: fcfs; pars with the trained pairwise ranker, the
+   pointwise and the ListMLE predictors, and the prompt length; ltr (vllm-ltr) with the ListMLE
+   scores; oracle sjf and srpt. Mean/p50/p90/p99 E2E latency and TTFT.
+2. Ranking quality: pars and ltr with noisy-oracle scores of Kendall's tau 0 ... 1 at a fixed
+   high rate (A100).
+
+Trained predictors are read from /work/models (``--models DIR``); a missing one is reported and
+its rows are left out. Results: stdout and benchmarks/results/pars.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from llmsched.config import load_config  # noqa: E402
+from llmsched.experiment import load_workload, simulate  # noqa: E402
+from llmsched.workload.generators import build_workload  # noqa: E402
+from llmsched.workload.request import Workload  # noqa: E402
+from llmsched.workload.scores import compute_scores, kendall_tau  # noqa: E402
+
+CONFIGS = {
+    "a100-80gb": ROOT / "configs/pars/sharegpt-llama3-8b-a100.yaml",
+    "h100": ROOT / "configs/pars/sharegpt-llama3-8b-h100.yaml",
+}
+# Light load to overload. FCFS's throughput saturates near 26.5 req/s on the A100 (with all
+# 256 sequence slots full) and near 60 req/s on the H100 in this model.
+# The last point, 1,000 req/s, is a burst (all requests queued within ~3 s), as vllm-ltr's.
+RATES = {"a100-80gb": (10, 26, 30, 34, 40, 50, 1000), "h100": (25, 55, 62, 70, 80, 100, 1000)}
+TAU_RATE = ("a100-80gb", 34)
+TAUS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+PREDICTORS = {  # score name -> folder under --models
+    "pairwise": "pars-sharegpt-minilm",
+    "pointwise": "pointwise-sharegpt-minilm-1k",
+    "listmle": "listmle-sharegpt-minilm-1k",
+}
+NO_PREEMPT = {"preempt": False}
+NO_STARVATION = {"starvation_threshold": None}
+# (label, policy, score source, policy parameters)
+VARIANTS = (
+    ("fcfs", "fcfs", None, {}),
+    ("pars", "pars", "pairwise", {}),
+    ("pars-pointwise", "pars", "pointwise", {}),
+    ("pars-listmle", "pars", "listmle", {}),
+    ("pars-promptlen", "pars", "prompt-length", {}),
+    ("pars-np", "pars", "pairwise", NO_PREEMPT),  # waiting-queue order only
+    ("ltr", "ltr", "listmle", {}),
+    ("ltr-nostarv", "ltr", "listmle", NO_STARVATION),
+    ("sjf", "sjf", None, {}),
+    ("srpt", "srpt", None, {}),
+)
+METRICS = ("e2el", "ttft")
+STATS = ("mean", "median", "p90", "p99")
+
+_BASE: Workload | None = None
+_SCORES: dict[str, np.ndarray] = {}
+
+
+def config(gpu: str, **overrides):
+    """The experiment's config for a GPU, without its score source (scores are shared)."""
+    return load_config(CONFIGS[gpu], **overrides).replace(scores=None)
+
+
+def test_workload(n: int, seed: int) -> Workload:
+    """The config's requests (held-out ShareGPT turns) with their prompt texts; arrivals are
+    drawn per rate."""
+    return load_workload(config("a100-80gb", num_requests=n, seed=seed))
+
+
+def model_scores(base: Workload, path: Path) -> np.ndarray:
+    """`load_predictor(path).score(prompts)`; for a frozen encoder, the same numbers from the
+    encoder's on-disk embedding cache, so the three rankers embed the prompts once."""
+    from llmsched.predict import load_predictor
+
+    predictor = load_predictor(path)
+    encoder = getattr(predictor, "encoder", None)
+    if encoder is not None and getattr(predictor, "finetuned", True) is False:
+        texts = list(base.columns["prompt_text"])
+        return predictor.score_embeddings(encoder.embed_cached(texts))
+    return compute_scores(base, f"model:{path}")
+
+
+def all_scores(base: Workload, folders: dict[str, Path]) -> tuple[dict, list[str]]:
+    scores = {
+        "oracle": compute_scores(base, "oracle"),
+        "prompt-length": compute_scores(base, "prompt-length"),
+    }
+    missing = []
+    for name, path in folders.items():
+        if not path.exists():
+            missing.append(f"{name} ({path})")
+            continue
+        start = time.perf_counter()
+        scores[name] = model_scores(base, path)
+        print(f"scored {len(base)} prompts with {path} in {time.perf_counter() - start:.1f} s")
+    for tau in TAUS:
+        scores[f"tau={tau}"] = compute_scores(base, {"source": "noisy-oracle", "tau": tau})
+    return scores, missing
+
+
+def _init(base: Workload, scores: dict[str, np.ndarray]) -> None:
+    global _BASE, _SCORES
+    _BASE, _SCORES = base, scores
+
+
+def run(
+    gpu: str, rate: float, label: str, policy: str, score: str | None, params: dict, seed: int
+) -> dict:
+    workload = _BASE
+    if score is not None:
+        workload = workload.with_columns(score=_SCORES[score])
+    workload = build_workload(workload, arrival="poisson", rate=rate, seed=seed)
+    cfg = config(
+        gpu, num_requests=len(workload), policy=policy, rate=rate, seed=seed, policy_params=params
+    )
+    start = time.perf_counter()
+    result = simulate(cfg, workload)
+    s = result.summary
+    row = {"gpu": gpu, "rate": rate, "label": label, "policy": policy, "score": score}
+    row["params"] = params
+    row |= {f"{st}_{m}_s": s[f"{st}_{m}_ms"] / 1000 for m in METRICS for st in STATS}
+    row |= {
+        "completed": s["completed"],
+        "request_throughput": s["request_throughput"],
+        "preemptions": int(result.collector.column("preemptions").sum()),
+        "wall_s": time.perf_counter() - start,
+    }
+    return row
+
+
+def table(rows: list[dict], key: str, title: str) -> str:
+    lines = [title]
+    head = f"{key:>6s} {'policy':16s}" + "".join(
+        f" {m.upper()[:4]}{st[:4]:>6s}" for m in METRICS for st in STATS
+    )
+    lines.append(head + "   done  req/s  preempt")
+    for r in rows:
+        values = "".join(f" {r[f'{st}_{m}_s']:10.2f}" for m in METRICS for st in STATS)
+        lines.append(
+            f"{r[key]:>6} {r['label']:16s}{values} {r['completed']:6d} "
+            f"{r['request_throughput']:6.2f} {r['preemptions'] or 0:8d}"
+        )
+    lines.append("(seconds)")
+    return "\n".join(lines)
+
+
+def markdown(rows: list[dict], key: str) -> str:
+    """The same table in Markdown (for docs/pars-scheduling.md)."""
+    cols = [f"{m.upper()} {st}" for m in ("E2E", "TTFT") for st in ("mean", "p50", "p90", "p99")]
+    lines = [
+        f"| {key} | policy | " + " | ".join(cols) + " | req/s | preemptions |",
+        "|" + "---|" * (len(cols) + 4),
+    ]
+    for r in rows:
+        values = " | ".join(f"{r[f'{st}_{m}_s']:.2f}" for m in METRICS for st in STATS)
+        lines.append(
+            f"| {r[key]} | {r['label']} | {values} | {r['request_throughput']:.2f} | "
+            f"{r['preemptions']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for gpu in {r["gpu"] for r in results["rates"]}:
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+        for ax, (metric, title) in zip(
+            axes,
+            (
+                ("mean_e2el_s", "mean E2E latency"),
+                ("p99_e2el_s", "p99 E2E latency"),
+                ("mean_ttft_s", "mean TTFT"),
+            ),
+            strict=True,
+        ):
+            for label in dict.fromkeys(r["label"] for r in results["rates"]):
+                pts = [r for r in results["rates"] if r["gpu"] == gpu and r["label"] == label]
+                style = "--" if label in ("sjf", "srpt") else "-"
+                ax.plot(
+                    [p["rate"] for p in pts],
+                    [p[metric] for p in pts],
+                    style,
+                    marker="o",
+                    ms=3,
+                    label=label,
+                )
+            ax.set_xlabel("Poisson rate (req/s)")
+            ax.set_ylabel("seconds")
+            ax.set_yscale("log")
+            ax.set_title(f"{title}, Llama-3-8B on {gpu}")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / f"pars-rate-{gpu}.png", dpi=110)
+        plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    taus = results["taus"]
+    refs = {r["label"]: r for r in results["tau_refs"]}
+    for ax, metric, title in zip(
+        axes, ("mean_e2el_s", "p99_e2el_s"), ("mean E2E latency", "p99 E2E latency"), strict=True
+    ):
+        for label in ("pars", "pars-np", "ltr"):
+            pts = [r for r in taus if r["label"].split()[0] == label]
+            ax.plot(
+                [p["tau_realized"] for p in pts],
+                [p[metric] for p in pts],
+                marker="o",
+                label=f"{label} (noisy oracle)",
+            )
+        for label, color in (("fcfs", "grey"), ("sjf", "black"), ("srpt", "green")):
+            if label in refs:
+                ax.axhline(refs[label][metric], color=color, ls=":", label=label)
+        for label, marker in (
+            ("pars", "*"),
+            ("pars-np", "P"),
+            ("pars-pointwise", "s"),
+            ("pars-listmle", "^"),
+        ):
+            if label in refs and refs[label].get("tau") is not None:
+                ax.plot(
+                    refs[label]["tau"],
+                    refs[label][metric],
+                    marker,
+                    ms=10,
+                    ls="",
+                    label=f"{label} (trained)",
+                )
+        ax.set_xlabel("Kendall's tau of the scores vs true lengths")
+        ax.set_ylabel("seconds")
+        ax.set_title(f"{title} at {TAU_RATE[1]} req/s, {TAU_RATE[0]}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / "pars-tau.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1,500 requests, A100 only")
+    parser.add_argument("--requests", type=int, help="requests per point (default 3,000)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", default="/work/models", help="trained predictors' folder")
+    for name, folder in PREDICTORS.items():
+        parser.add_argument(f"--{name}", metavar="DIR", help=f"default: MODELS/{folder}")
+    parser.add_argument("--plots", metavar="DIR", help="write PNG plots there")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/pars.json"))
+    opts = parser.parse_args()
+    n = opts.requests or (1500 if opts.quick else 3000)
+    gpus = ["a100-80gb"] if opts.quick else list(RATES)
+    start = time.perf_counter()
+
+    base = test_workload(n, opts.seed)
+    print(f"workload: {base.describe()} (held-out test split of {base.source})")
+    # The benchmark's arrivals are those of `llmsched compare --config FILE --rate R`:
+    rate = RATES["a100-80gb"][0]
+    again = build_workload(base, arrival="poisson", rate=rate, seed=opts.seed)
+    cli = load_workload(config("a100-80gb", num_requests=n, seed=opts.seed, rate=rate))
+    assert np.array_equal(again.arrivals, cli.arrivals), "benchmark and CLI workloads differ"
+    folders = {
+        name: Path(getattr(opts, name) or Path(opts.models) / folder)
+        for name, folder in PREDICTORS.items()
+    }
+    scores, missing = all_scores(base, folders)
+    # Prompt texts are scored: the workers need only the numbers.
+    base = Workload(
+        {k: v for k, v in base.columns.items() if v is not None and k != "prompt_text"},
+        source=base.source,
+        timed=base.timed,
+    )
+    truth = base.columns["output_tokens"]
+    taus = {name: kendall_tau(s, truth) for name, s in scores.items()}
+    print("Kendall's tau of each score vs true output length on this workload:")
+    for name, tau in taus.items():
+        print(f"  {name:14s} {tau:6.3f}")
+    if missing:
+        print("MISSING predictors (rows left out): " + ", ".join(missing))
+    variants = [v for v in VARIANTS if v[2] is None or v[2] in scores]
+    left_out = [v[0] for v in VARIANTS if v not in variants]
+    if left_out:
+        print("left out for want of their predictor: " + ", ".join(left_out))
+
+    jobs = [
+        (gpu, rate, label, policy, score, params, opts.seed)
+        for gpu in gpus
+        for rate in RATES[gpu]
+        for label, policy, score, params in variants
+    ]
+    gpu, rate = TAU_RATE
+    tau_jobs = [
+        (gpu, rate, f"{label} tau={tau}", policy, f"tau={tau}", params, opts.seed)
+        for tau in TAUS
+        for label, policy, params in (
+            ("pars", "pars", {}),
+            ("pars-np", "pars", NO_PREEMPT),
+            ("ltr", "ltr", {}),
+        )
+    ]
+    with ProcessPoolExecutor(opts.workers, initializer=_init, initargs=(base, scores)) as pool:
+        rows = list(pool.map(run, *zip(*jobs, strict=True)))
+        tau_rows = list(pool.map(run, *zip(*tau_jobs, strict=True)))
+    for r in tau_rows:
+        r["tau_target"] = float(r["score"].split("=")[1])
+        r["tau_realized"] = taus[r["score"]]
+    tau_refs = [r for r in rows if (r["gpu"], r["rate"]) == TAU_RATE]
+    for r in tau_refs:
+        r["tau"] = taus.get(r["score"]) if r["score"] else None
+
+    for g in gpus:
+        print()
+        print(table([r for r in rows if r["gpu"] == g], "rate", f"Llama-3-8B on {g}, {n} requests"))
+    print()
+    print(table(tau_rows, "tau_target", f"noisy-oracle scores at {rate} req/s on {gpu}"))
+    results = {
+        "requests": n,
+        "seed": opts.seed,
+        "workload": base.describe(),
+        "score_tau": taus,
+        "missing_predictors": missing,
+        "predictors": {k: str(v) for k, v in folders.items()},
+        "rates": rows,
+        "taus": tau_rows,
+        "tau_refs": tau_refs,
+        "wall_s": time.perf_counter() - start,
+    }
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    md = [
+        f"### Llama-3-8B on {g}, {n} requests (seconds)\n\n"
+        + markdown([r for r in rows if r["gpu"] == g], "rate")
+        for g in gpus
+    ]
+    md.append(
+        f"### Noisy-oracle scores at {rate} req/s on {gpu} (seconds)\n\n"
+        + markdown(tau_rows, "tau_target")
+    )
+    out.with_suffix(".md").write_text("\n\n".join(md) + "\n")
+    print(f"\nwrote {out} and .md ({results['wall_s']:.0f} s wall, {opts.workers} workers)")
+    if opts.plots:
+        plot(results, Path(opts.plots))
+        print(f"wrote {opts.plots}/pars-rate-*.png and pars-tau.png")
+    print(
+        f"reproduce: .venv/bin/python benchmarks/pars_experiment.py --requests {n} "
+        f"--seed {opts.seed}"
+        + ("" if len(gpus) > 1 else " --quick")
+        + "".join(f" --{k} {v}" for k, v in folders.items())
+        + (" --plots DIR" if opts.plots else "")
+    )
+
+
+if __name__ == "__main__":
+    main()
