@@ -239,10 +239,11 @@ def test_full_mode_takes_a_few_steps(tmp_path):
     from llmsched.predict.train import TrainConfig, train_predictor
 
     data = load_jsonl(synthetic_jsonl(tmp_path / "synth.jsonl"))
-    train, val = data.subset(range(0, 40)), data.subset(range(100, 120))
-    config = TrainConfig(mode="full", batch_size=8, epochs=1, max_steps=3, progress=False)
+    train, val = data.subset(range(0, 20)), data.subset(range(100, 110))
+    config = TrainConfig(mode="full", batch_size=4, epochs=1, max_steps=2, progress=False)
     predictor = train_predictor(train, val, config)
-    assert predictor.meta["history"][0]["steps"] == 3
+    assert predictor.meta["history"][0]["steps"] == 2
+    assert predictor.meta["train_config"]["lr"] == 2e-5
     loaded = load_predictor(predictor.save(tmp_path / "full"))
     assert (tmp_path / "full" / "encoder").is_dir()
     np.testing.assert_allclose(
