@@ -173,6 +173,12 @@ def encoder():
     return Encoder()
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One embedding cache for the module: the synthetic prompts are embedded once."""
+    return tmp_path_factory.mktemp("cache")
+
+
 STYLES = [  # the response length is set by the request's wording
     ("Answer with one word: is this about", 3),
     ("Give a short one-sentence answer about", 25),
@@ -197,10 +203,10 @@ def synthetic_jsonl(path, seed=0):
     return path
 
 
-def test_frozen_pairwise_learns_and_round_trips(tmp_path, monkeypatch, encoder):
+def test_frozen_pairwise_learns_and_round_trips(tmp_path, monkeypatch, encoder, cache):
     from llmsched.predict.train import TrainConfig, train_predictor
 
-    monkeypatch.setenv("LLMSCHED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLMSCHED_CACHE", str(cache))
     data = load_jsonl(synthetic_jsonl(tmp_path / "synth.jsonl"))
     rng = np.random.default_rng(1)
     order = rng.permutation(len(data))
@@ -210,7 +216,7 @@ def test_frozen_pairwise_learns_and_round_trips(tmp_path, monkeypatch, encoder):
     scores = predictor.score(val.prompts)
     assert kendall_tau(scores, val.lengths) > 0.7
     assert predictor.meta["val_pairwise_accuracy"] > 0.85
-    assert list((tmp_path / "cache").glob("embeddings/*.npy"))  # embeddings were cached
+    assert list(cache.glob("embeddings/*.npy"))  # embeddings were cached
     loaded = load_predictor(predictor.save(tmp_path / "model"))
     again = loaded.score(val.prompts)
     assert again.dtype == np.float64
@@ -220,10 +226,10 @@ def test_frozen_pairwise_learns_and_round_trips(tmp_path, monkeypatch, encoder):
 
 
 @pytest.mark.parametrize("method", ["listmle", "pointwise", "tfidf"])
-def test_baselines_train_and_round_trip(tmp_path, monkeypatch, method, encoder):
+def test_baselines_train_and_round_trip(tmp_path, monkeypatch, method, encoder, cache):
     from llmsched.predict.train import TrainConfig, train_predictor
 
-    monkeypatch.setenv("LLMSCHED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLMSCHED_CACHE", str(cache))
     data = load_jsonl(synthetic_jsonl(tmp_path / "synth.jsonl"))
     order = np.random.default_rng(2).permutation(len(data))
     train, val = data.subset(order[:90]), data.subset(order[90:])
