@@ -280,3 +280,26 @@ def test_cli_train_and_eval_ranker(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "kendall_tau" in printed and "latency_ms_batch1" in printed
     assert main(["eval-ranker", "--model", str(tmp_path / "nope"), "--data", str(rows)]) == 2
+
+
+@needs_data
+def test_cross_model_table(tmp_path, capsys):
+    from llmsched.cli import main
+    from llmsched.predict.data import alpaca_length_matrix
+    from llmsched.predict.evaluate import cross_model
+
+    gens = ["gpt4_1106_preview", "Meta-Llama-3-8B-Instruct", "claude-2.1"]
+    matrix, names = alpaca_length_matrix()
+    assert matrix.shape == (805, len(names)) and len(names) > 200
+    reference = load_alpaca_eval(gens[0])
+    truth = dict(zip(reference.prompts, reference.lengths))
+    rows = cross_model(None, gens, score_fn=lambda ts: np.array([truth[t] for t in ts]))
+    assert [r["generator"] for r in rows] == gens
+    assert rows[0]["kendall_tau"] == pytest.approx(1.0)  # a generator ranks itself perfectly
+    assert 0.2 < rows[1]["kendall_tau"] < 1.0 and 200 < rows[1]["prompts"] < 300
+    with pytest.raises(ValueError, match="unknown AlpacaEval generator"):
+        cross_model(PromptLengthPredictor(), ["no-such-model"])
+    model = PromptLengthPredictor().save(tmp_path / "plen")
+    argv = ["eval-ranker", "--model", str(model), "--data", "alpaca_eval", "--cross-model"]
+    assert main([*argv, "--generators", ",".join(gens)]) == 0
+    assert "Meta-Llama-3-8B-Instruct" in capsys.readouterr().out
