@@ -173,6 +173,12 @@ def encoder():
     return Encoder()
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One embedding cache for the module: the synthetic prompts are embedded once."""
+    return tmp_path_factory.mktemp("cache")
+
+
 STYLES = [  # the response length is set by the request's wording
     ("Answer with one word: is this about", 3),
     ("Give a short one-sentence answer about", 25),
@@ -197,10 +203,10 @@ def synthetic_jsonl(path, seed=0):
     return path
 
 
-def test_frozen_pairwise_learns_and_round_trips(tmp_path, monkeypatch, encoder):
+def test_frozen_pairwise_learns_and_round_trips(tmp_path, monkeypatch, encoder, cache):
     from llmsched.predict.train import TrainConfig, train_predictor
 
-    monkeypatch.setenv("LLMSCHED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLMSCHED_CACHE", str(cache))
     data = load_jsonl(synthetic_jsonl(tmp_path / "synth.jsonl"))
     rng = np.random.default_rng(1)
     order = rng.permutation(len(data))
@@ -210,7 +216,7 @@ def test_frozen_pairwise_learns_and_round_trips(tmp_path, monkeypatch, encoder):
     scores = predictor.score(val.prompts)
     assert kendall_tau(scores, val.lengths) > 0.7
     assert predictor.meta["val_pairwise_accuracy"] > 0.85
-    assert list((tmp_path / "cache").glob("embeddings/*.npy"))  # embeddings were cached
+    assert list(cache.glob("embeddings/*.npy"))  # embeddings were cached
     loaded = load_predictor(predictor.save(tmp_path / "model"))
     again = loaded.score(val.prompts)
     assert again.dtype == np.float64
@@ -220,10 +226,10 @@ def test_frozen_pairwise_learns_and_round_trips(tmp_path, monkeypatch, encoder):
 
 
 @pytest.mark.parametrize("method", ["listmle", "pointwise", "tfidf"])
-def test_baselines_train_and_round_trip(tmp_path, monkeypatch, method, encoder):
+def test_baselines_train_and_round_trip(tmp_path, monkeypatch, method, encoder, cache):
     from llmsched.predict.train import TrainConfig, train_predictor
 
-    monkeypatch.setenv("LLMSCHED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LLMSCHED_CACHE", str(cache))
     data = load_jsonl(synthetic_jsonl(tmp_path / "synth.jsonl"))
     order = np.random.default_rng(2).permutation(len(data))
     train, val = data.subset(order[:90]), data.subset(order[90:])
@@ -239,10 +245,11 @@ def test_full_mode_takes_a_few_steps(tmp_path):
     from llmsched.predict.train import TrainConfig, train_predictor
 
     data = load_jsonl(synthetic_jsonl(tmp_path / "synth.jsonl"))
-    train, val = data.subset(range(0, 40)), data.subset(range(100, 120))
-    config = TrainConfig(mode="full", batch_size=8, epochs=1, max_steps=3, progress=False)
+    train, val = data.subset(range(0, 20)), data.subset(range(100, 110))
+    config = TrainConfig(mode="full", batch_size=4, epochs=1, max_steps=2, progress=False)
     predictor = train_predictor(train, val, config)
-    assert predictor.meta["history"][0]["steps"] == 3
+    assert predictor.meta["history"][0]["steps"] == 2
+    assert predictor.meta["train_config"]["lr"] == 2e-5
     loaded = load_predictor(predictor.save(tmp_path / "full"))
     assert (tmp_path / "full" / "encoder").is_dir()
     np.testing.assert_allclose(
@@ -273,3 +280,26 @@ def test_cli_train_and_eval_ranker(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "kendall_tau" in printed and "latency_ms_batch1" in printed
     assert main(["eval-ranker", "--model", str(tmp_path / "nope"), "--data", str(rows)]) == 2
+
+
+@needs_data
+def test_cross_model_table(tmp_path, capsys):
+    from llmsched.cli import main
+    from llmsched.predict.data import alpaca_length_matrix
+    from llmsched.predict.evaluate import cross_model
+
+    gens = ["gpt4_1106_preview", "Meta-Llama-3-8B-Instruct", "claude-2.1"]
+    matrix, names = alpaca_length_matrix()
+    assert matrix.shape == (805, len(names)) and len(names) > 200
+    reference = load_alpaca_eval(gens[0])
+    truth = dict(zip(reference.prompts, reference.lengths))
+    rows = cross_model(None, gens, score_fn=lambda ts: np.array([truth[t] for t in ts]))
+    assert [r["generator"] for r in rows] == gens
+    assert rows[0]["kendall_tau"] == pytest.approx(1.0)  # a generator ranks itself perfectly
+    assert 0.2 < rows[1]["kendall_tau"] < 1.0 and 200 < rows[1]["prompts"] < 300
+    with pytest.raises(ValueError, match="unknown AlpacaEval generator"):
+        cross_model(PromptLengthPredictor(), ["no-such-model"])
+    model = PromptLengthPredictor().save(tmp_path / "plen")
+    argv = ["eval-ranker", "--model", str(model), "--data", "alpaca_eval", "--cross-model"]
+    assert main([*argv, "--generators", ",".join(gens)]) == 0
+    assert "Meta-Llama-3-8B-Instruct" in capsys.readouterr().out

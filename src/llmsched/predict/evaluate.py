@@ -48,10 +48,13 @@ def evaluate(
     latency_batch: int = 32,
     repeats: int = 20,
     progress: bool = False,
+    scores: np.ndarray | None = None,
 ) -> dict:
     """Kendall's tau-b and pairwise accuracy (pairs built with ``delta``) on ``data``, and the
-    median latency per request scoring one prompt at a time and ``latency_batch`` at a time."""
-    scores = score_all(predictor, data.prompts, progress)
+    median latency per request scoring one prompt at a time and ``latency_batch`` at a time.
+    ``scores`` may be given when already computed (e.g. from cached embeddings)."""
+    if scores is None:
+        scores = score_all(predictor, data.prompts, progress)
     pairs = make_pairs(data.lengths, k, delta, seed)
     result = {
         "prompts": len(data),
@@ -86,9 +89,11 @@ def cross_model(
     k: int = K_PAIRS,
     delta: float = DELTA,
     seed: int = SEED + 2,
+    score_fn=None,
 ) -> list[dict]:
     """tau and pairwise accuracy of one set of scores against each generator's lengths, on the
-    AlpacaEval instructions of ``split`` (all when ``split`` is None)."""
+    AlpacaEval instructions of ``split`` (all when ``split`` is None). ``score_fn`` replaces
+    ``predictor.score`` (e.g. a reference that reads true lengths)."""
     texts = alpaca_instructions()
     matrix, names = alpaca_length_matrix()
     generators = list(generators or CROSS_MODEL_GENERATORS)
@@ -101,7 +106,7 @@ def cross_model(
         if texts[i].strip()
         and (split is None or split_of(f"alpaca:{i}", ALPACA_FRACTIONS) == split)
     ]
-    scores = predictor.score([texts[i] for i in rows])
+    scores = (score_fn or predictor.score)([texts[i] for i in rows])
     out = []
     for g in generators:
         col = matrix[rows, names.index(g)]

@@ -11,6 +11,7 @@ test figures) and the kind's weights:
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 from collections.abc import Sequence
@@ -184,15 +185,26 @@ def load_predictor(model_dir: str | Path) -> Predictor:
         from llmsched.predict.encoder import Encoder
 
         finetuned = bool(config.get("finetuned_encoder"))
-        encoder = Encoder(
-            model_dir / "encoder" if finetuned else None, max_tokens=config.get("max_tokens", 128)
-        )
+        max_tokens = config.get("max_tokens", 128)
+        if finetuned:
+            encoder = Encoder(model_dir / "encoder", max_tokens=max_tokens)
+        else:
+            encoder = _frozen_encoder(max_tokens)
         head_config = config["head"]
         head = build_head(encoder.hidden_size, **head_config)
         head.load_state_dict(torch.load(model_dir / "head.pt", weights_only=True))
         head.eval()
         return EncoderHeadPredictor(encoder, head, head_config, finetuned, meta=meta)
     raise ValueError(f"{meta_path}: unknown predictor kind {kind!r}")
+
+
+@functools.lru_cache(maxsize=2)
+def _frozen_encoder(max_tokens: int):
+    """The packaged MiniLM, loaded once per process: frozen-mode predictors never change it, so
+    several of them (a ranker and its baselines) share one copy."""
+    from llmsched.predict.encoder import Encoder
+
+    return Encoder(max_tokens=max_tokens)
 
 
 def _jsonable(value):

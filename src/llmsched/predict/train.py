@@ -77,10 +77,11 @@ def train_predictor(train: LengthData, val: LengthData, config: TrainConfig, enc
     started = time.perf_counter()
     if config.method == "tfidf":
         predictor = _train_tfidf(train, config)
+        val_scores = predictor.score(val.prompts)
     else:
-        predictor = _train_neural(train, val, config, encoder)
+        predictor, score_val = _train_neural(train, val, config, encoder)
+        val_scores = score_val()  # frozen mode: from the cached embeddings
     val_pairs = make_pairs(val.lengths, config.k_pairs, config.delta, config.seed + 1)
-    val_scores = predictor.score(val.prompts)
     predictor.meta.update(
         method=config.method,
         mode=config.mode if config.method != "tfidf" else None,
@@ -142,9 +143,17 @@ def _train_neural(train: LengthData, val: LengthData, config: TrainConfig, encod
         def set_train(on: bool) -> None:
             head.train(on)
 
-    history = _fit(train, val, config, params, score_train, score_val, set_train, head, encoder)
+    # A small head's matrices are too small to share between threads: with two threads each
+    # step is mostly synchronisation (8x slower measured on 2 busy cores), so one thread trains.
+    threads = torch.get_num_threads()
+    if not finetune:
+        torch.set_num_threads(1)
+    try:
+        history = _fit(train, val, config, params, score_train, score_val, set_train, head, encoder)
+    finally:
+        torch.set_num_threads(threads)
     predictor.meta["history"] = history
-    return predictor
+    return predictor, score_val
 
 
 def _fit(
