@@ -384,6 +384,9 @@ def test_alpaca_eval_reader_takes_one_generators_lengths(tmp_path):
     assert list(w.columns["output_tokens"]) == [100, 101, 102]
     assert list(w.columns["prompt_tokens"]) == [3, 4, 5]
     assert w[1].prompt_text == "do 1"
+    from llmsched.predict.data import load_alpaca_eval  # the predictor reads the same table
+
+    assert list(load_alpaca_eval("gpt-x", folder=tmp_path).lengths) == [100, 101, 102]
     with pytest.raises(ValueError, match="Close: gpt-x"):
         read_alpaca_eval(tmp_path, "gpt-y")
     with pytest.raises(FileNotFoundError, match="AlpacaEval data"):

@@ -285,12 +285,12 @@ def test_cli_train_and_eval_ranker(tmp_path, monkeypatch, capsys):
 @needs_data
 def test_cross_model_table(tmp_path, capsys):
     from llmsched.cli import main
-    from llmsched.predict.data import alpaca_length_matrix
+    from llmsched.predict.data import alpaca_table
     from llmsched.predict.evaluate import cross_model
 
     gens = ["gpt4_1106_preview", "Meta-Llama-3-8B-Instruct", "claude-2.1"]
-    matrix, names = alpaca_length_matrix()
-    assert matrix.shape == (805, len(names)) and len(names) > 200
+    table = alpaca_table()
+    assert table.lengths.shape == (805, len(table.generators)) and len(table.generators) > 200
     reference = load_alpaca_eval(gens[0])
     truth = dict(zip(reference.prompts, reference.lengths))
     rows = cross_model(None, gens, score_fn=lambda ts: np.array([truth[t] for t in ts]))

@@ -17,7 +17,6 @@ inflate test scores).
 
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
 import json
@@ -28,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from llmsched.data import data_path, resolve
+from llmsched.workload.alpaca_eval import AlpacaEval, read_alpaca_eval_table
 
 SHAREGPT = "prompts/sharegpt/sharegpt_v3_prefix_pairs.jsonl.gz"
-ALPACA_INSTRUCTIONS = "prompts/alpaca_eval/alpaca_eval_instructions.jsonl"
-ALPACA_LENGTHS = "prompts/alpaca_eval/alpaca_eval_output_lengths.csv.gz"
+ALPACA_DIR = "prompts/alpaca_eval"
 
 SPLITS = ("train", "val", "test")
 # ShareGPT has 17k conversations: 10 % each for validation and test is plenty.
@@ -120,32 +119,9 @@ def load_sharegpt(path: str | Path | None = None) -> LengthData:
     )
 
 
-def alpaca_instructions(folder: str | Path | None = None) -> list[str]:
-    """The 805 AlpacaEval instructions, indexed by ``instruction_id``."""
-    path = _alpaca_file(folder, ALPACA_INSTRUCTIONS)
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
-    texts = [""] * (max(r["instruction_id"] for r in rows) + 1)
-    for r in rows:
-        texts[r["instruction_id"]] = r["instruction"]
-    return texts
-
-
-def alpaca_length_matrix(folder: str | Path | None = None) -> tuple[np.ndarray, list[str]]:
-    """Output tokens (cl100k) as a matrix: one row per instruction, one column per generator,
-    NaN where a generator has no answer. Returns (matrix, generator names)."""
-    path = _alpaca_file(folder, ALPACA_LENGTHS)
-    cells: dict[str, dict[int, float]] = {}
-    with gzip.open(path, "rt", encoding="utf-8", newline="") as fh:
-        for row in csv.DictReader(fh):
-            per_gen = cells.setdefault(row["generator"], {})
-            per_gen[int(row["instruction_id"])] = float(row["output_tokens_cl100k"])
-    generators = sorted(cells)
-    n = max(max(c) for c in cells.values()) + 1
-    matrix = np.full((n, len(generators)), np.nan)
-    for j, g in enumerate(generators):
-        for i, v in cells[g].items():
-            matrix[i, j] = v
-    return matrix, generators
+def alpaca_table(folder: str | Path | None = None) -> AlpacaEval:
+    """The AlpacaEval instructions x generators table (from the shared data by default)."""
+    return read_alpaca_eval_table(folder or data_path(ALPACA_DIR))
 
 
 def load_alpaca_eval(
@@ -153,19 +129,12 @@ def load_alpaca_eval(
 ) -> LengthData:
     """The AlpacaEval instructions with one generator's response lengths (rows without an
     answer, or with an empty one, are dropped)."""
-    texts = alpaca_instructions(folder)
-    matrix, generators = alpaca_length_matrix(folder)
-    if generator not in generators:
-        close = [g for g in generators if generator.lower()[:6] in g.lower()][:8]
-        hint = f"; similar: {', '.join(close)}" if close else ""
-        raise ValueError(
-            f"unknown AlpacaEval generator {generator!r} ({len(generators)} known{hint})"
-        )
-    col = matrix[:, generators.index(generator)]
-    keep = [i for i in range(len(texts)) if texts[i].strip() and np.isfinite(col[i]) and col[i] > 0]
+    table = alpaca_table(folder)
+    col = table.column(generator)
+    keep = [i for i, text in enumerate(table.texts) if text.strip() and col[i] > 0]
     return _nonempty(
         LengthData(
-            [texts[i] for i in keep],
+            [table.texts[i] for i in keep],
             col[keep],
             [f"alpaca:{i}" for i in keep],
             f"alpaca_eval:{generator}",
@@ -208,15 +177,6 @@ def load_dataset(spec: str) -> LengthData:
         _, _, generator = spec.partition(":")
         return load_alpaca_eval(generator or DEFAULT_GENERATOR)
     return load_jsonl(spec)
-
-
-def _alpaca_file(folder: str | Path | None, relative: str) -> Path:
-    if folder is None:
-        return data_path(relative)
-    path = Path(folder) / Path(relative).name
-    if not path.exists():
-        raise FileNotFoundError(f"AlpacaEval file not found: {path}")
-    return path
 
 
 def _nonempty(data: LengthData, source: object) -> LengthData:

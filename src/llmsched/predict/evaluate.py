@@ -9,8 +9,7 @@ import numpy as np
 from llmsched.predict.data import (
     ALPACA_FRACTIONS,
     LengthData,
-    alpaca_instructions,
-    alpaca_length_matrix,
+    alpaca_table,
     split_of,
 )
 from llmsched.predict.metrics import kendall_tau, latency_per_request, pairwise_accuracy
@@ -94,12 +93,9 @@ def cross_model(
     """tau and pairwise accuracy of one set of scores against each generator's lengths, on the
     AlpacaEval instructions of ``split`` (all when ``split`` is None). ``score_fn`` replaces
     ``predictor.score`` (e.g. a reference that reads true lengths)."""
-    texts = alpaca_instructions()
-    matrix, names = alpaca_length_matrix()
-    generators = list(generators or CROSS_MODEL_GENERATORS)
-    unknown = [g for g in generators if g not in names]
-    if unknown:
-        raise ValueError(f"unknown AlpacaEval generator(s): {', '.join(unknown)}")
+    table = alpaca_table()
+    texts = table.texts
+    columns = {g: table.column(g) for g in generators or CROSS_MODEL_GENERATORS}  # names checked
     rows = [
         i
         for i in range(len(texts))
@@ -108,8 +104,8 @@ def cross_model(
     ]
     scores = (score_fn or predictor.score)([texts[i] for i in rows])
     out = []
-    for g in generators:
-        col = matrix[rows, names.index(g)]
+    for g, column in columns.items():
+        col = column[rows]
         ok = np.isfinite(col) & (col > 0)
         pairs = make_pairs(col[ok], k, delta, seed)
         out.append(

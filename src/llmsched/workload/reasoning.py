@@ -18,60 +18,31 @@ counts the `</think>` token.
 from __future__ import annotations
 
 import ast
-import csv
-import gzip
 import json
 from pathlib import Path
 
 import numpy as np
 
+from llmsched.workload.alpaca_eval import read_alpaca_eval_table
 from llmsched.workload.request import Workload
 
 SPLITS = ("equal", "servegen", "heavy")
-ALPACA_INSTRUCTIONS = "alpaca_eval_instructions.jsonl"
-ALPACA_LENGTHS = "alpaca_eval_output_lengths.csv.gz"
 DEFAULT_GENERATOR = "gpt4_1106_preview_verbose"  # GPT-4 Turbo; answers 506 tokens mean
 
 
 def read_alpaca_eval(directory: str | Path, generator: str = DEFAULT_GENERATOR) -> Workload:
     """AlpacaEval's 805 instructions (text, cl100k tokens) with `generator`'s real response
     lengths as outputs; untimed (arrivals are generated)."""
-    directory = Path(directory)
-    for name in (ALPACA_INSTRUCTIONS, ALPACA_LENGTHS):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"AlpacaEval data: {directory / name} not found")
-    prompts = {}
-    with open(directory / ALPACA_INSTRUCTIONS) as fh:
-        for line in fh:
-            row = json.loads(line)
-            prompts[int(row["instruction_id"])] = (
-                row["instruction"],
-                int(row["instruction_tokens_cl100k"]),
-            )
-    lengths: dict[int, int] = {}
-    generators: set[str] = set()
-    with gzip.open(directory / ALPACA_LENGTHS, "rt") as fh:
-        for row in csv.DictReader(fh):
-            generators.add(row["generator"])
-            if row["generator"] == generator:
-                lengths[int(row["instruction_id"])] = int(row["output_tokens_cl100k"])
-    if not lengths:
-        import difflib
-
-        close = difflib.get_close_matches(generator, generators, n=3)
-        hint = f" Close: {', '.join(close)}." if close else ""
-        raise ValueError(
-            f"AlpacaEval has no responses from generator {generator!r} ({len(generators)} "
-            f"generators in {directory / ALPACA_LENGTHS}).{hint}"
-        )
-    ids = sorted(i for i in lengths if i in prompts and lengths[i] > 0)
+    table = read_alpaca_eval_table(directory)
+    lengths = table.column(generator)
+    ids = [i for i in range(len(table.texts)) if table.texts[i] and lengths[i] > 0]
     return Workload(
         {
             "request_id": np.array([f"alpaca-{i}" for i in ids], dtype=object),
             "arrival": np.zeros(len(ids)),
-            "prompt_tokens": np.array([max(1, prompts[i][1]) for i in ids]),
-            "output_tokens": np.array([lengths[i] for i in ids]),
-            "prompt_text": np.array([prompts[i][0] for i in ids], dtype=object),
+            "prompt_tokens": np.maximum(1, table.prompt_tokens[ids]),
+            "output_tokens": lengths[ids].astype(np.int64),
+            "prompt_text": np.array([table.texts[i] for i in ids], dtype=object),
         },
         source=f"{directory} ({generator})",
         timed=False,
