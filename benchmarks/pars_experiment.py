@@ -17,8 +17,15 @@ simulates (checked below); scores are computed once and shared by all rates.
 2. Ranking quality: pars and ltr with noisy-oracle scores of Kendall's tau 0 ... 1 at a fixed
    high rate (A100).
 
-Trained predictors are read from /work/models (``--models DIR``); a missing one is reported and
-its rows are left out. Results: stdout and benchmarks/results/pars.json.
+Trained predictors are read from models/ in the checkout (``--models DIR``); a missing one is
+reported and its rows are left out. Train them (about a minute each once the embeddings are
+cached; embedding the 49k train prompts the first time takes 10-30 min on 2 cores):
+
+    .venv/bin/llmsched train-ranker --data sharegpt --mode frozen --out models/pars-sharegpt-minilm
+    for m in pointwise listmle; do .venv/bin/llmsched train-ranker --data sharegpt \
+        --mode frozen --method $m --out models/$m-sharegpt-minilm; done
+
+Results: stdout and benchmarks/results/pars.json (and .md); progress on stderr.
 """
 
 from __future__ import annotations
@@ -53,8 +60,8 @@ TAU_RATE = ("a100-80gb", 34)
 TAUS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 PREDICTORS = {  # score name -> folder under --models
     "pairwise": "pars-sharegpt-minilm",
-    "pointwise": "pointwise-sharegpt-minilm-1k",
-    "listmle": "listmle-sharegpt-minilm-1k",
+    "pointwise": "pointwise-sharegpt-minilm",
+    "listmle": "listmle-sharegpt-minilm",
 }
 NO_PREEMPT = {"preempt": False}
 NO_STARVATION = {"starvation_threshold": None}
@@ -147,6 +154,16 @@ def run(
         "preemptions": int(result.collector.column("preemptions").sum()),
         "wall_s": time.perf_counter() - start,
     }
+    return row
+
+
+def progress(i: int, total: int, row: dict, start: float) -> dict:
+    print(
+        f"[{i + 1}/{total}, {time.perf_counter() - start:.0f} s] {row['gpu']} {row['rate']} req/s "
+        f"{row['label']}: mean E2E {row['mean_e2el_s']:.2f} s",
+        file=sys.stderr,
+        flush=True,
+    )
     return row
 
 
@@ -268,7 +285,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, help="requests per point (default 3,000)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", default="/work/models", help="trained predictors' folder")
+    parser.add_argument("--models", default=str(ROOT / "models"), help="trained predictors' folder")
     for name, folder in PREDICTORS.items():
         parser.add_argument(f"--{name}", metavar="DIR", help=f"default: MODELS/{folder}")
     parser.add_argument("--plots", metavar="DIR", help="write PNG plots there")
@@ -325,8 +342,9 @@ def main() -> None:
         )
     ]
     with ProcessPoolExecutor(opts.workers, initializer=_init, initargs=(base, scores)) as pool:
-        rows = list(pool.map(run, *zip(*jobs, strict=True)))
-        tau_rows = list(pool.map(run, *zip(*tau_jobs, strict=True)))
+        results = pool.map(run, *zip(*jobs, *tau_jobs, strict=True))
+        done = [progress(i, len(jobs) + len(tau_jobs), r, start) for i, r in enumerate(results)]
+    rows, tau_rows = done[: len(jobs)], done[len(jobs) :]
     for r in tau_rows:
         r["tau_target"] = float(r["score"].split("=")[1])
         r["tau_realized"] = taus[r["score"]]

@@ -58,30 +58,7 @@ def test_pars_serves_the_lower_predicted_score_first_whatever_the_true_length():
     assert first["B"] < first["C"]
 
 
-def test_pars_preempts_a_worse_score_running_request_under_kv_pressure():
-    """10 one-token blocks: A (score 5) holds 6 and its decode needs a 7th; B (score 0) needs 6:
-    A is preempted by recompute and B admitted in the same plan."""
-    run = simulate(
-        [scored("A", 0.0, prompt=6, output=5, score=5), scored("B", 0.001, prompt=6, output=1)],
-        "pars",
-        num_blocks=10,
-        block_size=1,
-    )
-    _, step = run.first(lambda s: s.preempted)
-    assert step.preempted == [("A", "recompute")]
-    assert step.items == [("B", 6)]
-    assert run.col("finish")["B"] < run.col("finish")["A"]
-
-
-def test_pars_never_preempts_for_a_worse_score():
-    run = simulate(
-        [scored("A", 0.0, prompt=6, output=5), scored("B", 0.001, prompt=6, output=1, score=5)],
-        "pars",
-        num_blocks=10,
-        block_size=1,
-    )
-    assert not any(s.preempted for s in run.steps)
-    assert run.col("first_scheduled")["B"] == run.col("finish")["A"]
+# Preempting for a better score, and never for a worse one: tests/test_policies.py (RANKED).
 
 
 def test_pars_without_preemption_and_oracle_scores_is_sjf():
@@ -152,18 +129,6 @@ def test_ltr_resorts_running_requests_pars_does_not():
     assert ltr.steps[1].items == [("B", 8)]
     pars = simulate(requests, "pars", num_blocks=1000, max_num_batched_tokens=8)
     assert pars.steps[1].items == [("A", 8)]
-
-
-def test_ltr_preempts_the_lowest_ranked_running_request_for_a_better_arrival():
-    run = simulate(
-        [scored("A", 0.0, prompt=6, output=5, score=5), scored("B", 0.001, prompt=6, output=1)],
-        "ltr",
-        num_blocks=10,
-        block_size=1,
-    )
-    _, step = run.first(lambda s: s.preempted)
-    assert step.preempted == [("A", "recompute")]
-    assert run.col("finish")["B"] < run.col("finish")["A"]
 
 
 @pytest.mark.parametrize("threshold,period", [(4, 2), (5, 3)])

@@ -199,12 +199,20 @@ def test_priority_admits_lower_value_first():
     assert first["A"] < first["B"] < first["C"]
 
 
-def test_priority_arrival_preempts_worse_priority_when_kv_is_short():
-    """10 one-token blocks; A (priority 5) holds 6 and its decode takes a 7th; B (priority 0,
-    prompt 6) needs 6: A is preempted and B admitted in the same plan."""
+# pars and ltr rank by a predictor's score where priority ranks by the user's priority.
+RANKED = [("priority", "priority"), ("pars", "score"), ("ltr", "score")]
+
+
+@pytest.mark.parametrize("policy,field", RANKED)
+def test_better_ranked_arrival_preempts_a_worse_one_when_kv_is_short(policy, field):
+    """10 one-token blocks; A (rank 5) holds 6 and its decode takes a 7th; B (rank 0, prompt 6)
+    needs 6: A is preempted and B admitted in the same plan."""
     run = simulate(
-        [req("A", 0.0, prompt=6, output=5, priority=5), req("B", 0.001, prompt=6, output=1)],
-        "priority",
+        [
+            req("A", 0.0, prompt=6, output=5, **{field: 5}),
+            req("B", 0.001, prompt=6, output=1, **{field: 0}),
+        ],
+        policy,
         num_blocks=10,
         block_size=1,
     )
@@ -214,12 +222,16 @@ def test_priority_arrival_preempts_worse_priority_when_kv_is_short():
     assert run.col("finish")["B"] < run.col("finish")["A"]
 
 
-def test_priority_never_preempts_a_better_priority():
-    """Same KV shortage, priorities swapped: the newcomer (priority 5) waits for A (priority 0)
-    to finish; nothing is preempted."""
+@pytest.mark.parametrize("policy,field", RANKED)
+def test_worse_ranked_arrival_never_preempts(policy, field):
+    """Same KV shortage, ranks swapped: the newcomer (rank 5) waits for A (rank 0) to finish;
+    nothing is preempted."""
     run = simulate(
-        [req("A", 0.0, prompt=6, output=5), req("B", 0.001, prompt=6, output=1, priority=5)],
-        "priority",
+        [
+            req("A", 0.0, prompt=6, output=5, **{field: 0}),
+            req("B", 0.001, prompt=6, output=1, **{field: 5}),
+        ],
+        policy,
         num_blocks=10,
         block_size=1,
     )
