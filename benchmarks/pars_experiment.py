@@ -217,18 +217,21 @@ def plot(results: dict, folder: Path) -> None:
             ),
             strict=True,
         ):
+            # Rates as evenly spaced categories: the burst would squeeze the others together.
+            rates = sorted({r["rate"] for r in results["rates"] if r["gpu"] == gpu})
             for label in dict.fromkeys(r["label"] for r in results["rates"]):
                 pts = [r for r in results["rates"] if r["gpu"] == gpu and r["label"] == label]
                 style = "--" if label in ("sjf", "srpt") else "-"
                 ax.plot(
-                    [p["rate"] for p in pts],
+                    [rates.index(p["rate"]) for p in pts],
                     [p[metric] for p in pts],
                     style,
                     marker="o",
                     ms=3,
                     label=label,
                 )
-            ax.set_xlabel("Poisson rate (req/s)")
+            ax.set_xticks(range(len(rates)), [f"{r:g}" for r in rates[:-1]] + ["burst"])
+            ax.set_xlabel("Poisson rate (req/s); burst: 1,000 req/s")
             ax.set_ylabel("seconds")
             ax.set_yscale("log")
             ax.set_title(f"{title}, Llama-3-8B on {gpu}")
@@ -290,7 +293,11 @@ def main() -> None:
         parser.add_argument(f"--{name}", metavar="DIR", help=f"default: MODELS/{folder}")
     parser.add_argument("--plots", metavar="DIR", help="write PNG plots there")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/pars.json"))
+    parser.add_argument("--replot", action="store_true", help="only redraw --plots from --out")
     opts = parser.parse_args()
+    if opts.replot:
+        plot(json.loads(Path(opts.out).read_text()), Path(opts.plots or "."))
+        return
     n = opts.requests or (1500 if opts.quick else 3000)
     gpus = ["a100-80gb"] if opts.quick else list(RATES)
     start = time.perf_counter()
