@@ -44,9 +44,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from llmsched.config import load_config  # noqa: E402
 from llmsched.experiment import load_workload, simulate  # noqa: E402
+from llmsched.metrics.ranking import kendall_tau  # noqa: E402
 from llmsched.workload.generators import build_workload  # noqa: E402
 from llmsched.workload.request import Workload  # noqa: E402
-from llmsched.workload.scores import compute_scores, kendall_tau  # noqa: E402
+from llmsched.workload.scores import compute_scores  # noqa: E402
 
 CONFIGS = {
     "a100-80gb": ROOT / "configs/pars/sharegpt-llama3-8b-a100.yaml",

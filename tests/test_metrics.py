@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llmsched.metrics.ranking import kendall_tau
 from llmsched.metrics.record import RequestRecord
 from llmsched.metrics.report import (
     ANSWER_METRICS,
@@ -733,3 +734,29 @@ def test_collector_matches_direct_computation(recs, goodput):
     cols = c.columns()
     assert cols["request_id"].tolist() == [r.request_id for r in recs]
     assert cols["status"].tolist() == ["finished" if r.finished else "rejected" for r in recs]
+
+
+# --- ranking ---------------------------------------------------------------------------------
+def _brute_tau(a, b):
+    num = den_a = den_b = 0
+    for i, j in itertools.combinations(range(len(a)), 2):
+        da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+        num += da * db
+        den_a += da != 0
+        den_b += db != 0
+    return num / np.sqrt(den_a * den_b)
+
+
+def test_kendall_tau_b_matches_the_definition_with_ties():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        n = int(rng.integers(3, 40))
+        a, b = rng.integers(0, 4, n).astype(float), rng.integers(0, 6, n).astype(float)
+        if len(set(a)) > 1 and len(set(b)) > 1:
+            assert kendall_tau(a, b) == pytest.approx(_brute_tau(a, b), abs=1e-12)
+    assert kendall_tau([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    # One discordant pair among 10: (9 - 1) / 10.
+    assert kendall_tau([1, 2, 3, 5, 4], [10, 20, 30, 40, 50]) == pytest.approx(0.8)
+    assert np.isnan(kendall_tau([1.0], [2.0]))
+    with pytest.raises(ValueError, match="equal shapes"):
+        kendall_tau([1, 2], [1, 2, 3])

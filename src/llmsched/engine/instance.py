@@ -302,13 +302,9 @@ class Instance:
         dec_kv = sum(s.computed + 1 for s, _ in decodes)
         out = np.empty(k)
         for i in range(k):
-            pairs = kv = tokens = 0
-            for done, c in chunks:
-                p = done + i * c
-                tokens += c
-                pairs += c * (p + (c + 1) / 2)
-                kv += p + c
-            shape = BatchShape(tokens, pairs, kv, len(chunks), n_dec, dec_kv + i * n_dec)
+            shape = BatchShape.from_chunks(
+                ((c, done + i * c) for done, c in chunks), n_dec, dec_kv + i * n_dec
+            )
             out[i] = self.latency.iteration_time(shape)
         return out
 

@@ -7,6 +7,7 @@ stretches, where the same requests decode for many iterations, are priced in one
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +24,20 @@ class BatchShape:
     num_prefills: int = 0  # chunks in the batch
     num_decodes: int = 0
     decode_kv_tokens: int = 0  # Σ context length (KV tokens read) over the decodes
+
+    @classmethod
+    def from_chunks(
+        cls, chunks: Iterable[tuple[int, int]], num_decodes: int = 0, decode_kv_tokens: int = 0
+    ) -> BatchShape:
+        """The shape of prefill chunks given as (chunk length, KV already cached), beside
+        `num_decodes` decodes that read `decode_kv_tokens` KV tokens in all."""
+        tokens = pairs = kv = n = 0
+        for c, p in chunks:
+            tokens += c
+            pairs += c * (p + (c + 1) / 2)
+            kv += p + c
+            n += 1
+        return cls(tokens, pairs, kv, n, num_decodes, decode_kv_tokens)
 
     @property
     def num_tokens(self) -> int:

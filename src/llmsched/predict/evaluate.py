@@ -6,13 +6,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from llmsched.metrics.ranking import kendall_tau
 from llmsched.predict.data import (
     ALPACA_FRACTIONS,
     LengthData,
     alpaca_table,
     split_of,
 )
-from llmsched.predict.metrics import kendall_tau, latency_per_request, pairwise_accuracy
+from llmsched.predict.metrics import latency_per_request, pairwise_accuracy
 from llmsched.predict.pairs import DELTA, K_PAIRS, SEED, make_pairs
 
 # Cross-model test set: Llama-3, Qwen2, Mixtral, Claude, GPT-4 variants and a few others.

@@ -1,6 +1,7 @@
 """How well scores order response lengths, and how long scoring takes.
 
-- Kendall's tau-b between scores and true lengths (the PARS and vllm-ltr metric);
+- Kendall's tau-b between scores and true lengths (the PARS and vllm-ltr metric):
+  `llmsched.metrics.ranking.kendall_tau`;
 - pairwise accuracy on held-out pairs built with the same delta filter as training (the metric
   PARS selects its checkpoint on);
 - latency per request: one prompt at a time, and in a batch.
@@ -13,21 +14,6 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
-
-
-def kendall_tau(
-    scores: Sequence[float] | np.ndarray, lengths: Sequence[float] | np.ndarray
-) -> float:
-    """Kendall's tau-b (ties in either variable corrected), NaN when undefined."""
-    from scipy.stats import kendalltau
-
-    scores = np.asarray(scores, dtype=np.float64)
-    lengths = np.asarray(lengths, dtype=np.float64)
-    if scores.shape != lengths.shape:
-        raise ValueError(f"scores {scores.shape} and lengths {lengths.shape} differ in shape")
-    if len(scores) < 2:
-        return float("nan")
-    return float(kendalltau(scores, lengths, variant="b").statistic)
 
 
 def pairwise_accuracy(scores: Sequence[float] | np.ndarray, pairs: np.ndarray) -> float:

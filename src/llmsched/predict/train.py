@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from llmsched.metrics.ranking import kendall_tau
 from llmsched.predict.data import LengthData
-from llmsched.predict.metrics import kendall_tau, pairwise_accuracy
+from llmsched.predict.metrics import pairwise_accuracy
 from llmsched.predict.pairs import DELTA, K_PAIRS, SEED, make_pairs
 
 METHODS = ("pairwise", "pointwise", "listmle", "tfidf")

@@ -18,12 +18,12 @@ A spec is a mapping ``{source: noisy-oracle, tau: 0.6, seed: 0}`` (config files)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import yaml
 
+from llmsched.metrics.ranking import kendall_tau
 from llmsched.workload.request import Workload
 
 SOURCES = ("oracle", "noisy-oracle", "prompt-length", "model")
@@ -182,54 +182,3 @@ def noisy_oracle(
         else:
             hi = mid
     return scores(best_w), best
-
-
-def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
-    """Kendall's tau-b (ties corrected, as scipy.stats.kendalltau) in O(n log n)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    n = len(a)
-    if n != len(b):
-        raise ValueError(f"kendall_tau needs equal lengths, got {n} and {len(b)}")
-    if n < 2:
-        return math.nan
-    order = np.lexsort((b, a))  # by a, ties by b: pairs tied in a are never counted discordant
-    a_sorted, b_sorted = a[order], b[order]
-    ranks = np.unique(b_sorted, return_inverse=True)[1] + 1
-    discordant = _inversions(ranks)
-    pairs = n * (n - 1) // 2
-    ties_a = _tied_pairs(a_sorted)
-    ties_b = _tied_pairs(np.sort(b))
-    # pairs tied in both: runs of equal (a, b) in the lexsorted order
-    same = np.concatenate(
-        ([True], (a_sorted[1:] != a_sorted[:-1]) | (b_sorted[1:] != b_sorted[:-1]))
-    )
-    runs = np.diff(np.flatnonzero(np.concatenate((same, [True]))))
-    ties_both = int((runs * (runs - 1) // 2).sum())
-    concordant_minus_discordant = pairs - ties_a - ties_b + ties_both - 2 * discordant
-    denominator = math.sqrt((pairs - ties_a) * (pairs - ties_b))
-    return concordant_minus_discordant / denominator if denominator else math.nan
-
-
-def _tied_pairs(sorted_values: np.ndarray) -> int:
-    _, counts = np.unique(sorted_values, return_counts=True)
-    return int((counts * (counts - 1) // 2).sum())
-
-
-def _inversions(ranks: np.ndarray) -> int:
-    """Pairs i < j with ranks[i] > ranks[j] (a Fenwick tree over ranks 1..max)."""
-    size = int(ranks.max())
-    tree = [0] * (size + 1)
-    inversions = 0
-    for seen, r in enumerate(ranks.tolist()):
-        # seen - (how many earlier ranks are <= r)
-        i, not_greater = r, 0
-        while i > 0:
-            not_greater += tree[i]
-            i -= i & -i
-        inversions += seen - not_greater
-        i = r
-        while i <= size:
-            tree[i] += 1
-            i += i & -i
-    return inversions
