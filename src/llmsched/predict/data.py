@@ -93,7 +93,7 @@ def split(
     return {s: data.subset(idx, f"{data.name}:{s}") for s, idx in index.items()}
 
 
-def _conversation(sharegpt_id: str) -> str:
+def conversation_of(sharegpt_id: str) -> str:
     """ShareGPT ids like ``QWJhYvA_0``/``QWJhYvA_1`` are pieces of one conversation cut by the
     cleaning script: the split keys on the part before the last ``_N``."""
     return re.sub(r"_\d+$", "", sharegpt_id)
@@ -112,7 +112,7 @@ def load_sharegpt(path: str | Path | None = None) -> LengthData:
                 continue
             prompts.append(row["prompt"])
             lengths.append(row["response_tokens_cl100k"])
-            groups.append(_conversation(row["id"]))
+            groups.append(conversation_of(row["id"]))
     return _nonempty(
         LengthData(prompts, lengths, groups, "sharegpt", {"fractions": SHAREGPT_FRACTIONS}),
         path,

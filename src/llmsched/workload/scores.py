@@ -123,7 +123,7 @@ def held_out(workload: Workload, split: str) -> Workload:
     """The rows of one split (train, val, test) of the length predictor's fixed hash split by
     conversation (``llmsched.predict.data``), so that a scheduler is evaluated on prompts its
     predictor never trained on. Needs conversation ids (``session_id``, as ShareGPT has)."""
-    from llmsched.predict.data import SPLITS, _conversation, split_of
+    from llmsched.predict.data import SPLITS, conversation_of, split_of
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -133,7 +133,7 @@ def held_out(workload: Workload, split: str) -> Workload:
             f"split {split!r} keys on conversation ids, and {workload.source or 'the workload'} "
             "has none (ShareGPT pairs have them)"
         )
-    keep = np.array([split_of(_conversation(str(s))) == split for s in sessions], dtype=bool)
+    keep = np.array([split_of(conversation_of(str(s))) == split for s in sessions], dtype=bool)
     return workload.take(np.flatnonzero(keep))
 
 
