@@ -171,7 +171,11 @@ def load_predictor(model_dir: str | Path) -> Predictor:
     model_dir = Path(model_dir)
     meta_path = model_dir / META_FILE
     if not meta_path.exists():
-        raise FileNotFoundError(f"{model_dir} is not a saved predictor (no {META_FILE})")
+        where = "" if model_dir.is_absolute() else f" (relative to {Path.cwd()})"
+        raise FileNotFoundError(
+            f"{model_dir}{where} is not a saved predictor (no {META_FILE}); train one with "
+            f"`llmsched train-ranker --data sharegpt --out {model_dir}`"
+        )
     meta = json.loads(meta_path.read_text())
     kind, config = meta.get("kind"), meta.get("config", {})
     if kind == PromptLengthPredictor.kind:
