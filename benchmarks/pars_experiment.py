@@ -16,6 +16,8 @@ simulates (checked below); scores are computed once and shared by all rates.
    scores; oracle sjf and srpt. Mean/p50/p90/p99 E2E latency and TTFT.
 2. Ranking quality: pars and ltr with noisy-oracle scores of Kendall's tau 0 ... 1 at a fixed
    high rate (A100).
+3. A KV-bound engine: the A100 with 5 % and 10 % of its KV, where memory, not the sequence cap,
+   limits the batch: fcfs, pars, pars without preemption, sjf, srpt.
 
 Trained predictors are read from models/ in the checkout (``--models DIR``); a missing one is
 reported and its rows are left out. Train them (about a minute each once the embeddings are
@@ -58,6 +60,10 @@ CONFIGS = {
 # The last point, 1,000 req/s, is a burst (all requests queued within ~3 s), as vllm-ltr's.
 RATES = {"a100-80gb": (10, 26, 30, 34, 40, 50, 1000), "h100": (25, 55, 62, 70, 80, 100, 1000)}
 TAU_RATE = ("a100-80gb", 34)
+# 3. A KV-bound engine: the A100's KV capped at these shares of what fits (--kv-fraction), so
+# that KV memory, not the 256-sequence cap, limits the batch (FCFS preempts on KV shortage).
+KV_BOUND = ("a100-80gb", (0.05, 0.1), (20, 26))
+KV_LABELS = ("fcfs", "pars", "pars-np", "sjf", "srpt")
 TAUS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 PREDICTORS = {  # score name -> folder under --models
     "pairwise": "pars-sharegpt-minilm",
@@ -134,20 +140,34 @@ def _init(base: Workload, scores: dict[str, np.ndarray]) -> None:
 
 
 def run(
-    gpu: str, rate: float, label: str, policy: str, score: str | None, params: dict, seed: int
+    gpu: str,
+    rate: float,
+    label: str,
+    policy: str,
+    score: str | None,
+    params: dict,
+    seed: int,
+    kv_fraction: float | None = None,
 ) -> dict:
     workload = _BASE
     if score is not None:
         workload = workload.with_columns(score=_SCORES[score])
     workload = build_workload(workload, arrival="poisson", rate=rate, seed=seed)
     cfg = config(
-        gpu, num_requests=len(workload), policy=policy, rate=rate, seed=seed, policy_params=params
+        gpu,
+        num_requests=len(workload),
+        policy=policy,
+        rate=rate,
+        seed=seed,
+        policy_params=params,
+        kv_fraction=kv_fraction,
     )
     start = time.perf_counter()
     result = simulate(cfg, workload)
     s = result.summary
     row = {"gpu": gpu, "rate": rate, "label": label, "policy": policy, "score": score}
     row["params"] = params
+    row["kv_fraction"] = kv_fraction
     row |= {f"{st}_{m}_s": s[f"{st}_{m}_ms"] / 1000 for m in METRICS for st in STATS}
     row |= {
         "completed": s["completed"],
@@ -334,14 +354,14 @@ def main() -> None:
         print("left out for want of their predictor: " + ", ".join(left_out))
 
     jobs = [
-        (gpu, rate, label, policy, score, params, opts.seed)
+        (gpu, rate, label, policy, score, params, opts.seed, None)
         for gpu in gpus
         for rate in RATES[gpu]
         for label, policy, score, params in variants
     ]
     gpu, rate = TAU_RATE
     tau_jobs = [
-        (gpu, rate, f"{label} tau={tau}", policy, f"tau={tau}", params, opts.seed)
+        (gpu, rate, f"{label} tau={tau}", policy, f"tau={tau}", params, opts.seed, None)
         for tau in TAUS
         for label, policy, params in (
             ("pars", "pars", {}),
@@ -349,10 +369,20 @@ def main() -> None:
             ("ltr", "ltr", {}),
         )
     ]
+    kv_gpu, kv_fractions, kv_rates = KV_BOUND
+    kv_jobs = [
+        (kv_gpu, rate, label, policy, score, params, opts.seed, kv)
+        for kv in kv_fractions
+        for rate in kv_rates
+        for label, policy, score, params in variants
+        if label in KV_LABELS
+    ]
+    everything = [*jobs, *tau_jobs, *kv_jobs]
     with ProcessPoolExecutor(opts.workers, initializer=_init, initargs=(base, scores)) as pool:
-        results = pool.map(run, *zip(*jobs, *tau_jobs, strict=True))
-        done = [progress(i, len(jobs) + len(tau_jobs), r, start) for i, r in enumerate(results)]
-    rows, tau_rows = done[: len(jobs)], done[len(jobs) :]
+        results = pool.map(run, *zip(*everything, strict=True))
+        done = [progress(i, len(everything), r, start) for i, r in enumerate(results)]
+    rows, tau_rows = done[: len(jobs)], done[len(jobs) : len(jobs) + len(tau_jobs)]
+    kv_rows = done[len(jobs) + len(tau_jobs) :]
     for r in tau_rows:
         r["tau_target"] = float(r["score"].split("=")[1])
         r["tau_realized"] = taus[r["score"]]
@@ -365,6 +395,10 @@ def main() -> None:
         print(table([r for r in rows if r["gpu"] == g], "rate", f"Llama-3-8B on {g}, {n} requests"))
     print()
     print(table(tau_rows, "tau_target", f"noisy-oracle scores at {rate} req/s on {gpu}"))
+    for kv in kv_fractions:
+        print()
+        title = f"KV-bound: {kv_gpu} with {kv:.0%} of its KV"
+        print(table([r for r in kv_rows if r["kv_fraction"] == kv], "rate", title))
     results = {
         "requests": n,
         "seed": opts.seed,
@@ -375,6 +409,7 @@ def main() -> None:
         "rates": rows,
         "taus": tau_rows,
         "tau_refs": tau_refs,
+        "kv_bound": kv_rows,
         "wall_s": time.perf_counter() - start,
     }
     out = Path(opts.out)
@@ -389,6 +424,11 @@ def main() -> None:
         f"### Noisy-oracle scores at {rate} req/s on {gpu} (seconds)\n\n"
         + markdown(tau_rows, "tau_target")
     )
+    md += [
+        f"### KV-bound: {kv_gpu} with {kv:.0%} of its KV (seconds)\n\n"
+        + markdown([r for r in kv_rows if r["kv_fraction"] == kv], "rate")
+        for kv in kv_fractions
+    ]
     out.with_suffix(".md").write_text("\n\n".join(md) + "\n")
     print(f"\nwrote {out} and .md ({results['wall_s']:.0f} s wall, {opts.workers} workers)")
     if opts.plots:
