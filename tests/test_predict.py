@@ -297,3 +297,42 @@ def test_cross_model_table(tmp_path, capsys):
     argv = ["eval-ranker", "--model", str(model), "--data", "alpaca_eval", "--cross-model"]
     assert main([*argv, "--generators", ",".join(gens)]) == 0
     assert "Meta-Llama-3-8B-Instruct" in capsys.readouterr().out
+
+
+def test_one_trace_trains_the_ranker_and_is_simulated_with_it(tmp_path, capsys):
+    """A user's llmsched JSONL with prompt text is both the ranker's training data and the
+    trace a comparison replays with that ranker's scores; its sessions stay in one split."""
+    from llmsched.cli import main
+    from llmsched.predict.data import load_dataset, split
+    from llmsched.workload.readers import write_jsonl
+    from llmsched.workload.request import Workload
+
+    rows = load_jsonl(synthetic_jsonl(tmp_path / "rows.jsonl"))
+    n = len(rows)
+    workload = Workload(
+        {
+            "request_id": np.array([f"r{i}" for i in range(n)], dtype=object),
+            "arrival": np.zeros(n),
+            "prompt_tokens": np.array([len(p.split()) for p in rows.prompts]),
+            "output_tokens": rows.lengths.astype(int),
+            "prompt_text": np.array(rows.prompts, dtype=object),
+            "session_id": np.array([f"user{i % 40}_{i}" for i in range(n)], dtype=object),
+        },
+        timed=False,
+    )
+    trace = write_jsonl(workload, tmp_path / "trace.jsonl")
+    data = load_dataset(str(trace))
+    assert data.prompts == rows.prompts and list(data.lengths) == list(rows.lengths)
+    parts = split(data)
+    seen = {g: name for name, part in parts.items() for g in part.groups}
+    assert len(seen) == 40 and all(g.startswith("user") for g in seen)  # `_N` cut, as ShareGPT's
+    model = tmp_path / "ranker"
+    assert (
+        main(["train-ranker", "--data", str(trace), "--method", "tfidf", "--out", str(model)]) == 0
+    )
+    argv = ["compare", "--trace", str(trace), "--rate", "50", "--policies", "fcfs,pars"]
+    assert main([*argv, "--scores", f"model:{model}", "--out", str(tmp_path / "run")]) == 0
+    assert "pars" in capsys.readouterr().out
+    no_text = write_jsonl(workload.with_columns(prompt_text=None), tmp_path / "bare.jsonl")
+    with pytest.raises(ValueError, match="without prompt text"):
+        load_dataset(str(no_text))

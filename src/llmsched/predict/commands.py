@@ -8,7 +8,10 @@ import json
 from llmsched.predict.data import load_dataset, split
 from llmsched.predict.train import METHODS, MODES, TrainConfig
 
-DATA_HELP = "sharegpt, alpaca_eval[:GENERATOR], or a JSONL of {prompt, output_tokens} rows"
+DATA_HELP = (
+    "sharegpt, alpaca_eval[:GENERATOR], a trace with prompt text (llmsched JSONL with "
+    "prompt_text: the file a simulation replays), or a JSONL of {prompt, output_tokens} rows"
+)
 
 
 def add_commands(subparsers) -> None:

@@ -169,14 +169,50 @@ def load_jsonl(path: str | Path) -> LengthData:
     )
 
 
+def load_trace_prompts(path: str | Path) -> LengthData:
+    """Prompt texts and output lengths from a trace that `llmsched.workload.read_trace` reads
+    and that carries prompt text (llmsched JSONL with ``prompt_text``, ShareGPT pairs): the same
+    file a simulation replays. Requests of one ``session_id`` stay in one split."""
+    from llmsched.workload.readers import read_trace
+
+    path = resolve(path)
+    workload = read_trace(path, skip_invalid=True)
+    c = workload.columns
+    if c["prompt_text"] is None:
+        raise ValueError(
+            f"{path} is a trace without prompt text: a ranker reads prompts (llmsched JSONL "
+            "with a `prompt_text` field per request, docs/workload-format.md)"
+        )
+    sessions = c["session_id"] if c["session_id"] is not None else c["request_id"]
+    keep = [i for i, text in enumerate(c["prompt_text"]) if text and str(text).strip()]
+    return _nonempty(
+        LengthData(
+            [str(c["prompt_text"][i]) for i in keep],
+            c["output_tokens"][keep],
+            # The key `llmsched.workload.scores.held_out` splits a simulated trace by.
+            [conversation_of(str(sessions[i] or c["request_id"][i])) for i in keep],
+            path.stem,
+            {"fractions": SHAREGPT_FRACTIONS},
+        ),
+        path,
+    )
+
+
 def load_dataset(spec: str) -> LengthData:
-    """``sharegpt``, ``alpaca_eval[:GENERATOR]`` or a path to a JSONL of prompts and lengths."""
+    """``sharegpt``, ``alpaca_eval[:GENERATOR]``, a trace with prompt text (any format
+    `read_trace` detects), or a JSONL of ``{"prompt", "output_tokens"}`` rows."""
+    from llmsched.workload.readers import TraceFormatError, detect_format
+
     if spec == "sharegpt":
         return load_sharegpt()
     if spec == "alpaca_eval" or spec.startswith("alpaca_eval:"):
         _, _, generator = spec.partition(":")
         return load_alpaca_eval(generator or DEFAULT_GENERATOR)
-    return load_jsonl(spec)
+    try:
+        detect_format(resolve(spec))
+    except TraceFormatError:
+        return load_jsonl(spec)  # not a trace: prompt/length rows
+    return load_trace_prompts(spec)
 
 
 def _nonempty(data: LengthData, source: object) -> LengthData:
