@@ -303,6 +303,57 @@ def plot(results: dict, folder: Path) -> None:
     plt.close(fig)
 
 
+def _ratio_to_fcfs(label: str, metric: str = "mean_e2el_s"):
+    """FCFS's latency over `label`'s (> 1: better than FCFS), as a seed-table column."""
+    return lambda get: get("fcfs", metric) / get(label, metric)
+
+
+def _share_of_oracle_gain(get) -> float:
+    return (get("fcfs") - get("pars-np")) / (get("fcfs") - get("sjf"))
+
+
+# Cross-seed columns: (title, format, value from `get(label, metric="mean_e2el_s")`).
+SEED_COLUMNS = (
+    ("FCFS mean E2E (s)", "{:.1f}", lambda get: get("fcfs")),
+    ("pars / FCFS, mean", "{:.2f}", lambda get: get("pars") / get("fcfs")),
+    ("FCFS / pars, median", "{:.1f}", _ratio_to_fcfs("pars", "median_e2el_s")),
+    ("FCFS / pars-np, mean", "{:.2f}", _ratio_to_fcfs("pars-np")),
+    ("FCFS / pars-np, median", "{:.1f}", _ratio_to_fcfs("pars-np", "median_e2el_s")),
+    ("FCFS / SJF, mean", "{:.2f}", _ratio_to_fcfs("sjf")),
+    ("FCFS / SJF, median", "{:.1f}", _ratio_to_fcfs("sjf", "median_e2el_s")),
+    ("pars-np's share of SJF's gain", "{:.0%}", _share_of_oracle_gain),
+)
+
+
+def seed_table(paths: list[str]) -> str:
+    """The cross-seed figures of docs/pars-scheduling.md from result files of different seeds:
+    per point, each column's value per seed (seed order as given)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+
+    def getter(run: dict, part: str, point: tuple):
+        def get(label: str, metric: str = "mean_e2el_s") -> float:
+            return next(r[metric] for r in run[part] if _point(r) == point and r["label"] == label)
+
+        return get
+
+    lines = []
+    for part in ("rates", "kv_bound"):
+        points = list(dict.fromkeys(_point(r) for r in runs[0].get(part, [])))
+        lines += ["", f"| {part} point | " + " | ".join(c[0] for c in SEED_COLUMNS) + " |"]
+        lines.append("|---" * (len(SEED_COLUMNS) + 1) + "|")
+        for point in points:
+            cells = [
+                " / ".join(fmt.format(value(getter(run, part, point))) for run in runs)
+                for _, fmt, value in SEED_COLUMNS
+            ]
+            lines.append(f"| {', '.join(map(str, point))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _point(row: dict) -> tuple:
+    return (row["gpu"], row["rate"], row.get("kv_fraction"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,500 requests, A100 only")
@@ -315,7 +366,13 @@ def main() -> None:
     parser.add_argument("--plots", metavar="DIR", help="write PNG plots there")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/pars.json"))
     parser.add_argument("--replot", action="store_true", help="only redraw --plots from --out")
+    parser.add_argument(
+        "--seed-table", nargs="+", metavar="JSON", help="only print the cross-seed ratios of these"
+    )
     opts = parser.parse_args()
+    if opts.seed_table:
+        print(seed_table(opts.seed_table))
+        return
     if opts.replot:
         plot(json.loads(Path(opts.out).read_text()), Path(opts.plots or "."))
         return
