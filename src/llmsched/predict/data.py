@@ -93,10 +93,11 @@ def split(
     return {s: data.subset(idx, f"{data.name}:{s}") for s, idx in index.items()}
 
 
-def conversation_of(sharegpt_id: str) -> str:
-    """ShareGPT ids like ``QWJhYvA_0``/``QWJhYvA_1`` are pieces of one conversation cut by the
-    cleaning script: the split keys on the part before the last ``_N``."""
-    return re.sub(r"_\d+$", "", sharegpt_id)
+def conversation_of(session_id: str) -> str:
+    """The key the split groups by. ShareGPT ids like ``QWJhYvA_0``/``QWJhYvA_1`` are pieces of
+    one conversation cut by the cleaning script, so the key is the part before a last ``_N``
+    (for any trace's session ids, so that training and simulation split alike)."""
+    return re.sub(r"_\d+$", "", session_id)
 
 
 def load_sharegpt(path: str | Path | None = None) -> LengthData:
