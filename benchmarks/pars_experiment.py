@@ -257,10 +257,7 @@ def plot(results: dict, folder: Path) -> None:
             ax.set_yscale("log")
             ax.set_title(f"{title}, Llama-3-8B on {gpu}")
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(folder / f"pars-rate-{gpu}.png", dpi=110)
-        plt.close(fig)
+        _save(fig, axes, folder / f"pars-rate-{gpu}.png")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     taus = results["taus"]
     refs = {r["label"]: r for r in results["tau_refs"]}
@@ -297,9 +294,16 @@ def plot(results: dict, folder: Path) -> None:
         ax.set_ylabel("seconds")
         ax.set_title(f"{title} at {TAU_RATE[1]} req/s, {TAU_RATE[0]}")
         ax.grid(alpha=0.3)
+    _save(fig, axes, folder / "pars-tau.png")
+
+
+def _save(fig, axes, path: Path) -> None:
+    """One legend (the first panel's), then write and close the figure."""
+    import matplotlib.pyplot as plt
+
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(folder / "pars-tau.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

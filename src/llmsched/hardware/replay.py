@@ -69,7 +69,7 @@ def sample_batches(batches: Sequence[Batch], n: int) -> list[Batch]:
     for b in dict.fromkeys(batches):  # distinct, in order
         pools[kind_of(b)].append(b)
     for pool in pools.values():
-        pool.sort(key=lambda b: (shape_of(b).num_tokens, shape_of(b).prefill_kv_tokens + sum(b[1])))
+        pool.sort(key=_size)
     quota = dict.fromkeys(KINDS, 0)
     left = min(n, sum(map(len, pools.values())))
     while left:
@@ -85,6 +85,12 @@ def sample_batches(batches: Sequence[Batch], n: int) -> list[Batch]:
                 pool[i] for i in np.unique(np.linspace(0, len(pool) - 1, q).round().astype(int))
             ]
     return picked
+
+
+def _size(batch: Batch) -> tuple[int, int]:
+    """Tokens computed, then KV read: the order a sample is spread along."""
+    shape = shape_of(batch)
+    return shape.num_tokens, shape.prefill_kv_tokens + shape.decode_kv_tokens
 
 
 @dataclass
