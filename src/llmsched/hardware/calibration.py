@@ -18,7 +18,8 @@ set of *training* models, is the handful of numbers `RooflineModel` uses (see `r
   (vLLM's fused kernels), so its ``elementwise_memory`` is the single value that best reproduces
   the sum of the measured element-wise kernels of a layer;
 - attention: ``attn_compute`` (pairs against the cached prefix), ``attn_diag_compute`` (the chunk's
-  own causal triangle), ``attn_memory`` (decode KV reads), ``attn_overhead_s`` per kernel.
+  own causal triangle), ``attn_query_keys`` (a prefill query row's work that does not grow with
+  the keys), ``attn_memory`` (decode KV reads), ``attn_overhead_s`` per kernel.
 
 Fidelity is then measured on *held-out* models: per operator (each GEMM through
 `RooflineModel.breakdown` of a one-layer model built from the CSV's own shape columns; each
@@ -641,7 +642,7 @@ class _AttentionRows:
 
 def _predict_attention(rows: _AttentionRows, x: Sequence[float], gpu: GPUSpec) -> np.ndarray:
     """Seconds per row, as `RooflineModel`'s attention terms compute them (one layer)."""
-    ea, ed, em, k = x
+    ea, ed, em, k, w = x
     c = rows.cols
     peak, bw, d = gpu.bf16_flops, gpu.hbm_bandwidth, 2.0
     flop = 4 * c["heads"] * c["head_dim"]
@@ -652,7 +653,8 @@ def _predict_attention(rows: _AttentionRows, x: Sequence[float], gpu: GPUSpec) -
     diag = np.minimum(pairs, chunk * (chunk + 1) / 2)
     extra = max(0.0, 1 / (peak * ed) - 1 / (peak * ea))
     prefill = np.maximum(
-        flop * (pairs / (peak * ea) + diag * extra), kv_byte * (kv + chunk) + q_byte * chunk
+        flop * ((pairs + w * chunk) / (peak * ea) + diag * extra),
+        kv_byte * (kv + chunk) + q_byte * chunk,
     )
     decode = np.maximum(flop * b * kv / (peak * ea), kv_byte * b * kv + q_byte * b)
     return k + np.where(c["is_prefill"], prefill, decode)
@@ -664,7 +666,7 @@ def _attention_train(prof: AttentionProfile, split_kv: int) -> np.ndarray:
 
 def _fit_attention(
     profiles: Sequence[AttentionProfile], gpu: GPUSpec, split_kv: int
-) -> tuple[float, float, float, float] | None:
+) -> tuple[float, float, float, float, float] | None:
     rows = _AttentionRows(profiles, lambda p: _attention_train(p, split_kv))
     if not len(rows):
         return None
@@ -673,9 +675,10 @@ def _fit_attention(
     pre = rows.cols["is_prefill"]
     n_pre, n_dec = max(1, pre.sum()), max(1, (~pre).sum())
     w = np.where(pre, np.sqrt(len(y) / (2 * n_pre)), np.sqrt(len(y) / (2 * n_dec)))
-    x = _robust(lambda x: _predict_attention(rows, x, gpu) / y - 1, (0.4, 0.2, 0.7, 1e-5), w)
-    ea, ed, em, k = (float(v) for v in x)
-    return min(ea, 1.0), min(ed, 1.0), min(em, 1.0), k
+    x0 = (0.4, 0.2, 0.7, 1e-5, 100.0)
+    x = _robust(lambda x: _predict_attention(rows, x, gpu) / y - 1, x0, w)
+    ea, ed, em, k, keys = (float(v) for v in x)
+    return min(ea, 1.0), min(ed, 1.0), min(em, 1.0), k, keys
 
 
 def fit(
@@ -715,8 +718,14 @@ def fit(
     }
     attn = _fit_attention(list(profiles.attention.values()), gpu, attention_split_kv)
     if attn is not None:
-        ea, ed, em, k = attn
-        changes.update(attn_compute=ea, attn_diag_compute=ed, attn_memory=em, attn_overhead_s=k)
+        ea, ed, em, k, keys = attn
+        changes.update(
+            attn_compute=ea,
+            attn_diag_compute=ed,
+            attn_memory=em,
+            attn_overhead_s=k,
+            attn_query_keys=keys,
+        )
     eff = dataclasses.replace(base, **changes)
     return Calibration(
         gpu=profiles.gpu,

@@ -26,7 +26,10 @@ default so that `Efficiency()` gives the plain roofline above:
 - a separate efficiency for the chunk's own causal triangle in prefill attention
   (`attn_diag_compute`): its diagonal tiles are masked and unevenly loaded. The triangle's pairs
   are taken as min(pairs, T(T+1)/2), T the prefill tokens: exact for one chunk, an upper bound
-  for several.
+  for several;
+- a per-query cost in prefill attention (`attn_query_keys`): each chunk token also pays for that
+  many key positions at the prefix rate, the work of a query row that does not grow with the keys
+  (loading Q, the softmax's final rescaling, writing O).
 
 Once per iteration: the LM head over the sequences that sample (`num_seqs`), and a CPU/scheduler
 overhead. The efficiencies and overheads are the fields of `Efficiency`, to be calibrated against
@@ -82,6 +85,7 @@ class Efficiency:
     gemm_token_tile: int = 1  # GEMM FLOPs count ⌈T/tile⌉·tile token rows
     elementwise_min_tokens: int = 0  # element-wise kernels cost at least this many tokens
     attn_diag_compute: float | None = None  # the chunk's causal triangle; None: attn_compute
+    attn_query_keys: float = 0.0  # prefill: each query token also pays for this many keys
 
     def __post_init__(self) -> None:
         for name in (
@@ -102,6 +106,7 @@ class Efficiency:
             "gemm_overhead_s",
             "elementwise_overhead_s",
             "attn_overhead_s",
+            "attn_query_keys",
         ):
             v = getattr(self, name)
             if v < 0:
@@ -171,6 +176,7 @@ class RooflineModel:
         else:
             c_diag = 1.0 / (g.bf16_flops * e.attn_diag_compute)
             self._attn_diag = L * 4 * heads * hd * max(0.0, c_diag - c_attn)
+        self._attn_query = self._attn_flop * e.attn_query_keys  # per prefill query token
         self._attn_kv_byte = L * 2 * kv_gpu * hd * d * b_attn
         self._attn_q_byte = L * 2 * heads * hd * d * b_attn
 
@@ -272,9 +278,9 @@ class RooflineModel:
     def _prefill_attention(self, shape: BatchShape) -> float:
         """Seconds of the prefill chunks' attention, all layers (prefill_tokens > 0)."""
         pairs = shape.prefill_attn_pairs
-        flops = self._attn_flop * pairs
+        p = shape.prefill_tokens
+        flops = self._attn_flop * pairs + self._attn_query * p
         if self._attn_diag:
-            p = shape.prefill_tokens
             flops += self._attn_diag * min(pairs, p * (p + 1) / 2)
         return self._attn_k + max(
             flops,
