@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from llmsched.data import data_dir
 from llmsched.hardware import calibration as cal
 from llmsched.hardware.latency import BatchShape
-from llmsched.hardware.roofline import Efficiency, RooflineModel
+from llmsched.hardware.roofline import Efficiency, RooflineModel, allreduce_cost
 from llmsched.hardware.specs import get_gpu, get_model
 
 from .helpers import batch_shapes, shape_fields
@@ -36,6 +36,8 @@ TRUE = Efficiency(
     attn_memory=0.75,
     attn_overhead_s=10e-6,
     attn_query_keys=500.0,
+    link=0.6,
+    allreduce_latency_s=20e-6,
 )
 TRUE_KINDS = {"norm": 0.4, "rope": 0.5, "act": 0.6, "add": 0.9}
 SHAPES = {  # name: (n_head, n_kv_head, n_embd, n_expanded_embd, vocab)
@@ -159,6 +161,31 @@ def _synthetic_attention() -> list[dict[str, object]]:
     return rows
 
 
+NETWORK_STATS = {f"time_stats.all_reduce.{s}": None for s in STATS}
+
+
+def _allreduce_rows(sizes, ms_of) -> list[dict[str, object]]:
+    """all_reduce.csv rows in Vidur's schema: in-node rows at TP 2, 4, 8 and cross-node rows
+    (which the reader must drop), times from ``ms_of(tp, size)``."""
+    rows = []
+    for workers, per_node in ((2, 2), (4, 4), (8, 8), (2, 1), (16, 8)):
+        for size in sizes:
+            ms = ms_of(workers, size) * (1 if workers == per_node else 3)
+            rows.append(
+                {
+                    **{k: (0.0 if k.endswith("std") else ms) for k in NETWORK_STATS},
+                    "rank": 0, "num_workers": workers, "size": size, "collective": "all_reduce",
+                    "devices_per_node": per_node, "max_devices_per_node": 8,
+                }
+            )  # fmt: skip
+    return rows
+
+
+def _true_allreduce_ms(tp: int, size: int) -> float:
+    fixed, per_byte = allreduce_cost(tp, get_gpu("a100-80gb"), TRUE)
+    return (fixed + per_byte * size) * 1e3
+
+
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory) -> Path:
     """Vidur's folder layout with synthetic tables generated from known coefficients."""
@@ -167,6 +194,10 @@ def synthetic_root(tmp_path_factory) -> Path:
         _write_csv(root / "compute" / "a100" / "org" / name / "mlp.csv", _synthetic_times(name))
     _write_csv(
         root / "compute" / "a100" / "org" / "gqa-4k" / "attention_tp2.csv", _synthetic_attention()
+    )
+    sizes = [2048 * 4**i for i in range(11)]
+    _write_csv(
+        root / "network" / "a100_dgx" / "all_reduce.csv", _allreduce_rows(sizes, _true_allreduce_ms)
     )
     return root
 
@@ -238,6 +269,33 @@ def test_reader_errors_name_the_file(tmp_path):
         cal.load_vidur_profiles(tmp_path / "empty")
 
 
+def test_allreduce_reader_keeps_the_rows_within_one_node(tmp_path):
+    rows = _allreduce_rows([2048, 1 << 20], lambda tp, size: 0.01 * tp + size / 1e8)
+    path = _write_csv(tmp_path / "network" / "box" / "all_reduce.csv", rows)
+    prof = cal.read_allreduce_csv(path)
+    assert prof.name == "box" and len(prof) == 6  # TP 2, 4, 8 × 2 sizes; cross-node dropped
+    np.testing.assert_array_equal(prof.tp, [2, 2, 4, 4, 8, 8])
+    np.testing.assert_array_equal(prof.size, [2048, 1 << 20] * 3)
+    np.testing.assert_allclose(prof.time, [(0.01 * tp + s / 1e8) * 1e-3 for tp in (2, 4, 8)
+                                           for s in (2048, 1 << 20)])  # fmt: skip
+    cross = _write_csv(tmp_path / "x" / "all_reduce.csv", [r for r in rows if r["rank"] == 0][-2:])
+    with pytest.raises(ValueError, match=r"x/all_reduce\.csv: no all-reduce rows within one node"):
+        cal.read_allreduce_csv(cross)
+    broken = [{k: v for k, v in r.items() if k != "size"} for r in rows]
+    with pytest.raises(ValueError, match=r"missing column\(s\) size"):
+        cal.read_allreduce_csv(_write_csv(tmp_path / "y" / "all_reduce.csv", broken))
+
+
+def test_network_profile_choice(synthetic):
+    assert (
+        synthetic.network().name == "a100_dgx" and synthetic.network("a100_dgx").name == "a100_dgx"
+    )
+    with pytest.raises(
+        ValueError, match="no all-reduce profile 'dgx-h100'; profiled machines: a100_dgx"
+    ):
+        synthetic.network("dgx-h100")
+
+
 def test_attention_reader(synthetic):
     (att,) = synthetic.attention.values()
     assert att.name == "gqa-4k"
@@ -263,14 +321,23 @@ def test_fit_recovers_known_coefficients(synthetic_fit):
         "attn_memory",
         "attn_overhead_s",
         "attn_query_keys",
+        "link",
+        "allreduce_latency_s",
     ):
         assert getattr(e, name) == pytest.approx(getattr(TRUE, name), rel=0.01), name
     for kind, value in TRUE_KINDS.items():
         assert synthetic_fit.elementwise[kind] == pytest.approx(value, rel=0.01), kind
     # Not fitted: kept from the base (defaults).
-    assert (
-        e.link == Efficiency().link and e.iteration_overhead_s == Efficiency().iteration_overhead_s
-    )
+    assert e.layer_overhead_s == Efficiency().layer_overhead_s
+    assert e.iteration_overhead_s == Efficiency().iteration_overhead_s
+    assert synthetic_fit.provenance["allreduce_train_tp"] == list(cal.ALLREDUCE_TRAIN_TP)
+
+
+def test_without_a_network_profile_the_allreduce_keeps_its_defaults(synthetic):
+    bare = dataclasses.replace(synthetic, allreduce={})
+    e = cal.fit(bare, list(SHAPES)).efficiency
+    assert (e.link, e.allreduce_latency_s) == (Efficiency().link, Efficiency().allreduce_latency_s)
+    assert cal.evaluate(e, bare, ["gqa-4k"]).allreduce is None
 
 
 def test_synthetic_fit_reproduces_operators_exactly(synthetic, synthetic_fit):
@@ -281,6 +348,14 @@ def test_synthetic_fit_reproduces_operators_exactly(synthetic, synthetic_fit):
     assert set(report.attention) == {"attn_prefill", "attn_decode"}
     for op, f in report.attention.items():
         assert f.median_ape() < 0.01, op
+    # The all-reduce is held out by TP degree: TP 8 was not fitted on.
+    held = cal.evaluate(synthetic_fit, synthetic, list(SHAPES), attention="none")
+    assert set(np.unique(held.allreduce.tp)) == {8.0}
+    assert held.allreduce.median_ape() < 0.01
+    train = cal.evaluate(synthetic_fit, synthetic, list(SHAPES), allreduce="train")
+    assert set(np.unique(train.allreduce.tp)) == {2.0, 4.0}
+    with pytest.raises(ValueError, match="allreduce must be heldout, train, all or none"):
+        cal.evaluate(synthetic_fit, synthetic, list(SHAPES), allreduce="some")
 
 
 def test_wrong_model_form_shows_in_the_errors(synthetic, synthetic_fit):
@@ -355,6 +430,10 @@ def test_stored_a100_calibration_on_held_out_vidur_models():
     assert report.overall() <= 0.08
     assert report.attention["attn_decode"].median_ape() <= 0.12
     assert report.attention["attn_prefill"].median_ape() <= 0.08
+    # All-reduce: fitted at TP 2 and 4, held out at TP 8 (NCCL on a DGX A100).
+    assert report.allreduce is not None and set(np.unique(report.allreduce.tp)) == {8.0}
+    assert report.allreduce.median_ape() <= 0.2
+    assert recorded_allreduce(stored) == pytest.approx(report.allreduce.median_ape(), abs=1e-4)
     # The stored errors are the ones this data gives (the file is reproducible).
     recorded = stored.provenance["fit_error"]["heldout"]
     assert recorded["layer"]["median_ape"] == pytest.approx(report.layer.median_ape(), abs=1e-4)
@@ -369,6 +448,7 @@ def test_format_report_and_plot(tmp_path, synthetic, synthetic_fit):
     report = cal.evaluate(synthetic_fit, synthetic, list(SHAPES), attention="heldout")
     text = cal.format_report(report)
     assert "| attn_pre_proj |" in text and "decoder layer" in text and "attn_prefill" in text
+    assert "All-reduce (heldout rows of a100_dgx)" in text and "| 8 | 11 |" in text
     assert "Targets:" in text
     summary = report.as_dict()
     assert summary["operators"]["mlp_up_proj"]["rows"] == len(TOKENS) * len(TPS) * len(SHAPES)
@@ -391,6 +471,10 @@ def test_command_line_refits_and_writes(tmp_path, synthetic_root, capsys):
 
 
 # ----------------------------------------------------------------------------- roofline terms
+
+
+def recorded_allreduce(stored: cal.Calibration) -> float:
+    return stored.provenance["fit_error"]["heldout"]["allreduce"]["median_ape"]
 
 
 def test_new_efficiency_fields_are_validated():

@@ -314,7 +314,9 @@ def cmd_fidelity(args) -> int:
 
     profiles = cal.load_vidur_profiles(resolve(args.profiles), args.gpu)
     calibration = cal.read_calibration(args.calibration or cal.calibration_path(args.gpu))
-    report = cal.evaluate(calibration, profiles, sorted(profiles.operators), attention="all")
+    report = cal.evaluate(
+        calibration, profiles, sorted(profiles.operators), attention="all", allreduce="all"
+    )
     print(cal.format_report(report, f"Calibrated model against {args.profiles}"))
     if args.plot:
         cal.plot_fidelity(report, args.plot)

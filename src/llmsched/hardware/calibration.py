@@ -52,7 +52,12 @@ from typing import Any
 import numpy as np
 
 from llmsched.hardware.latency import BatchShape
-from llmsched.hardware.roofline import ELEMENTWISE_KERNELS, Efficiency, RooflineModel
+from llmsched.hardware.roofline import (
+    ELEMENTWISE_KERNELS,
+    Efficiency,
+    RooflineModel,
+    allreduce_cost,
+)
 from llmsched.hardware.specs import GPUSpec, ModelSpec, get_gpu
 
 CALIBRATED_DIR = Path(__file__).resolve().parent / "calibrated"
@@ -97,12 +102,17 @@ ATTENTION_COLUMNS = (
     "kv_cache_size",
     "is_prefill",
 )
+ALLREDUCE_COLUMNS = ("num_workers", "devices_per_node", "size", "collective")
 
 # The split used for a100.json (see docs/calibration.md).
 DEFAULT_TRAIN = ("Llama-2-7b-hf", "Llama-2-70b-hf", "CodeLlama-34b-Instruct-hf", "Qwen-72B")
 DEFAULT_HELDOUT = ("Meta-Llama-3-8B", "Meta-Llama-3-70B", "internlm-20b", "phi-2")
 ATTENTION_SPLIT_KV = 2048  # attention rows with kv_cache_size < this train, the rest are held out
 MAX_TOKENS = 4096  # rows up to this token count (all models are profiled to 4096)
+DEFAULT_NETWORK = "a100_dgx"  # Vidur's all-reduce profile of the A100-SXM machine (NVSwitch)
+ALLREDUCE_TRAIN_TP = (2, 4)  # all-reduce rows at these TP degrees fit, the others are held out
+ALLREDUCE_BANDS = ((0, 1 << 20), (1 << 20, 8 << 20), (8 << 20, math.inf))  # message bytes
+ROW_CHOICES = ("heldout", "train", "all", "none")  # rows of the tables split by row, not model
 TILE_CHOICES = (1, 64, 128, 256)
 HUBER_DELTA = 0.05  # relative error beyond which a row's weight falls off (robust least squares)
 HUBER_ROUNDS = 4
@@ -198,13 +208,43 @@ class AttentionProfile:
 
 
 @dataclass(frozen=True)
+class AllReduceProfile:
+    """All-reduce times against message size on one machine (Vidur's
+    ``network/<machine>/all_reduce.csv``), in seconds. Only the rows within one node are kept
+    (``num_workers == devices_per_node`` > 1): the group a tensor-parallel instance uses."""
+
+    name: str
+    path: Path
+    tp: np.ndarray
+    size: np.ndarray  # message bytes
+    time: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.time)
+
+
+@dataclass(frozen=True)
 class ProfileSet:
-    """Operator and attention profiles of one GPU, keyed by model name (the CSV's folder)."""
+    """Operator and attention profiles of one GPU, keyed by model name (the CSV's folder), and
+    all-reduce profiles keyed by machine (the network CSV's folder)."""
 
     gpu: str
     operators: dict[str, OperatorProfile]
     attention: dict[str, AttentionProfile] = field(default_factory=dict)
     root: Path | None = None
+    allreduce: dict[str, AllReduceProfile] = field(default_factory=dict)
+
+    def network(self, name: str | None = None) -> AllReduceProfile | None:
+        """The all-reduce profile named ``name``; by default `DEFAULT_NETWORK` if present, else
+        the only one, else None (nothing to fit the all-reduce on)."""
+        if name is not None:
+            if name not in self.allreduce:
+                have = ", ".join(sorted(self.allreduce)) or "none"
+                raise ValueError(f"no all-reduce profile {name!r}; profiled machines: {have}")
+            return self.allreduce[name]
+        if DEFAULT_NETWORK in self.allreduce:
+            return self.allreduce[DEFAULT_NETWORK]
+        return next(iter(self.allreduce.values())) if len(self.allreduce) == 1 else None
 
     def resolve(self, names: Iterable[str]) -> list[str]:
         """Canonical keys for user-given model names (case-insensitive; ``org/name`` accepted)."""
@@ -336,13 +376,44 @@ def read_attention_csv(path: str | os.PathLike[str], name: str | None = None) ->
     )
 
 
+def read_allreduce_csv(path: str | os.PathLike[str], name: str | None = None) -> AllReduceProfile:
+    """Read one Vidur-schema ``all_reduce.csv`` (``size`` in bytes, times in ms become seconds;
+    the median column), keeping the rows within one node."""
+    path = Path(path)
+    col = "time_stats.all_reduce.median"
+    _, rows = _read_rows(path, (*ALLREDUCE_COLUMNS, col))
+    keep = [
+        (i, r)
+        for i, r in enumerate(rows)
+        if r["collective"] == "all_reduce" and r["num_workers"] == r["devices_per_node"]
+    ]
+    tp = np.array([_float(r["num_workers"], path, i + 2, "num_workers") for i, r in keep])
+    size = np.array([_float(r["size"], path, i + 2, "size") for i, r in keep])
+    time = np.array([_float(r[col], path, i + 2, col) for i, r in keep]) * 1e-3
+    ok = (tp > 1) & (size > 0) & np.isfinite(time) & (time > 0)
+    if not ok.any():
+        raise ValueError(
+            f"{path}: no all-reduce rows within one node (num_workers == devices_per_node > 1, "
+            "size > 0, a median time)"
+        )
+    return AllReduceProfile(
+        name=name or path.parent.name,
+        path=path,
+        tp=tp[ok].astype(np.int64),
+        size=size[ok],
+        time=time[ok],
+    )
+
+
 def load_vidur_profiles(
     root: str | os.PathLike[str] | None = None, gpu: str | GPUSpec = DEFAULT_GPU
 ) -> ProfileSet:
-    """Every ``mlp.csv`` and ``attention*.csv`` under ``root``, one model per folder.
+    """Every ``mlp.csv`` and ``attention*.csv`` under ``root``, one model per folder, and every
+    ``all_reduce.csv``, one machine per folder.
 
     ``root`` defaults to the shared data's ``profiles/vidur`` (`llmsched.data.data_path`); Vidur's
-    layout is ``compute/<gpu>/<org>/<model>/mlp.csv``, the project profiler's ``<out>/mlp.csv``.
+    layout is ``compute/<gpu>/<org>/<model>/mlp.csv`` and ``network/<machine>/all_reduce.csv``,
+    the project profiler's ``<out>/mlp.csv``.
     ``gpu`` names the GPU the profiles were measured on (its peaks are what efficiencies divide)."""
     if root is None:
         from llmsched.data import data_path
@@ -365,9 +436,15 @@ def load_vidur_profiles(
     for path in sorted(root.rglob("attention*.csv")):
         name = key(path, attention)
         attention[name] = read_attention_csv(path, name)
+    allreduce: dict[str, AllReduceProfile] = {}
+    for path in sorted(root.rglob("all_reduce.csv")):
+        name = key(path, allreduce)
+        allreduce[name] = read_allreduce_csv(path, name)
     if not operators and not attention:
         raise FileNotFoundError(f"no mlp.csv or attention*.csv under {root}")
-    return ProfileSet(gpu=gpu_name, operators=operators, attention=attention, root=root)
+    return ProfileSet(
+        gpu=gpu_name, operators=operators, attention=attention, root=root, allreduce=allreduce
+    )
 
 
 # =========================================================================== the operator model
@@ -681,6 +758,29 @@ def _fit_attention(
     return min(ea, 1.0), min(ed, 1.0), min(em, 1.0), k, keys
 
 
+def _predict_allreduce(
+    prof: AllReduceProfile, sel: np.ndarray, link: float, latency: float, gpu: GPUSpec
+) -> np.ndarray:
+    """Seconds per selected row, as `RooflineModel`'s all-reduce term computes them."""
+    e = dataclasses.replace(Efficiency(), link=min(link, 1.0), allreduce_latency_s=latency)
+    cost = {int(tp): allreduce_cost(int(tp), gpu, e) for tp in np.unique(prof.tp[sel])}
+    fixed = np.array([cost[int(tp)][0] for tp in prof.tp[sel]])
+    per_byte = np.array([cost[int(tp)][1] for tp in prof.tp[sel]])
+    return fixed + per_byte * prof.size[sel]
+
+
+def _fit_allreduce(
+    prof: AllReduceProfile, gpu: GPUSpec, train_tp: Sequence[int]
+) -> tuple[float, float] | None:
+    """(link, allreduce_latency_s) fitted on the rows at the ``train_tp`` degrees."""
+    sel = np.isin(prof.tp, train_tp)
+    if not sel.any():
+        return None
+    y = prof.time[sel]
+    x = _robust(lambda x: _predict_allreduce(prof, sel, x[0], x[1], gpu) / y - 1, (0.6, 2e-5))
+    return min(float(x[0]), 1.0), float(x[1])
+
+
 def fit(
     profiles: ProfileSet,
     train_models: Sequence[str] = DEFAULT_TRAIN,
@@ -689,14 +789,18 @@ def fit(
     tile: int | None = None,
     attention_split_kv: int = ATTENTION_SPLIT_KV,
     max_tokens: int | None = MAX_TOKENS,
+    network: str | None = None,
+    allreduce_train_tp: Sequence[int] = ALLREDUCE_TRAIN_TP,
 ) -> Calibration:
-    """Fit the roofline's GEMM, element-wise and attention coefficients on ``train_models``.
+    """Fit the roofline's GEMM, element-wise, attention and all-reduce coefficients.
 
     ``tile`` fixes the GEMM token tile; by default each of `TILE_CHOICES` is fitted and the one
     with the smallest error kept. Attention is fitted on the rows of every attention profile with
-    ``kv_cache_size < attention_split_kv`` (the rest are for `evaluate`). Fields not fitted here
-    (all-reduce, per-layer and per-iteration overheads) keep ``base``'s values (the defaults).
-    Takes about a second on Vidur's data."""
+    ``kv_cache_size < attention_split_kv`` (the rest are for `evaluate`); the all-reduce
+    (``link``, ``allreduce_latency_s``) on the rows of the ``network`` profile (see
+    `ProfileSet.network`) at the ``allreduce_train_tp`` degrees. Fields not fitted here (the
+    per-layer and per-iteration overheads, and the all-reduce without a network profile) keep
+    ``base``'s values (the defaults). Takes a few seconds on Vidur's data."""
     base = base if base is not None else Efficiency()
     gpu = get_gpu(profiles.gpu)
     names = profiles.resolve(train_models)
@@ -726,6 +830,10 @@ def fit(
             attn_overhead_s=k,
             attn_query_keys=keys,
         )
+    net = profiles.network(network)
+    ar = _fit_allreduce(net, gpu, allreduce_train_tp) if net is not None else None
+    if ar is not None:
+        changes.update(link=ar[0], allreduce_latency_s=ar[1])
     eff = dataclasses.replace(base, **changes)
     return Calibration(
         gpu=profiles.gpu,
@@ -735,6 +843,11 @@ def fit(
             "train_models": names,
             "attention_split_kv": attention_split_kv,
             "max_tokens": max_tokens,
+            **(
+                {"allreduce_profile": net.name, "allreduce_train_tp": list(allreduce_train_tp)}
+                if ar is not None
+                else {}
+            ),
         },
     )
 
@@ -748,7 +861,9 @@ class OperatorFit:
 
     op: str
     model: np.ndarray
-    tokens: np.ndarray  # num_tokens; for attention the chunk (prefill) or batch size (decode)
+    # num_tokens; for attention the chunk (prefill) or batch size (decode); for the all-reduce
+    # the message bytes
+    tokens: np.ndarray
     tp: np.ndarray
     measured: np.ndarray
     predicted: np.ndarray
@@ -786,6 +901,8 @@ class FidelityReport:
     attention: dict[str, OperatorFit]  # attn_prefill / attn_decode
     attention_rows: str = "heldout"
     efficiency: Efficiency | None = None
+    allreduce: OperatorFit | None = None  # all-reduce rows of the network profile
+    allreduce_rows: str = "heldout"
 
     def overall(self) -> float:
         """Median absolute relative error over every operator row."""
@@ -820,6 +937,9 @@ class FidelityReport:
         if self.attention:
             out["attention_rows"] = self.attention_rows
             out["attention"] = {op: summary(f) for op, f in self.attention.items()}
+        if self.allreduce is not None:
+            out["allreduce_rows"] = self.allreduce_rows
+            out["allreduce"] = summary(self.allreduce)
         return out
 
 
@@ -838,6 +958,8 @@ def evaluate(
     attention: str = "heldout",
     attention_split_kv: int | None = None,
     max_tokens: int | None = MAX_TOKENS,
+    allreduce: str = "heldout",
+    network: str | None = None,
 ) -> FidelityReport:
     """Predicted against measured times on ``models``' profiles.
 
@@ -846,9 +968,11 @@ def evaluate(
     `Efficiency` uses its ``elementwise_memory`` for all); the layer compares the sum of the
     measured operators with the roofline's GEMM and element-wise terms. ``attention`` picks the
     attention rows: ``"heldout"`` (``kv_cache_size`` ≥ the split), ``"train"``, ``"all"`` or
-    ``"none"``."""
-    if attention not in ("heldout", "train", "all", "none"):
-        raise ValueError(f"attention must be heldout, train, all or none, got {attention!r}")
+    ``"none"``; ``allreduce`` the same for the rows of the ``network`` all-reduce profile
+    (held out: the TP degrees the calibration was not fitted on)."""
+    for arg, value in (("attention", attention), ("allreduce", allreduce)):
+        if value not in ROW_CHOICES:
+            raise ValueError(f"{arg} must be heldout, train, all or none, got {value!r}")
     cal = _as_calibration(calibration, profiles.gpu)
     eff = cal.efficiency
     gpu = get_gpu(profiles.gpu)
@@ -930,6 +1054,9 @@ def evaluate(
         if split is None:
             split = int(cal.provenance.get("attention_split_kv", ATTENTION_SPLIT_KV))
         attn_fits = _evaluate_attention(profiles, eff, gpu, attention, split)
+    ar_fit = None
+    if allreduce != "none" and profiles.allreduce:
+        ar_fit = _evaluate_allreduce(profiles, cal, gpu, allreduce, network)
     return FidelityReport(
         gpu=profiles.gpu,
         models=tuple(names),
@@ -939,6 +1066,29 @@ def evaluate(
         attention=attn_fits,
         attention_rows=attention,
         efficiency=eff,
+        allreduce=ar_fit,
+        allreduce_rows=allreduce,
+    )
+
+
+def _evaluate_allreduce(
+    profiles: ProfileSet, cal: Calibration, gpu: GPUSpec, which: str, network: str | None
+) -> OperatorFit | None:
+    prof = profiles.network(network or cal.provenance.get("allreduce_profile"))
+    if prof is None:
+        return None
+    train = np.isin(prof.tp, cal.provenance.get("allreduce_train_tp", ALLREDUCE_TRAIN_TP))
+    sel = {"heldout": ~train, "train": train}.get(which, np.ones(len(prof), bool))
+    if not sel.any():
+        return None
+    eff = cal.efficiency
+    return OperatorFit(
+        op="all_reduce",
+        model=np.full(sel.sum(), prof.name, dtype=object),
+        tokens=prof.size[sel],
+        tp=prof.tp[sel].astype(float),
+        measured=prof.time[sel],
+        predicted=_predict_allreduce(prof, sel, eff.link, eff.allreduce_latency_s, gpu),
     )
 
 
@@ -1051,6 +1201,8 @@ def format_report(report: FidelityReport, title: str | None = None) -> str:
             cells += [_pct(f.p90_ape()), f"{100 * f.bias():+.1f} %"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if report.allreduce is not None:
+        lines += _allreduce_table(report.allreduce, report.allreduce_rows)
     ops = report.operators
     if ops:
         worst = max(ops.values(), key=lambda f: f.median_ape())
@@ -1067,6 +1219,37 @@ def format_report(report: FidelityReport, title: str | None = None) -> str:
             )
         )
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _allreduce_table(f: OperatorFit, rows: str) -> list[str]:
+    """Median error (bias) of the all-reduce per TP degree and band of message sizes."""
+
+    def band(lo: float, hi: float) -> str:
+        if hi == math.inf:
+            return f"≥ {lo / (1 << 20):g} MiB"
+        return (
+            f"< {hi / (1 << 20):g} MiB" if lo == 0 else f"{lo / (1 << 20):g}–{hi / (1 << 20):g} MiB"
+        )
+
+    lines = [
+        f"All-reduce ({rows} rows of {', '.join(dict.fromkeys(f.model))}): median error "
+        "(median bias)",
+        "",
+        "| TP | rows | all sizes | " + " | ".join(band(*b) for b in ALLREDUCE_BANDS) + " |",
+        "|---|---|---|" + "---|" * len(ALLREDUCE_BANDS),
+    ]
+    signed = f.predicted / f.measured - 1
+    for tp in np.unique(f.tp):
+        cells = [str(int(tp)), str(int((f.tp == tp).sum()))]
+        for lo, hi in ((0, math.inf), *ALLREDUCE_BANDS):
+            m = (f.tp == tp) & (f.tokens >= lo) & (f.tokens < hi)
+            cells.append(
+                f"{_pct(f.median_ape(m))} ({100 * float(np.median(signed[m])):+.0f} %)"
+                if m.any()
+                else "—"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def format_efficiency(cal: Calibration | Efficiency) -> str:
@@ -1108,6 +1291,8 @@ def plot_fidelity(report: FidelityReport, path: str | os.PathLike[str]) -> None:
     if report.layer is not None:
         fits.append(report.layer)
     fits += list(report.attention.values())
+    if report.allreduce is not None:
+        fits.append(report.allreduce)
     if not fits:
         raise ValueError("nothing to plot: the report has no rows")
     ncol = 4
@@ -1250,11 +1435,20 @@ def calibrate(
     *,
     attention_split_kv: int = ATTENTION_SPLIT_KV,
     max_tokens: int | None = MAX_TOKENS,
+    network: str | None = None,
 ) -> tuple[Calibration, FidelityReport, FidelityReport]:
     """Fit on ``train``, evaluate on ``train`` and ``heldout``; the calibration carries both
     reports' summaries in its provenance."""
-    cal = fit(profiles, train, attention_split_kv=attention_split_kv, max_tokens=max_tokens)
-    train_report = evaluate(cal, profiles, train, attention="train", max_tokens=max_tokens)
+    cal = fit(
+        profiles,
+        train,
+        attention_split_kv=attention_split_kv,
+        max_tokens=max_tokens,
+        network=network,
+    )
+    train_report = evaluate(
+        cal, profiles, train, attention="train", allreduce="train", max_tokens=max_tokens
+    )
     held_report = evaluate(cal, profiles, heldout, attention="heldout", max_tokens=max_tokens)
     root = profiles.root
     source = str(root) if root is not None else "?"
@@ -1266,11 +1460,17 @@ def calibrate(
             source = str(Path(root).resolve().relative_to(base.resolve()))
     except ValueError:
         pass
+    fitted_allreduce = "allreduce_profile" in cal.provenance
     prov = {
         "data_source": (
             f"{source}: microsoft/vidur operator profiles (MIT), CUDA-timed on A100 "
             "(mlp.csv per model; attention_tp2_2024-05.csv, Llama-2-70B shape at TP 2, "
-            "FlashAttention)"
+            "FlashAttention"
+            + (
+                f"; network/{cal.provenance['allreduce_profile']}/all_reduce.csv, NCCL)"
+                if fitted_allreduce
+                else ")"
+            )
         ),
         "gpu_profiled": profiles.gpu,
         "train_models": list(profiles.resolve(train)),
@@ -1280,6 +1480,16 @@ def calibrate(
             f"rows with kv_cache_size < {attention_split_kv} fit, ≥ {attention_split_kv} held out"
         ),
         "max_tokens": max_tokens,
+        **(
+            {
+                "allreduce_split": (
+                    f"rows within one node at TP {cal.provenance['allreduce_train_tp']} fit, "
+                    "the other TP degrees held out"
+                )
+            }
+            if fitted_allreduce
+            else {}
+        ),
         "date": datetime.now(UTC).date().isoformat(),
         "method": (
             f"Huber-weighted least squares (delta {HUBER_DELTA}) on relative error, "
@@ -1287,8 +1497,7 @@ def calibrate(
             f"{list(TILE_CHOICES)} by plain least squares; see docs/calibration.md"
         ),
         "not_calibrated": [
-            "link",
-            "allreduce_latency_s",
+            *(() if fitted_allreduce else ("link", "allreduce_latency_s")),
             "layer_overhead_s",
             "iteration_overhead_s",
         ],
@@ -1314,6 +1523,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--attention-split-kv", type=int, default=ATTENTION_SPLIT_KV)
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument(
+        "--network",
+        help=f"all-reduce profile (machine folder) to fit link and latency on (default: "
+        f"{DEFAULT_NETWORK} if present, else the only one)",
+    )
+    parser.add_argument(
         "--out",
         default=str(CALIBRATED_DIR / "a100.json"),
         help="where to write the calibration (default: the package's calibrated/a100.json)",
@@ -1329,6 +1543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.heldout,
             attention_split_kv=args.attention_split_kv,
             max_tokens=args.max_tokens,
+            network=args.network,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

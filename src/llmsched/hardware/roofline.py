@@ -126,6 +126,14 @@ class Efficiency:
             raise ValueError(f"Efficiency.attn_diag_compute must be in (0, 1] or None, got {d}")
 
 
+def allreduce_cost(tp: int, gpu: GPUSpec, e: Efficiency) -> tuple[float, float]:
+    """One ring all-reduce over `tp` GPUs as (fixed seconds, seconds per byte of the message):
+    2(tp−1)/tp of the message crosses each link, at `e.link` of its bandwidth. (0, 0) for tp 1."""
+    if tp <= 1:
+        return 0.0, 0.0
+    return e.allreduce_latency_s, 2 * (tp - 1) / tp / (gpu.nvlink_bandwidth * e.link)
+
+
 class RooflineModel:
     """Iteration time of a `BatchShape` on `tp` GPUs of one kind. Implements `LatencyModel`."""
 
@@ -186,13 +194,10 @@ class RooflineModel:
         per_tok = 8 * h + 2 * (heads + kv_gpu) * hd + up_out + ffn + 4 * kv_gpu * hd
         self._elem = L * per_tok * d * b_elem
 
-        # All-reduce: 2 per layer when tp > 1, ring: 2(tp−1)/tp of the message crosses each link.
-        if tp > 1:
-            self._ar_fixed = 2 * L * e.allreduce_latency_s
-            self._ar_tok = 2 * L * 2 * (tp - 1) / tp * h * d / (g.nvlink_bandwidth * e.link)
-        else:
-            self._ar_fixed = 0.0
-            self._ar_tok = 0.0
+        # All-reduce of the T × hidden activations: 2 per layer when tp > 1.
+        ar_latency, ar_byte = allreduce_cost(tp, g, e)
+        self._ar_fixed = 2 * L * ar_latency
+        self._ar_tok = 2 * L * ar_byte * h * d
 
         # LM head (vocab-parallel) over the sampled rows: max(cf·S, bw0 + bf·S).
         v = m.vocab_size / tp
