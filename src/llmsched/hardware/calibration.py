@@ -743,7 +743,8 @@ def _attention_train(prof: AttentionProfile, split_kv: int) -> np.ndarray:
 
 def _fit_attention(
     profiles: Sequence[AttentionProfile], gpu: GPUSpec, split_kv: int
-) -> tuple[float, float, float, float, float] | None:
+) -> dict[str, float] | None:
+    """The attention fields of `Efficiency`, fitted on the rows with KV below the split."""
     rows = _AttentionRows(profiles, lambda p: _attention_train(p, split_kv))
     if not len(rows):
         return None
@@ -755,7 +756,13 @@ def _fit_attention(
     x0 = (0.4, 0.2, 0.7, 1e-5, 100.0)
     x = _robust(lambda x: _predict_attention(rows, x, gpu) / y - 1, x0, w)
     ea, ed, em, k, keys = (float(v) for v in x)
-    return min(ea, 1.0), min(ed, 1.0), min(em, 1.0), k, keys
+    return {
+        "attn_compute": min(ea, 1.0),
+        "attn_diag_compute": min(ed, 1.0),
+        "attn_memory": min(em, 1.0),
+        "attn_overhead_s": k,
+        "attn_query_keys": keys,
+    }
 
 
 def _predict_allreduce(
@@ -771,14 +778,14 @@ def _predict_allreduce(
 
 def _fit_allreduce(
     prof: AllReduceProfile, gpu: GPUSpec, train_tp: Sequence[int]
-) -> tuple[float, float] | None:
-    """(link, allreduce_latency_s) fitted on the rows at the ``train_tp`` degrees."""
+) -> dict[str, float] | None:
+    """``link`` and ``allreduce_latency_s``, fitted on the rows at the ``train_tp`` degrees."""
     sel = np.isin(prof.tp, train_tp)
     if not sel.any():
         return None
     y = prof.time[sel]
     x = _robust(lambda x: _predict_allreduce(prof, sel, x[0], x[1], gpu) / y - 1, (0.6, 2e-5))
-    return min(float(x[0]), 1.0), float(x[1])
+    return {"link": min(float(x[0]), 1.0), "allreduce_latency_s": float(x[1])}
 
 
 def fit(
@@ -821,19 +828,10 @@ def fit(
         "elementwise_memory": _fit_elementwise_memory(train, p, gpu, max_tokens),
     }
     attn = _fit_attention(list(profiles.attention.values()), gpu, attention_split_kv)
-    if attn is not None:
-        ea, ed, em, k, keys = attn
-        changes.update(
-            attn_compute=ea,
-            attn_diag_compute=ed,
-            attn_memory=em,
-            attn_overhead_s=k,
-            attn_query_keys=keys,
-        )
+    changes.update(attn or {})
     net = profiles.network(network)
     ar = _fit_allreduce(net, gpu, allreduce_train_tp) if net is not None else None
-    if ar is not None:
-        changes.update(link=ar[0], allreduce_latency_s=ar[1])
+    changes.update(ar or {})
     eff = dataclasses.replace(base, **changes)
     return Calibration(
         gpu=profiles.gpu,
