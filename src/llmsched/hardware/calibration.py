@@ -382,15 +382,14 @@ def read_allreduce_csv(path: str | os.PathLike[str], name: str | None = None) ->
     path = Path(path)
     col = "time_stats.all_reduce.median"
     _, rows = _read_rows(path, (*ALLREDUCE_COLUMNS, col))
-    keep = [
-        (i, r)
-        for i, r in enumerate(rows)
-        if r["collective"] == "all_reduce" and r["num_workers"] == r["devices_per_node"]
-    ]
-    tp = np.array([_float(r["num_workers"], path, i + 2, "num_workers") for i, r in keep])
-    size = np.array([_float(r["size"], path, i + 2, "size") for i, r in keep])
-    time = np.array([_float(r[col], path, i + 2, col) for i, r in keep]) * 1e-3
-    ok = (tp > 1) & (size > 0) & np.isfinite(time) & (time > 0)
+    keep = [(i, r) for i, r in enumerate(rows) if r["collective"] == "all_reduce"]
+
+    def column(c: str) -> np.ndarray:
+        return np.array([_float(r[c], path, i + 2, c) for i, r in keep])
+
+    tp, per_node, size = column("num_workers"), column("devices_per_node"), column("size")
+    time = column(col) * 1e-3
+    ok = (tp > 1) & (tp == per_node) & (size > 0) & np.isfinite(time) & (time > 0)
     if not ok.any():
         raise ValueError(
             f"{path}: no all-reduce rows within one node (num_workers == devices_per_node > 1, "
