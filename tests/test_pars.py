@@ -60,7 +60,9 @@ def test_pars_serves_the_lower_predicted_score_first_whatever_the_true_length():
 # Preempting for a better score, and never for a worse one: tests/test_policies.py (RANKED).
 
 
-def test_pars_without_preemption_and_oracle_scores_is_sjf():
+def test_pars_with_oracle_scores_is_sjf_unless_waiting_requests_preempt():
+    """vLLM V1's priority scheduling on true lengths is exactly oracle SJF; vLLM v0.6's priority
+    preemption (preempt=True) changes the schedule."""
     rng = np.random.default_rng(5)
     n = 80
     out = rng.integers(1, 200, n)
@@ -73,7 +75,7 @@ def test_pars_without_preemption_and_oracle_scores_is_sjf():
         }
     )
     runs = {}
-    variants = {"sjf": ("sjf", {}), "pars-np": ("pars", {"preempt": False}), "pars": ("pars", {})}
+    variants = {"sjf": ("sjf", {}), "pars": ("pars", {}), "pars-v0.6": ("pars", {"preempt": True})}
     for label, (name, kw) in variants.items():
         cls = policy_class(name)
         cluster = CheckedCluster(
@@ -84,8 +86,8 @@ def test_pars_without_preemption_and_oracle_scores_is_sjf():
             LinearLatency(),
         )
         runs[label] = cluster.run(w).column("e2el")
-    np.testing.assert_array_equal(runs["sjf"], runs["pars-np"])
-    assert not np.array_equal(runs["sjf"], runs["pars"])  # priority preemption acts
+    np.testing.assert_array_equal(runs["sjf"], runs["pars"])
+    assert not np.array_equal(runs["sjf"], runs["pars-v0.6"])  # priority preemption acts
 
 
 # A (score 0, 40 tokens) holds the only sequence slot; X (score 100) arrives during A's first
@@ -105,9 +107,11 @@ def test_pars_without_aging_lets_the_worst_score_wait():
 
 @pytest.mark.parametrize("aging", [3, 6])
 def test_pars_aging_lifts_a_starved_request_after_exactly_n_idle_iterations(aging):
-    """Idle for `aging` iterations, X is promoted above every score: it takes A's seat at once
-    (A is preempted by recompute) and keeps it until it finishes."""
-    run = simulate([LONG, X], "pars", num_blocks=100, max_num_seqs=1, policy_kw={"aging": aging})
+    """Idle for `aging` iterations, X is promoted above every score: with vLLM v0.6's priority
+    preemption it takes A's seat at once (A is preempted by recompute) and keeps it until it
+    finishes."""
+    kw = {"aging": aging, "preempt": True}
+    run = simulate([LONG, X], "pars", num_blocks=100, max_num_seqs=1, policy_kw=kw)
     step = _first_step(run, "X")
     assert step == 1 + aging
     assert run.steps[step].preempted == [("A", "recompute")]

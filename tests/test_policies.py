@@ -200,21 +200,31 @@ def test_priority_admits_lower_value_first():
 
 
 # pars and ltr rank by a predictor's score where priority ranks by the user's priority.
-RANKED = [("priority", "priority"), ("pars", "score"), ("ltr", "score")]
+# (policy, rank field, policy parameters): those whose waiting requests preempt (vLLM v0.6's
+# priority preemption, and vllm-ltr), and those that follow vLLM V1, whose waiting requests never do.
+PREEMPTING = [
+    ("priority-v0.6", "priority", {}),
+    ("pars", "score", {"preempt": True}),
+    ("ltr", "score", {}),
+]
+V1_RANKED = [("priority", "priority", {}), ("pars", "score", {})]
+RANKED = PREEMPTING + V1_RANKED
 
 
-@pytest.mark.parametrize("policy,field", RANKED)
-def test_better_ranked_arrival_preempts_a_worse_one_when_kv_is_short(policy, field):
-    """10 one-token blocks; A (rank 5) holds 6 and its decode takes a 7th; B (rank 0, prompt 6)
-    needs 6: A is preempted and B admitted in the same plan."""
+def kv_short_pair(field, rank_a, rank_b):
+    """10 one-token blocks; A holds 6 and its decode takes a 7th; B (prompt 6) needs 6."""
+    return [
+        req("A", 0.0, prompt=6, output=5, **{field: rank_a}),
+        req("B", 0.001, prompt=6, output=1, **{field: rank_b}),
+    ]
+
+
+@pytest.mark.parametrize("policy,field,kw", PREEMPTING)
+def test_better_ranked_arrival_preempts_a_worse_one_when_kv_is_short(policy, field, kw):
+    """A (rank 5) runs, B (rank 0) arrives and does not fit: A is preempted and B admitted in
+    the same plan."""
     run = simulate(
-        [
-            req("A", 0.0, prompt=6, output=5, **{field: 5}),
-            req("B", 0.001, prompt=6, output=1, **{field: 0}),
-        ],
-        policy,
-        num_blocks=10,
-        block_size=1,
+        kv_short_pair(field, 5, 0), policy, num_blocks=10, block_size=1, policy_kw=kw
     )
     _, step = run.first(lambda s: s.preempted)
     assert step.preempted == [("A", "recompute")]
@@ -222,18 +232,23 @@ def test_better_ranked_arrival_preempts_a_worse_one_when_kv_is_short(policy, fie
     assert run.col("finish")["B"] < run.col("finish")["A"]
 
 
-@pytest.mark.parametrize("policy,field", RANKED)
-def test_worse_ranked_arrival_never_preempts(policy, field):
+@pytest.mark.parametrize("policy,field,kw", V1_RANKED)
+def test_v1_better_ranked_arrival_waits_for_kv(policy, field, kw):
+    """vLLM V1 (0.32) preempts only for a running request short of KV: B (rank 0) waits until
+    A (rank 5) finishes, nothing is preempted."""
+    run = simulate(
+        kv_short_pair(field, 5, 0), policy, num_blocks=10, block_size=1, policy_kw=kw
+    )
+    assert not any(s.preempted for s in run.steps)
+    assert run.col("first_scheduled")["B"] == run.col("finish")["A"]
+
+
+@pytest.mark.parametrize("policy,field,kw", RANKED)
+def test_worse_ranked_arrival_never_preempts(policy, field, kw):
     """Same KV shortage, ranks swapped: the newcomer (rank 5) waits for A (rank 0) to finish;
     nothing is preempted."""
     run = simulate(
-        [
-            req("A", 0.0, prompt=6, output=5, **{field: 0}),
-            req("B", 0.001, prompt=6, output=1, **{field: 5}),
-        ],
-        policy,
-        num_blocks=10,
-        block_size=1,
+        kv_short_pair(field, 0, 5), policy, num_blocks=10, block_size=1, policy_kw=kw
     )
     assert not any(s.preempted for s in run.steps)
     assert run.col("first_scheduled")["B"] == run.col("finish")["A"]

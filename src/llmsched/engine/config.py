@@ -9,8 +9,9 @@ PREEMPTION_MODES = ("recompute", "swap")
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Per-instance limits. Defaults follow `vllm serve` (V1 engine, ~v0.8–0.10) on A100-class
-    GPUs: 2048 batched tokens per iteration, 256 sequences, 16-token KV blocks, recompute."""
+    """Per-instance limits. Defaults follow `vllm serve` (V1 engine, 0.32) on A100-class GPUs:
+    2048 batched tokens per iteration, 256 sequences, 16-token KV blocks, recompute, and a new
+    request admitted only when KV for its whole sequence is free."""
 
     num_blocks: int  # GPU KV blocks (see hardware.memory.kv_cache_blocks)
     block_size: int = 16
@@ -20,6 +21,9 @@ class EngineConfig:
     preemption: str = "recompute"
     long_prefill_token_threshold: int = 0  # vLLM's cap on one request's chunk; 0 = none
     watermark: float = 0.0  # fraction of blocks new admissions must leave free (Sarathi: 0.01)
+    # vLLM's scheduler_reserve_full_isl: admit a waiting request only if KV for all its tokens
+    # (not just the first chunk) is free; only the chunk is allocated.
+    reserve_full_isl: bool = True
     kv_bytes_per_block: int = 0  # for swap and migration times (0 = free transfers)
     pcie_bandwidth: float = 25e9  # bytes/s host<->device, for swap
 

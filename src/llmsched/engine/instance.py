@@ -195,6 +195,13 @@ class Instance:
         self.now = now
         plan = self.policy.schedule(self.view)
         extra = self._apply_preemptions(plan)
+        while plan.preempted and not plan.items:
+            # A step that only preempts (vLLM V1 serves no running request after one that had
+            # to preempt itself): it runs nothing and takes no time; plan again on freed KV.
+            if self.observer is not None:
+                self.observer(self, Span(plan, np.array([now])))
+            plan = self.policy.schedule(self.view)
+            extra += self._apply_preemptions(plan)
         if not plan.items:
             if self.running or self.waiting:
                 raise RuntimeError(

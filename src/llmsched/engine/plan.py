@@ -48,8 +48,10 @@ class BatchBuilder:
         "num_running",
         "preempted",
         "repeat_cap",
+        "reserve_full_isl",
         "victims",
         "view",
+        "watermark",
     )
 
     def __init__(self, view: InstanceView, *, budget: int | None = None) -> None:
@@ -60,7 +62,12 @@ class BatchBuilder:
         self.num_running = len(view.running)
         self.max_seqs = cfg.max_num_seqs
         self.block_size = cfg.block_size
-        self.chunk_cap = cfg.long_prefill_token_threshold or (1 << 62)
+        # vLLM caps a chunk at long_prefill_token_threshold only when another request could use
+        # the budget it leaves.
+        many = self.num_running + view.num_waiting > 1
+        self.chunk_cap = (many and cfg.long_prefill_token_threshold) or (1 << 62)
+        self.watermark = cfg.watermark_blocks
+        self.reserve_full_isl = cfg.reserve_full_isl
         self.items: dict[RequestState, int] = {}
         self.preempted: list[tuple[RequestState, str]] = []
         self.victims: set[RequestState] = set()
@@ -100,10 +107,24 @@ class BatchBuilder:
         self.items[state] = tokens
         return tokens
 
-    def admit(self, state: RequestState, max_tokens: int | None = None, *, reserve: int = 0):
+    def admit(
+        self, state: RequestState, max_tokens: int | None = None, *, reserve: int | None = None
+    ):
         """Admit a waiting request (new, preempted, swapped out or migrated in) if the sequence
-        cap, the budget and the KV allow; returns the tokens given (0 = not admitted)."""
+        cap, the budget and the KV allow; returns the tokens given (0 = not admitted).
+
+        As vLLM V1 (0.32) admits: KV for the request's whole sequence (`num_tokens`: its prompt
+        and what it generated before a preemption) must be free, not just for the chunk it gets
+        now (`reserve_full_isl`); and `reserve` blocks must stay free, by default the engine's
+        watermark when anything runs. Only the chunk is allocated."""
         if self.num_running >= self.max_seqs:
+            return 0
+        if reserve is None:
+            reserve = self.watermark if self.num_running else 0
+        if (
+            self.reserve_full_isl
+            and -(-state.num_tokens // self.block_size) - state.blocks > self.free - reserve
+        ):
             return 0
         tokens = self.schedule(state, max_tokens, reserve=reserve)
         if tokens:

@@ -52,9 +52,12 @@ def record_batches(cfg: SimulationConfig, workload=None) -> list[Batch]:
 
     cfg.validate()
     batches: list[Batch] = []
-    cluster, _ = build_cluster(
-        cfg, observer=lambda _inst, span: batches.append(batch_of(span.plan))
-    )
+
+    def record(_inst, span) -> None:
+        if span.plan.items:  # steps that only preempt run nothing
+            batches.append(batch_of(span.plan))
+
+    cluster, _ = build_cluster(cfg, observer=record)
     cluster.run(load_workload(cfg) if workload is None else workload)
     return batches
 

@@ -82,11 +82,13 @@ def pack_in_order(
 
     Running requests are served first (in admission order, or by `key` when `sort_running`);
     one that cannot get KV preempts the running request that comes last (by `key`, or the most
-    recently admitted), possibly itself. If nothing was preempted, waiting requests are admitted
-    in queue order until one does not fit. With `preempt_for_waiting` (vLLM's priority
-    preemption), a waiting request that does not fit preempts running requests with a worse
-    key, worst first, until it fits (as vLLM v0.6 does when the request's blocks, tokens or
-    sequence slot are short). `admit_waiting=False` stops after the running requests.
+    recently admitted), possibly itself, and if it preempted itself no further running request
+    is served this step. If nothing was preempted, waiting requests are admitted in queue order
+    until one does not fit (`BatchBuilder.admit`). This is vLLM 0.32's `Scheduler.schedule`
+    (tests/test_vllm_differential.py runs both). With `preempt_for_waiting` (vLLM v0.6's
+    priority preemption), a waiting request that does not fit preempts running requests with a
+    worse key, worst first, until it fits. `admit_waiting=False` stops after the running
+    requests.
     """
     b = builder or BatchBuilder(view)
     running = sorted(view.running, key=key) if sort_running and key else list(view.running)
@@ -106,6 +108,8 @@ def pack_in_order(
             b.preempt(victim, mode)
             if victim is state:
                 break
+        if not b.is_scheduled(state):
+            break  # it preempted itself: vLLM serves no running request after it this step
     if not admit_waiting or (b.preempted and not preempt_for_waiting):
         return b
     for state in view.waiting:

@@ -124,11 +124,13 @@ class Pars(Priority):
     Paper and code: the score is computed once, at arrival, and passed to vLLM's priority
     scheduler. Where they are silent, this choice is made:
 
-    - Scheduler semantics: vLLM's priority mode as :class:`Priority` implements it (V1 packing,
-      queue by (score, arrival), lower first; a waiting request that does not fit preempts
-      running requests with a worse score, by recompute; running requests are not re-sorted).
-      Whether PARS keeps vLLM's priority preemption is not stated (notes §2.6, gap 1):
-      ``preempt=False`` orders the waiting queue only (with oracle scores: exactly ``sjf``).
+    - Scheduler semantics: vLLM V1's priority mode as :class:`Priority` implements it (queue by
+      (score, arrival), lower first; a running request short of KV preempts the worst score;
+      running requests are not re-sorted; waiting requests never preempt). With oracle scores
+      that is exactly ``sjf``. ``preempt=True`` adds vLLM v0.6's priority preemption (a waiting
+      request that does not fit preempts running requests with a worse score, by recompute):
+      PARS was released against vLLM v0.6, and whether it relies on that is not stated
+      (notes §2.6, gap 1).
     - Starvation: none by default (the abstract describes none). ``aging=N`` adds a guard: a
       request not scheduled for N consecutive iterations is promoted for good, ahead of every
       unpromoted request; promoted requests rank among themselves by when they were promoted
@@ -142,11 +144,11 @@ class Pars(Priority):
     name = "pars"
 
     def __init__(
-        self, preemption: str = "recompute", aging: int | None = None, preempt: bool = True
+        self, preemption: str = "recompute", aging: int | None = None, preempt: bool = False
     ) -> None:
         super().__init__(preemption)
         self.starvation = None if aging is None else StarvationCounter(aging, None)
-        self.preempt = preempt
+        self.preempt_for_waiting = preempt
 
     def waiting_key(self, state: RequestState):
         return (1, score_of(state, self.name), state.arrival)
@@ -158,16 +160,14 @@ class Pars(Priority):
 
     def schedule(self, view) -> BatchPlan:
         if self.starvation is None:
-            return pack_in_order(
-                view, mode=self.preemption, key=self.key, preempt_for_waiting=self.preempt
-            ).build()
+            return super().schedule(view)
         self.starvation.update(view)
         ordered = _Ordered(list(view.running), sorted(view.waiting, key=self.key))
         b = pack_in_order(
             ordered,
             mode=self.preemption,
             key=self.key,
-            preempt_for_waiting=self.preempt,
+            preempt_for_waiting=self.preempt_for_waiting,
             builder=BatchBuilder(view),
         )
         self.starvation.record(b)

@@ -18,10 +18,11 @@ class FCFS(InstancePolicy):
 
 @register
 class Priority(InstancePolicy):
-    """vLLM priority scheduling: lower `priority` first (ties by arrival); a waiting request
-    that does not fit preempts running requests of worse priority (vLLM's priority preemption)."""
+    """vLLM V1 priority scheduling (0.32): lower `priority` first (ties by arrival); a running
+    request short of KV preempts the worst priority; waiting requests never preempt."""
 
     name = "priority"
+    preempt_for_waiting = False  # V1 preempts only for a running request that lacks KV
 
     def key(self, state):
         return (state.priority, state.arrival)
@@ -31,8 +32,17 @@ class Priority(InstancePolicy):
 
     def schedule(self, view) -> BatchPlan:
         return pack_in_order(
-            view, mode=self.preemption, key=self.key, preempt_for_waiting=True
+            view, mode=self.preemption, key=self.key, preempt_for_waiting=self.preempt_for_waiting
         ).build()
+
+
+@register
+class PriorityV06(Priority):
+    """vLLM v0.6 priority scheduling: as `priority`, and a waiting request that does not fit
+    preempts running requests of worse priority (v0.6's priority preemption)."""
+
+    name = "priority-v0.6"
+    preempt_for_waiting = True
 
 
 @register
