@@ -201,7 +201,8 @@ def test_priority_admits_lower_value_first():
 
 # pars and ltr rank by a predictor's score where priority ranks by the user's priority.
 # (policy, rank field, policy parameters): those whose waiting requests preempt (vLLM v0.6's
-# priority preemption, and vllm-ltr), and those that follow vLLM V1, whose waiting requests never do.
+# priority preemption, and vllm-ltr), and those that follow vLLM V1, whose waiting requests
+# never do.
 PREEMPTING = [
     ("priority-v0.6", "priority", {}),
     ("pars", "score", {"preempt": True}),

@@ -139,7 +139,8 @@ def engine_config(cfg: SimulationConfig) -> tuple[EngineConfig, dict[str, Any]]:
         max_num_seqs=chosen["max_num_seqs"],
         kv_fraction=cfg.kv_fraction,
     )
-    num_blocks = cfg.num_blocks or capacity.num_blocks
+    # vLLM keeps one of the blocks it allocates as its null block (never holds tokens).
+    num_blocks = cfg.num_blocks or capacity.num_blocks - 1
     engine = EngineConfig(
         num_blocks=num_blocks,
         block_size=cfg.block_size,

@@ -13,7 +13,7 @@ class EngineConfig:
     2048 batched tokens per iteration, 256 sequences, 16-token KV blocks, recompute, and a new
     request admitted only when KV for its whole sequence is free."""
 
-    num_blocks: int  # GPU KV blocks (see hardware.memory.kv_cache_blocks)
+    num_blocks: int  # GPU KV blocks that hold tokens (vLLM has one more: its null block)
     block_size: int = 16
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
@@ -50,7 +50,8 @@ class EngineConfig:
 
     @property
     def watermark_blocks(self) -> int:
-        return int(self.watermark * self.num_blocks)
+        # vLLM takes the fraction of all its blocks, its null block included
+        return int(self.watermark * (self.num_blocks + 1))
 
     @property
     def max_tokens_per_request(self) -> int:

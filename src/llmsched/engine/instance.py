@@ -62,11 +62,13 @@ class Listener(Protocol):
 
 
 class InstanceView:
-    """The read-only view of an instance that a policy decides on."""
+    """The read-only view of an instance that a policy decides on. It reads an
+    :class:`EngineState`: the simulator's :class:`Instance`, or the mirror of a vLLM scheduler's
+    state that `llmsched.integrations.vllm` keeps."""
 
     __slots__ = ("_inst",)
 
-    def __init__(self, instance: Instance) -> None:
+    def __init__(self, instance: EngineState) -> None:
         self._inst = instance
 
     @property
@@ -111,7 +113,7 @@ class InstanceView:
 
     def token_times(self, state: RequestState, start: int = 0) -> np.ndarray:
         """Generation times of `state`'s output tokens from index `start` on (all instances)."""
-        return token_times(state, self._inst.listener.logs, start)
+        return token_times(state, self._inst.logs, start)
 
     @property
     def mean_iteration_time(self) -> float:
@@ -134,7 +136,56 @@ class Span:
         return float(self.ends[-1])
 
 
-class Instance:
+class EngineState:
+    """What a policy's view reads of one engine: its requests in the policy's order, its KV
+    blocks, its clock and the end times of its iterations (which the requests' token times
+    index). The simulator's :class:`Instance` and the vLLM adapter's mirror of a real
+    scheduler are both one."""
+
+    def __init__(self, index: int, config: EngineConfig, policy: InstancePolicy) -> None:
+        self.index = index
+        self.config = config
+        self.policy = policy
+        self.kv = KVBlockManager(config.num_blocks, config.block_size)
+        self.waiting: SortedList = SortedList()  # (policy's key, enqueue order, request)
+        self.running: list[RequestState] = []  # admission order
+        self.view = InstanceView(self)
+        self.log = IterationLog()
+        self.now = 0.0
+        self.busy_time = 0.0
+        self._enqueued = 0
+
+    @property
+    def logs(self) -> list[IterationLog]:
+        """Every engine's iteration log, by index (a request's tokens may span engines)."""
+        return [self.log]
+
+    def enqueue(self, state: RequestState) -> None:
+        """Put a request in the waiting queue, ordered by the policy's key."""
+        state.status = Status.WAITING
+        state.instance = self.index
+        self._enqueued += 1
+        state.queue_entry = (self.policy.waiting_key(state), self._enqueued, state)
+        self.waiting.add(state.queue_entry)
+
+    def dequeue(self, state: RequestState) -> None:
+        """Take a request off the waiting queue."""
+        self.waiting.remove(state.queue_entry)
+        state.queue_entry = None
+
+    def record_tokens(self, state: RequestState, first: int, count: int) -> None:
+        """`state` produced `count` tokens at iterations first, first + 1, ... of this engine."""
+        seg = state.segments
+        if seg and seg[-3] == self.index and seg[-2] + seg[-1] == first:
+            seg[-1] += count
+        else:
+            seg.extend((self.index, first, count))
+
+
+class Instance(EngineState):
+    """A simulated engine instance: the policy's plans run as spans of iterations on the
+    latency model's clock."""
+
     def __init__(
         self,
         index: int,
@@ -145,34 +196,19 @@ class Instance:
         observer: Callable[[Instance, Span], None] | None = None,
         fast_forward: bool = True,
     ) -> None:
-        self.index = index
+        super().__init__(index, config, policy)
         self.fast_forward = fast_forward  # False: one iteration per step (the reference path)
-        self.config = config
-        self.policy = policy
         self.latency = latency
         self.listener = listener
         self.observer = observer  # tests hook in here to check invariants on every span
-        self.kv = KVBlockManager(config.num_blocks, config.block_size)
-        self.waiting: SortedList = SortedList()
-        self.running: list[RequestState] = []
-        self.view = InstanceView(self)
-        self.log = IterationLog()
-        self.now = 0.0
         self.span: Span | None = None
-        self._enqueued = 0
         # statistics
-        self.busy_time = 0.0
         self.num_preemptions = 0
         self.swap_bytes = 0.0
 
-    # --- queue --------------------------------------------------------------------------------
-    def enqueue(self, state: RequestState) -> None:
-        """Put a request in the waiting queue, ordered by the policy's key."""
-        state.status = Status.WAITING
-        state.instance = self.index
-        self._enqueued += 1
-        state.queue_entry = (self.policy.waiting_key(state), self._enqueued, state)
-        self.waiting.add(state.queue_entry)
+    @property
+    def logs(self) -> list[IterationLog]:
+        return self.listener.logs
 
     def remove(self, state: RequestState) -> None:
         """Take a request off this instance (it migrates away); frees its GPU blocks."""
@@ -180,8 +216,7 @@ class Instance:
             self.running.remove(state)
             self.kv.free_request(state)
         elif state.queue_entry is not None:
-            self.waiting.remove(state.queue_entry)
-            state.queue_entry = None
+            self.dequeue(state)
         if state.cpu_blocks:
             self.kv.drop_cpu_copy(state)
 
@@ -242,8 +277,7 @@ class Instance:
         seconds = 0.0
         for state, tokens in plan.items:
             if state.status is Status.WAITING:
-                self.waiting.remove(state.queue_entry)
-                state.queue_entry = None
+                self.dequeue(state)
                 state.status = Status.RUNNING
                 self.running.append(state)
                 if state.cpu_blocks:
@@ -373,7 +407,7 @@ class Instance:
             if tokens * j < before:
                 continue  # a prefill chunk that has not completed yet
             emitted = j if before == 1 else 1  # decodes emit every iteration, a prefill once
-            self._record_tokens(state, first + j - emitted, emitted)
+            self.record_tokens(state, first + j - emitted, emitted)
             old = state.generated
             state.generated += emitted
             if state.generated >= state.output_tokens:
@@ -381,13 +415,6 @@ class Instance:
             elif old < state.reasoning_tokens <= state.generated:
                 events.append((state, False))
         return events
-
-    def _record_tokens(self, state: RequestState, first: int, count: int) -> None:
-        seg = state.segments
-        if seg and seg[-3] == self.index and seg[-2] + seg[-1] == first:
-            seg[-1] += count
-        else:
-            seg.extend((self.index, first, count))
 
 
 def token_times(state: RequestState, logs: list[IterationLog], start: int = 0) -> np.ndarray:

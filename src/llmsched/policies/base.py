@@ -30,6 +30,8 @@ class InstancePolicy:
     name = "base"
     # Engine settings of the policy's paper, used unless the user sets them (e.g. Sarathi: 512).
     engine_defaults: dict[str, Any] = {}
+    needs_scores = False  # orders requests by a length predictor's score (Request.score)
+    phase_aware = False  # acts on the reasoning/answer boundary (`</think>`)
 
     def __init__(self, preemption: str = "recompute") -> None:
         self.preemption = preemption
@@ -100,8 +102,10 @@ def pack_in_order(
     for state in running:
         if b.budget_left == 0:
             break
-        if state not in alive:
-            continue  # preempted earlier in this loop
+        if state not in alive or not state.to_compute:
+            # Preempted earlier in this loop; or its last token is still in flight (vLLM's
+            # async scheduling; never in the simulator): vLLM skips it, its seat and KV held.
+            continue
         while not b.schedule(state):
             victim = worst(alive)
             alive.remove(victim)

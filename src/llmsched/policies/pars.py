@@ -142,6 +142,7 @@ class Pars(Priority):
     """
 
     name = "pars"
+    needs_scores = True
 
     def __init__(
         self, preemption: str = "recompute", aging: int | None = None, preempt: bool = False
@@ -197,6 +198,7 @@ class LearningToRank(InstancePolicy):
     """
 
     name = "ltr"
+    needs_scores = True
 
     def __init__(
         self,
@@ -231,8 +233,8 @@ class LearningToRank(InstancePolicy):
             if b.budget_left == 0:
                 break
             if state.status is Status.RUNNING:
-                if b.is_preempted(state):
-                    continue
+                if b.is_preempted(state) or not state.to_compute:
+                    continue  # (nothing to compute: its last token in flight, as in vLLM)
                 while not b.schedule(state):
                     victim = alive.pop()  # the lowest-ranked running request
                     b.preempt(victim, self.preemption)

@@ -66,6 +66,7 @@ class Pascal(InstancePolicy):
     with a token quantum; HP preempts LP by swapping; long reasoning is demoted to LP."""
 
     name = "pascal"
+    phase_aware = True
 
     def __init__(
         self, preemption: str = "swap", quantum: int = QUANTUM, demote_after: int = DEMOTE_AFTER
