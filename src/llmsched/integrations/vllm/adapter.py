@@ -182,18 +182,14 @@ def engine_config(scheduler) -> EngineConfig:
 
 class PolicySchedulerMixin:
     """Mixed in before vLLM's ``Scheduler`` (or ``AsyncScheduler``): the policy decides,
-    vLLM executes. Subclasses name the policy (``policy_name``; None: from the settings) and may
-    fix some settings (``defaults``)."""
+    vLLM executes. Subclasses name the policy (``policy_name``; None: from the settings)."""
 
     policy_name: str | None = None
-    defaults: dict = {}
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.clock: Callable[[], float] = time.time  # the clock of vLLM's arrival times
-        raw = dict(self.vllm_config.additional_config or {})
-        raw["llmsched"] = {**self.defaults, **raw.get("llmsched", {})}
-        self.settings = Settings.from_additional_config(raw)
+        self.settings = Settings.from_additional_config(self.vllm_config.additional_config)
         self._check_supported()
         self.policy = self._make_policy()
         # The policy owns admission: vLLM's own gates would second-guess its plan.
@@ -215,6 +211,7 @@ class PolicySchedulerMixin:
         self._rejected: set[str] = set()
         self._orders: dict[int, list[str]] = {}  # id(output) -> its requests in plan order
         self.num_deviations = 0  # steps whose batch differed from the plan
+        self.num_prefix_hits = 0  # steps where a prefix-cache hit shortened a planned chunk
         self.num_missing_scores = 0
         self._predictor = self._load_ranker()
         if self.scheduler_config.async_scheduling and not isinstance(self, AsyncScheduler):
@@ -415,7 +412,7 @@ class PolicySchedulerMixin:
         order = [rid for rid in planned if rid in output.num_scheduled_tokens]
         self._orders[id(output)] = order
         if output.num_scheduled_tokens != planned:
-            self._deviation(planned, output.num_scheduled_tokens)
+            self._deviation(planned, output.num_scheduled_tokens, started)
         return output
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens) -> int:
@@ -430,7 +427,17 @@ class PolicySchedulerMixin:
         self.num_lookahead_tokens = max(0, hold - num_computed_tokens - tokens)
         return tokens
 
-    def _deviation(self, planned: dict, scheduled: dict) -> None:
+    def _deviation(self, planned: dict, scheduled: dict, started: list[VllmRequest]) -> None:
+        """vLLM's batch is not the plan. One reason is expected: with prefix caching on, a
+        request admitted with a cache hit computes fewer tokens than planned (the simulator and
+        the view know no prefix cache yet), and the budget the hit frees stays unused."""
+        hits = {r.request_id for r in started if r.num_computed_tokens > scheduled[r.request_id]}
+        if all(
+            scheduled.get(rid) == tokens or (rid in hits and scheduled[rid] < tokens)
+            for rid, tokens in planned.items()
+        ):
+            self.num_prefix_hits += 1
+            return
         self.num_deviations += 1
         message = f"vLLM ran {dict(scheduled)} where policy {self.policy.name!r} planned {planned}"
         if self.settings.strict:

@@ -12,6 +12,7 @@ benchmarks/vllm_scheduling.py.
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
 from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request as VllmRequest
+from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 from vllm.v1.structured_output import StructuredOutputManager
 
 from llmsched.cluster.cluster import Cluster
@@ -64,6 +66,29 @@ def model_folder(path: str | Path, config: dict = TINY_LLAMA) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config))
     return path
+
+
+def write_tokenizer(folder: str | Path, words: Sequence[str] = ()) -> dict[str, int]:
+    """A word-level tokenizer saved in a model folder, for the model's whole vocabulary: token
+    i is the word "t{i}", except that `words` take the ids from 100 on (returned). Built
+    offline with the `tokenizers` package; vLLM's OpenAI server needs one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    size = TINY_LLAMA["vocab_size"]
+    names = [f"t{i}" for i in range(size)]
+    names[0] = "<unk>"
+    ids = {word: 100 + k for k, word in enumerate(words)}
+    for word, i in ids.items():
+        names[i] = word
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, "<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="t1", eos_token="t2"
+    )
+    fast.save_pretrained(str(folder))
+    return ids
 
 
 def vllm_config(
@@ -322,3 +347,25 @@ def engine_config_of(config: VllmConfig, **overrides) -> EngineConfig:
             **overrides,
         }
     )
+
+
+class ThinkAt(AdapterLogitsProcessor):
+    """A logits processor that makes a request's `think_at`-th output token (its vllm_xargs)
+    the `</think>` token, and never any other: a model with random weights never ends its
+    reasoning by itself. Load it with `LLM(..., logits_processors=[ThinkAt])`."""
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def new_req_logits_processor(self, params: SamplingParams):
+        at = (params.extra_args or {}).get("think_at")
+
+        def think_at(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+            if len(output_ids) + 1 == at:
+                logits.fill_(-math.inf)
+                logits[THINK_END] = 0.0
+            else:
+                logits[THINK_END] = -math.inf
+            return logits
+
+        return think_at
