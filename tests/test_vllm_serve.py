@@ -8,8 +8,10 @@ CPU build looks for a distribution named "vllm" and fails, its module does not.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,9 +45,13 @@ def server(tmp_path_factory):
         "--max-model-len", "512", "--block-size", "32", "--num-gpu-blocks-override", "40",
         "--max-num-seqs", "1", "--enforce-eager", "--port", str(port),
         "--scheduler-cls", "llmsched.integrations.vllm.AsyncParsScheduler",
+        "--logits-processors", "llmsched.integrations.vllm:RequestArgsCheck",
     ]  # fmt: skip
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    # Its own process group: vLLM's engine core and worker are child processes, stopped with it.
+    process = subprocess.Popen(
+        args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     while True:
@@ -58,13 +64,25 @@ def server(tmp_path_factory):
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
-            process.kill()
+            stop(process)
             pytest.fail("vLLM's server did not answer /health within 240 s")
         time.sleep(1)
     yield url, folder / "server.log"
-    process.kill()
-    process.wait(timeout=30)
+    stop(process)
     log.close()
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (vLLM shuts its engine down), SIGKILL if slow."""
+    group = os.getpgid(process.pid)
+    os.killpg(group, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+    process.wait(timeout=10)
 
 
 def stream(url: str, max_tokens: int, xargs: dict, events: list) -> None:
@@ -123,19 +141,26 @@ def test_streamed_requests_are_served_in_score_order(server):
         assert [kind for kind, _, _ in e][-2:] == ["usage", "done"]
 
 
-def test_a_request_with_a_bad_score_fails_and_the_log_says_why(server):
-    url, log = server
-    body = {
-        "model": models(url)[0],
-        "prompt": "t5 t6",
-        "max_tokens": 3,
-        "vllm_xargs": {"score": "abc"},
-    }
-    response = httpx.post(url + "/v1/completions", json=body, timeout=60)
-    assert response.status_code >= 400
-    assert "vllm_xargs.score = 'abc'" in log.read_text()
-    ok = httpx.post(url + "/v1/completions", json={**body, "vllm_xargs": {"score": 2}}, timeout=60)
+def test_malformed_request_data_is_answered_400_with_the_field(server):
+    url, _ = server
+    body = {"model": models(url)[0], "prompt": "t5 t6", "max_tokens": 3}
+    response = httpx.post(url + "/v1/completions", json=body | {"vllm_xargs": {"score": "abc"}})
+    assert response.status_code == 400
+    assert "vllm_xargs.score = 'abc'" in response.text
+    ok = httpx.post(url + "/v1/completions", json=body | {"vllm_xargs": {"score": 2}}, timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+
+
+def test_an_unknown_tier_fails_that_request_and_the_log_says_why(server):
+    """Tiers are the engine's settings: the scheduler checks them, fails the request alone (the
+    server answers it with an error) and logs which tiers it knows."""
+    url, log = server
+    body = {"model": models(url)[0], "prompt": "t5 t6", "max_tokens": 3}
+    response = httpx.post(url + "/v1/completions", json=body | {"vllm_xargs": {"tier": "gold"}})
+    assert response.status_code >= 400
+    assert "vllm_xargs.tier = 'gold' is not a known tier; known: free, paying" in log.read_text()
+    ok = httpx.post(url + "/v1/completions", json=body | {"vllm_xargs": {"tier": "free"}})
+    assert ok.status_code == 200
 
 
 def test_metrics_are_vllms_own(server):

@@ -94,12 +94,20 @@ class BatchBuilder:
         """Give a running request its tokens (a decode 1, a prefill a chunk of what is left),
         up to the budget. Returns the tokens given; 0 when the budget or the KV (keeping
         `reserve` blocks free) has no room: the caller then preempts or stops."""
-        tokens = min(state.to_compute, self.budget, self.chunk_cap)
-        if max_tokens is not None:
-            tokens = min(tokens, max_tokens)
+        # (Comparisons, not min() and properties: this runs for every request in every step.)
+        computed = state.computed
+        tokens = state.prompt_tokens + state.generated - computed
+        if tokens > self.budget:
+            tokens = self.budget
+        if tokens > self.chunk_cap:
+            tokens = self.chunk_cap
+        if max_tokens is not None and tokens > max_tokens:
+            tokens = max_tokens
         if tokens <= 0:
             return 0
-        need = max(0, -(-(state.computed + tokens) // self.block_size) - state.blocks)
+        need = -(-(computed + tokens) // self.block_size) - state.blocks
+        if need < 0:
+            need = 0
         if need > self.free - reserve:
             return 0
         self.free -= need
@@ -170,9 +178,10 @@ class BatchBuilder:
             repeat = 1
         else:
             for state, tokens in self.items.items():
-                if tokens < state.to_compute:
-                    repeat = min(repeat, -(-state.to_compute // tokens) - 1)
-                elif not state.is_decode:
+                left = state.prompt_tokens + state.generated - state.computed  # to compute
+                if tokens < left:
+                    repeat = min(repeat, -(-left // tokens) - 1)
+                elif left != 1 or not state.generated:  # not a decode
                     repeat = 1  # this chunk completes a prefill: next time it is a decode
                     break
         return BatchPlan(list(self.items.items()), self.preempted, max(1, repeat), self.hold)

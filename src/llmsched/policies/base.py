@@ -94,25 +94,27 @@ def pack_in_order(
     """
     b = builder or BatchBuilder(view)
     running = sorted(view.running, key=key) if sort_running and key else list(view.running)
-    alive = list(running)  # still running: candidates for preemption
+    alive = dict.fromkeys(running)  # still running, in order: candidates for preemption
 
-    def worst(candidates: list[RequestState]) -> RequestState:
-        return candidates[-1] if key is None else max(candidates, key=key)
+    def worst() -> RequestState:
+        return next(reversed(alive)) if key is None else max(alive, key=key)
 
     for state in running:
-        if b.budget_left == 0:
+        if not b.budget:
             break
-        if state not in alive or not state.to_compute:
-            # Preempted earlier in this loop; or its last token is still in flight (vLLM's
-            # async scheduling; never in the simulator): vLLM skips it, its seat and KV held.
+        if state not in alive or state.computed == state.prompt_tokens + state.generated:
+            # Preempted earlier in this loop; or nothing to compute, its last token in flight
+            # (vLLM's async scheduling; never in the simulator): vLLM skips it, seat and KV held.
             continue
-        while not b.schedule(state):
-            victim = worst(alive)
-            alive.remove(victim)
+        if b.schedule(state):
+            continue
+        while True:  # no KV for it: preempt from the back, until it fits or it is the victim
+            victim = worst()
+            del alive[victim]
             b.preempt(victim, mode)
-            if victim is state:
+            if victim is state or b.schedule(state):
                 break
-        if not b.is_scheduled(state):
+        if victim is state:
             break  # it preempted itself: vLLM serves no running request after it this step
     if not admit_waiting or (b.preempted and not preempt_for_waiting):
         return b
@@ -126,7 +128,7 @@ def pack_in_order(
             if not worse:
                 return b
             victim = max(worse, key=key)
-            alive.remove(victim)
+            del alive[victim]
             b.preempt(victim, mode)
         if sort_running:
             # Next iteration the newcomer is sorted among the running requests, possibly ahead

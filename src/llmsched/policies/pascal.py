@@ -95,18 +95,22 @@ class Pascal(InstancePolicy):
         state.policy_data["q0"] = state.generated
 
     def schedule(self, view: InstanceView) -> BatchPlan:
-        left = self.quantum
+        quantum, demote_after = self.quantum, self.demote_after
+        left = quantum  # iterations until the first quantum is spent or a demotion is due
         for state in view.running:
-            if is_high_priority(state) and state.generated >= self.demote_after:
+            high = is_high_priority(state)
+            if high and state.generated >= demote_after:
                 state.policy_data["demoted"] = True
                 self._to_back(state, view.now)
+                high = False
             used = state.generated - state.policy_data.get("q0", 0)
-            if used >= self.quantum:
+            if used >= quantum:
                 self._to_back(state, view.now)
                 used = 0
-            left = min(left, self.quantum - used)
-            if is_high_priority(state) and state.generated > 0:
-                left = min(left, self.demote_after - state.generated)
+            if quantum - used < left:
+                left = quantum - used
+            if high and state.generated > 0 and demote_after - state.generated < left:
+                left = demote_after - state.generated
         b = pack_in_order(
             view, mode=self.preemption, key=self.key, sort_running=True, preempt_for_waiting=True
         )

@@ -33,16 +33,18 @@ class RoundRobin(InstancePolicy):
         return self.key(state)
 
     def schedule(self, view) -> BatchPlan:
-        left = self.quantum
+        quantum = self.quantum
+        left = quantum  # iterations until the first running quantum is spent
         for state in view.running:
             data = state.policy_data
             used = state.generated - data.get("q0", 0)
-            if used >= self.quantum:  # quantum spent: back of the queue
+            if used >= quantum:  # quantum spent: back of the queue
                 self._requeued += 1
                 data["rr"] = (view.now, self._requeued)
                 data["q0"] = state.generated
                 used = 0
-            left = min(left, self.quantum - used)
+            if quantum - used < left:
+                left = quantum - used
         b = pack_in_order(
             view, mode=self.preemption, key=self.key, sort_running=True, preempt_for_waiting=True
         )

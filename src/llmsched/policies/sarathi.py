@@ -36,21 +36,21 @@ class SarathiServe(InstancePolicy):
 
     def schedule_decodes(self, view, b: BatchBuilder, decodes) -> None:
         """Give each decode in `decodes` its token; preempt the newest arrival when KV is out."""
-        alive = sorted(view.running, key=lambda r: r.arrival)
+        alive = dict.fromkeys(sorted(view.running, key=lambda r: r.arrival))  # victims: last
         for state in list(decodes):
-            if not state.is_decode or state not in alive or b.budget_left == 0:
+            if not b.budget or not state.is_decode or state not in alive:
                 continue
             while not b.schedule(state):
-                victim = alive.pop()
+                victim, _ = alive.popitem()
                 b.preempt(victim, self.preemption)
                 if victim is state:
                     break
 
     def continue_prefills(self, view, b: BatchBuilder) -> None:
         for state in view.running:
-            if b.budget_left == 0:
+            if not b.budget:
                 return
-            if not (state.is_decode or b.is_scheduled(state) or b.is_preempted(state)):
+            if not (state in b.items or state in b.victims or state.is_decode):
                 b.schedule(state)
 
     def admit_prefills(self, view, b: BatchBuilder) -> None:

@@ -76,8 +76,10 @@ class SLAI(InstancePolicy):
     def schedule(self, view) -> BatchPlan:
         now = view.now
         self._update_lst(view)
-        decodes = sorted((s for s in view.running if s.is_decode), key=self.lst)
-        partial = [s for s in view.running if not s.is_decode]  # admitted, prefill unfinished
+        decodes, partial = [], []  # partial: admitted, prefill unfinished
+        for state in view.running:
+            (decodes if state.is_decode else partial).append(state)
+        decodes.sort(key=self.lst)
         b = BatchBuilder(view)
         n_decodes = 0
         # 1. Critical decodes, most urgent first.

@@ -7,7 +7,7 @@ per-request data) stays usable without vLLM.
 
 _NAMES = ("Llmsched", "Fcfs", "Priority", "RoundRobin", "Sarathi", "Pars", "Slai", "Pascal")
 SCHEDULERS = tuple(f"{n}Scheduler" for n in _NAMES) + tuple(f"Async{n}Scheduler" for n in _NAMES)
-__all__ = list(SCHEDULERS)
+__all__ = [*SCHEDULERS, "RequestArgsCheck"]
 
 
 def __getattr__(name: str):
@@ -15,4 +15,8 @@ def __getattr__(name: str):
         from llmsched.integrations.vllm import schedulers
 
         return getattr(schedulers, name)
+    if name == "RequestArgsCheck":
+        from llmsched.integrations.vllm.checks import RequestArgsCheck
+
+        return RequestArgsCheck
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -52,59 +52,77 @@ from llmsched.workload.request import Request
 logger = logging.getLogger("llmsched.vllm")
 
 
+class MirroredState(RequestState):
+    """A vLLM request as a policy sees it, with the request itself and how many of its output
+    tokens have their times logged."""
+
+    __slots__ = ("observed", "vllm")
+
+    def __init__(self, request: Request, vllm: VllmRequest) -> None:
+        super().__init__(request)
+        self.vllm = vllm
+        self.observed = 0
+
+
 class VllmEngineState(EngineState):
     """vLLM's scheduler as an llmsched policy sees it: one RequestState per vLLM request, the
     waiting ones in the policy's order, the step end times their tokens index."""
 
     def __init__(self, config: EngineConfig, policy: InstancePolicy) -> None:
         super().__init__(0, config, policy)
-        self.states: dict[str, RequestState] = {}
-        self.recorded: dict[str, int] = {}  # output tokens whose times are logged
-        self.dirty: list[str] = []  # requests scheduled last step: their progress changed
-        self.parked: dict[str, RequestState] = {}  # preempted, output still in flight
+        self.states: dict[str, MirroredState] = {}
+        self.dirty: list[MirroredState] = []  # scheduled last step: their progress changed
+        self.parked: dict[str, MirroredState] = {}  # preempted, output still in flight
         self.think_end: int | None = None  # token id that ends reasoning
+        # Something happened that the last plan did not foresee: an arrival, a finish, a
+        # preemption, `</think>`. The policy must be asked again.
+        self.changed = True
         self._step_start = 0.0
         self._iteration = -1  # log index of the step whose output is being processed
 
     # --- vLLM -> mirror ---------------------------------------------------------------------
-    def add(self, request: Request, reasoning: bool) -> RequestState:
-        state = RequestState(request)
+    def add(self, request: Request, vllm: VllmRequest, reasoning: bool) -> MirroredState:
+        state = MirroredState(request, vllm)
         if reasoning:  # reasoning until `</think>` shows it where it ended
             state.reasoning_tokens = state.output_tokens
         self.states[state.request_id] = state
-        self.recorded[state.request_id] = 0
         self.enqueue(state)
+        self.changed = True
         return state
 
-    def sync(self, requests: dict[str, VllmRequest], blocks: dict, num_free_blocks: int) -> None:
-        """Progress of the requests scheduled last step (no other request's changed); `blocks`
-        is vLLM's request id -> KV blocks held."""
-        for rid in self.dirty:
-            state = self.states.get(rid)
-            if state is None or state.status is not Status.RUNNING:
+    def sync(self, blocks: dict, num_free_blocks: int) -> None:
+        """Progress of the requests scheduled since the last sync (no other request's changed);
+        `blocks` is vLLM's request id -> KV blocks held. Their token times are logged here too
+        when nothing needed them sooner (no `</think>` to watch for)."""
+        running, log_tokens = Status.RUNNING, self.think_end is None
+        for state in self.dirty:
+            if state.status is not running:
                 continue
-            req = requests[rid]
+            req = state.vllm
+            if log_tokens:
+                self.observe(state)
             state.computed = req.num_computed_tokens
             # In-flight tokens (async scheduling) count: the next step decodes after them.
             state.generated = req.num_output_tokens + req.num_output_placeholders
-            state.blocks = len(blocks.get(rid, ()))
+            state.blocks = len(blocks.get(state.request_id, ()))
             if state.generated >= state.output_tokens:
                 # Its last token is in flight (async scheduling): vLLM schedules it no more,
                 # though it holds its seat and KV until that token is in. Nothing to compute.
-                state.computed = state.num_tokens
+                state.computed = state.prompt_tokens + state.generated
         self.kv.used = self.kv.num_blocks - num_free_blocks
 
-    def admitted(self, state: RequestState, now: float) -> None:
+    def admitted(self, state: MirroredState, now: float) -> None:
         self.dequeue(state)
         state.status = Status.RUNNING
         self.running.append(state)
         if math.isnan(state.first_scheduled):
             state.first_scheduled = now
 
-    def preempted(self, state: RequestState, stale: bool) -> None:
+    def preempted(self, state: MirroredState, stale: bool) -> None:
         """vLLM preempted the request (recompute): as the simulator's engine does. With output
         still in flight (`stale`, async scheduling) vLLM resumes it only once that output is
         in: until then it waits outside the policy's queue."""
+        self.changed = True
         self.running.remove(state)
         state.computed = 0
         state.blocks = 0
@@ -116,11 +134,12 @@ class VllmEngineState(EngineState):
         else:
             self.enqueue(state)
 
-    def unpark(self, requests: dict[str, VllmRequest]) -> None:
+    def unpark(self) -> None:
         for rid, state in list(self.parked.items()):
-            if not requests[rid].num_stale_output_tokens:
+            if not state.vllm.num_stale_output_tokens:
                 del self.parked[rid]
                 self.enqueue(state)
+                self.changed = True
 
     def start_iteration(self, now: float) -> None:
         self.now = self._step_start = now
@@ -132,21 +151,21 @@ class VllmEngineState(EngineState):
         self._iteration = self.log.extend([now])
         self.now = now
 
-    def observe(self, state: RequestState, req: VllmRequest) -> None:
+    def observe(self, state: MirroredState) -> None:
         """Log the times of the request's new tokens; detect `</think>` among them."""
-        rid = state.request_id
-        old = self.recorded[rid]
-        new = req.num_output_tokens - old
-        if new <= 0:
+        req = state.vllm
+        old, n = state.observed, req.num_output_tokens
+        if n <= old:
             return
-        self.record_tokens(state, self._iteration - new + 1, new)
-        self.recorded[rid] = req.num_output_tokens
-        state.generated = req.num_output_tokens + req.num_output_placeholders
+        self.record_tokens(state, self._iteration - n + old + 1, n - old)
+        state.observed = n
         if self.think_end is not None and state.in_reasoning:
+            state.generated = n + req.num_output_placeholders
             tokens = req.output_token_ids
-            for i in range(old, req.num_output_tokens):
+            for i in range(old, n):
                 if tokens[i] == self.think_end:
                     state.reasoning_tokens = i + 1  # `</think>` is the last reasoning token
+                    self.changed = True
                     self.policy.on_phase_change(state, self.view)
                     break
 
@@ -154,13 +173,13 @@ class VllmEngineState(EngineState):
         state = self.states.pop(req.request_id, None)
         if state is None:
             return  # a request rejected on arrival
+        self.changed = True
         if state.status is Status.RUNNING:
-            self.observe(state, req)
+            self.observe(state)
             self.running.remove(state)
         elif state.queue_entry is not None:
             self.dequeue(state)
         self.parked.pop(req.request_id, None)
-        del self.recorded[req.request_id]
         state.status = Status.FINISHED
         self.policy.on_finish(state, self.view)
 
@@ -204,12 +223,15 @@ class PolicySchedulerMixin:
         self._reasoning = self.policy.phase_aware if reasoning is None else reasoning
         self._engine.think_end = self._think_end_token()
         self._caps: dict[str, int] | None = None  # this step's planned tokens per request
+        # The last plan, and how many more steps it may run unchanged (see schedule)
+        self._plan, self._planned, self._plan_states, self._plan_tokens = None, {}, [], 0
+        self._repeats, self._repeat_blocks = 0, 0
         self._holds: dict[str, int] = {}  # and the tokens of KV to hold, where more
         # vLLM's request id -> KV blocks (one full-attention group: checked above)
         self._req_blocks = self.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks
         self._block_pool = self.kv_cache_manager.block_pool
         self._rejected: set[str] = set()
-        self._orders: dict[int, list[str]] = {}  # id(output) -> its requests in plan order
+        self._orders: dict[int, list] = {}  # id(output) -> its requests' states, in plan order
         self.num_deviations = 0  # steps whose batch differed from the plan
         self.num_prefix_hits = 0  # steps where a prefix-cache hit shortened a planned chunk
         self.num_missing_scores = 0
@@ -332,10 +354,11 @@ class PolicySchedulerMixin:
         if known:
             return  # a streaming-input update of a request vLLM already has
         try:
-            self._engine.add(self._request_of(request), self._reasoning_of(request))
+            self._engine.add(self._request_of(request), request, self._reasoning_of(request))
         except RequestDataError as e:
             logger.error("%s; the request fails", e)
             self._rejected.add(request.request_id)
+            self._engine.changed = True
 
     def _request_of(self, request: VllmRequest) -> Request:
         extra = request.sampling_params.extra_args if request.sampling_params else None
@@ -376,22 +399,27 @@ class PolicySchedulerMixin:
     # --- one step -----------------------------------------------------------------------------
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         if self._pause_state != PauseState.UNPAUSED:
+            self._engine.changed = True
             return super().schedule(throttle_prefills)
         engine = self._engine
         now = self.clock()
         engine.start_iteration(now)
-        engine.sync(self.requests, self._req_blocks, self._block_pool.get_num_free_blocks())
-        plan = self.policy.schedule(engine.view)
+        free = self._block_pool.get_num_free_blocks()
+        if self._repeats and not engine.changed and free >= self._repeat_blocks:
+            # Nothing happened since the last plan, which the policy said may repeat: the
+            # simulator's spans rest on the same promise (BatchPlan.repeat).
+            self._repeats -= 1
+            plan, planned, holds = self._plan, self._planned, {}
+        else:
+            plan, planned, holds = self._new_plan(free)
         for victim, _ in plan.preempted:
-            request = self.requests[victim.request_id]
+            request = victim.vllm
             self.running.remove(request)
             self._preempt_request(request, now)
-        planned = {state.request_id: tokens for state, tokens in plan.items}
-        self._holds = {s.request_id: tokens for s, tokens in plan.hold.items()}
-        admit = [self.requests[s.request_id] for s, _ in plan.items if s.status is Status.WAITING]
+        admit = [s.vllm for s, _ in plan.items if s.status is Status.WAITING]
         queue, self.waiting = self.waiting, FCFSRequestQueue(admit)
         budget = self.max_num_scheduled_tokens
-        self.max_num_scheduled_tokens, self._caps = sum(planned.values()), planned
+        self.max_num_scheduled_tokens, self._caps, self._holds = self._plan_tokens, planned, holds
         try:
             output = super().schedule(throttle_prefills)
         finally:
@@ -406,31 +434,62 @@ class PolicySchedulerMixin:
         for request in left:  # preempted by vLLM itself during the call
             if request not in admit:
                 queue.prepend_request(request)
-        engine.dirty = list(output.num_scheduled_tokens)
         # Their outputs are observed in the plan's order, as the simulator applies a plan:
         # callbacks that requeue (PASCAL at `</think>`) then break ties the same way.
-        order = [rid for rid in planned if rid in output.num_scheduled_tokens]
-        self._orders[id(output)] = order
-        if output.num_scheduled_tokens != planned:
-            self._deviation(planned, output.num_scheduled_tokens, started)
+        scheduled = output.num_scheduled_tokens
+        if scheduled == planned:
+            engine.dirty = self._plan_states
+        else:
+            unplanned = set(scheduled) - set(planned) & set(engine.states)
+            engine.dirty = [s for s in self._plan_states if s.request_id in scheduled]
+            engine.dirty += [engine.states[r] for r in scheduled if r in unplanned]
+            self._deviation(planned, scheduled, started)
+        self._orders[id(output)] = engine.dirty
         return output
+
+    def _new_plan(self, free: int):
+        """Ask the policy, on a view brought up to date; note how often the plan may repeat."""
+        engine = self._engine
+        engine.sync(self._req_blocks, free)
+        plan = self.policy.schedule(engine.view)
+        # One pass over the plan: its tokens by request id, and how often it may repeat: as
+        # often as it allows while no decode finishes before the last time (the simulator's
+        # span bound) and KV for one more step of it stays free.
+        planned, states = {}, []
+        repeats, bs, total, blocks = plan.repeat, self.block_size, 0, 0
+        for state, tokens in plan.items:
+            planned[state.request_id] = tokens
+            states.append(state)
+            total += tokens
+            blocks += -(-tokens // bs) + 1
+            left = state.output_tokens - state.generated
+            if left < repeats and state.computed + 1 == state.prompt_tokens + state.generated:
+                repeats = left  # a decode (or a recompute's last token) that finishes first
+        self._plan, self._planned, self._plan_states = plan, planned, states
+        self._plan_tokens, self._repeats, self._repeat_blocks = total, repeats - 1, blocks
+        engine.changed = False
+        return plan, planned, {s.request_id: t for s, t in plan.hold.items()}
 
     def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens) -> int:
         """vLLM asks this of every request, in both loops, just before it allocates KV for it:
         the tokens the plan gives it (0: skip it), and the KV it holds beyond them (Sarathi's
         whole prompt), which vLLM allocates as "lookahead" slots in the same call."""
-        tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
-        if self._caps is None:
-            return tokens
-        tokens = min(tokens, self._caps.get(request.request_id, 0))
-        hold = self._holds.get(request.request_id, 0)
-        self.num_lookahead_tokens = max(0, hold - num_computed_tokens - tokens)
+        caps = self._caps
+        if caps is None:
+            return super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        # (No multi-token-prediction lookahead to keep: speculative decoding is refused.)
+        cap = caps.get(request.request_id, 0)
+        tokens = num_new_tokens if num_new_tokens < cap else cap
+        if self._holds:
+            hold = self._holds.get(request.request_id, 0)
+            self.num_lookahead_tokens = max(0, hold - num_computed_tokens - tokens)
         return tokens
 
     def _deviation(self, planned: dict, scheduled: dict, started: list[VllmRequest]) -> None:
         """vLLM's batch is not the plan. One reason is expected: with prefix caching on, a
         request admitted with a cache hit computes fewer tokens than planned (the simulator and
         the view know no prefix cache yet), and the budget the hit frees stays unused."""
+        self._engine.changed = True
         hits = {r.request_id for r in started if r.num_computed_tokens > scheduled[r.request_id]}
         if all(
             scheduled.get(rid) == tokens or (rid in hits and scheduled[rid] < tokens)
@@ -454,14 +513,17 @@ class PolicySchedulerMixin:
             self.grammar_compile_error_reqs |= self._rejected
             self._rejected = set()
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        states, requests = engine.states, self.requests
-        order = self._orders.pop(id(scheduler_output), scheduler_output.num_scheduled_tokens)
-        for rid in order:
-            state = states.get(rid)
-            if state is not None and state.status is Status.RUNNING:
-                engine.observe(state, requests[rid])
+        order = self._orders.pop(id(scheduler_output), None)
+        if order is None:  # a step scheduled by vLLM alone (paused)
+            states = engine.states
+            order = [states[r] for r in scheduler_output.num_scheduled_tokens if r in states]
+        if engine.think_end is not None:  # `</think>` must be seen the step it comes
+            running = Status.RUNNING
+            for state in order:
+                if state.status is running:
+                    engine.observe(state)
         if engine.parked:
-            engine.unpark(requests)
+            engine.unpark()
         return outputs
 
     # --- hooks every path goes through -------------------------------------------------------
