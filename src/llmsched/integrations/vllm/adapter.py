@@ -91,16 +91,14 @@ class VllmEngineState(EngineState):
         return state
 
     def sync(self, blocks: dict, num_free_blocks: int) -> None:
-        """Progress of the requests scheduled since the last sync (no other request's changed);
-        `blocks` is vLLM's request id -> KV blocks held. Their token times are logged here too
-        when nothing needed them sooner (no `</think>` to watch for)."""
-        running, log_tokens = Status.RUNNING, self.think_end is None
+        """Progress of the requests scheduled since the last sync (no other request's changed),
+        their token times logged; `blocks` is vLLM's request id -> KV blocks held."""
+        running = Status.RUNNING
         for state in self.dirty:
             if state.status is not running:
                 continue
             req = state.vllm
-            if log_tokens:
-                self.observe(state)
+            self.log_tokens(state)
             state.computed = req.num_computed_tokens
             # In-flight tokens (async scheduling) count: the next step decodes after them.
             state.generated = req.num_output_tokens + req.num_output_placeholders
@@ -151,23 +149,26 @@ class VllmEngineState(EngineState):
         self._iteration = self.log.extend([now])
         self.now = now
 
-    def observe(self, state: MirroredState) -> None:
-        """Log the times of the request's new tokens; detect `</think>` among them."""
-        req = state.vllm
-        old, n = state.observed, req.num_output_tokens
-        if n <= old:
-            return
-        self.record_tokens(state, self._iteration - n + old + 1, n - old)
-        state.observed = n
-        if self.think_end is not None and state.in_reasoning:
-            state.generated = n + req.num_output_placeholders
-            tokens = req.output_token_ids
-            for i in range(old, n):
-                if tokens[i] == self.think_end:
-                    state.reasoning_tokens = i + 1  # `</think>` is the last reasoning token
+    def log_tokens(self, state: MirroredState) -> None:
+        """Log the times of the request's tokens since it was last looked at: one per step it
+        ran since (a request in a plan that repeats runs every step)."""
+        old, n = state.observed, state.vllm.num_output_tokens
+        if n > old:
+            self.record_tokens(state, self._iteration - n + old + 1, n - old)
+            state.observed = n
+
+    def watch_think(self, states: list[MirroredState]) -> None:
+        """`</think>` among the tokens these requests just produced (one each, at most)?"""
+        running, think = Status.RUNNING, self.think_end
+        for state in states:
+            if state.status is running and state.in_reasoning:
+                tokens = state.vllm.output_token_ids
+                if tokens and tokens[-1] == think:
+                    self.log_tokens(state)
+                    state.generated = len(tokens) + state.vllm.num_output_placeholders
+                    state.reasoning_tokens = len(tokens)  # `</think>` is the last reasoning token
                     self.changed = True
                     self.policy.on_phase_change(state, self.view)
-                    break
 
     def finished(self, req: VllmRequest) -> None:
         state = self.states.pop(req.request_id, None)
@@ -175,7 +176,7 @@ class VllmEngineState(EngineState):
             return  # a request rejected on arrival
         self.changed = True
         if state.status is Status.RUNNING:
-            self.observe(state)
+            self.log_tokens(state)
             self.running.remove(state)
         elif state.queue_entry is not None:
             self.dequeue(state)
@@ -518,10 +519,7 @@ class PolicySchedulerMixin:
             states = engine.states
             order = [states[r] for r in scheduler_output.num_scheduled_tokens if r in states]
         if engine.think_end is not None:  # `</think>` must be seen the step it comes
-            running = Status.RUNNING
-            for state in order:
-                if state.status is running:
-                    engine.observe(state)
+            engine.watch_think(order)
         if engine.parked:
             engine.unpark()
         return outputs
