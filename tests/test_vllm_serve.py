@@ -115,29 +115,40 @@ def models(url: str) -> list[str]:
     return [m["id"] for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]]
 
 
+def gauge(url: str, name: str) -> float:
+    """A gauge of the server's /metrics, summed over its label sets."""
+    text = httpx.get(url + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
 def test_streamed_requests_are_served_in_score_order(server):
-    """A long request holds the only slot; three more arrive with scores 3, 1, 2 in vllm_xargs:
-    PARS serves them 1, 2, 3. Each stream is well formed: tokens, a usage chunk, [DONE]."""
+    """A long request holds the only slot; three more arrive with scores 3, 1, 2 in vllm_xargs
+    and wait (the server's own gauge says so): PARS serves them 1, 2, 3. Each stream is well
+    formed: tokens, a usage chunk, [DONE]."""
     url, _ = server
     events = {name: [] for name in ("blocker", "s3", "s1", "s2")}
-    blocker = threading.Thread(target=stream, args=(url, 60, {"score": -1}, events["blocker"]))
-    blocker.start()
+    lengths = {"blocker": 500, "s3": 5, "s1": 5, "s2": 5}
+    scores = {"blocker": -1, "s3": 3, "s1": 1, "s2": 2}
+    threads = {
+        name: threading.Thread(target=stream, args=(url, lengths[name], {"score": scores[name]}, e))
+        for name, e in events.items()
+    }
+    threads["blocker"].start()
     while not events["blocker"]:  # it runs
+        time.sleep(0.01)
+    for name in ("s3", "s1", "s2"):
+        threads[name].start()
         time.sleep(0.05)
-    threads = []
-    for name, score in (("s3", 3), ("s1", 1), ("s2", 2)):
-        threads.append(
-            threading.Thread(target=stream, args=(url, 5, {"score": score}, events[name]))
-        )
-        threads[-1].start()
+    while gauge(url, "vllm:num_requests_waiting") < 3:
+        assert not any(kind == "done" for kind, _, _ in events["blocker"]), "blocker too short"
         time.sleep(0.2)
-    for t in (blocker, *threads):
-        t.join(timeout=180)
+    for t in threads.values():
+        t.join(timeout=300)
     done = {name: next(t for kind, t, _ in e if kind == "done") for name, e in events.items()}
     assert sorted(done, key=done.get) == ["blocker", "s1", "s2", "s3"]
     for name, e in events.items():
         usage = [c for kind, _, c in e if kind == "usage"]
-        assert usage and usage[0]["usage"]["completion_tokens"] == (60 if name == "blocker" else 5)
+        assert usage and usage[0]["usage"]["completion_tokens"] == lengths[name]
         assert [kind for kind, _, _ in e][-2:] == ["usage", "done"]
 
 

@@ -223,11 +223,13 @@ class PolicySchedulerMixin:
         reasoning = self.settings.reasoning
         self._reasoning = self.policy.phase_aware if reasoning is None else reasoning
         self._engine.think_end = self._think_end_token()
-        self._caps: dict[str, int] | None = None  # this step's planned tokens per request
+        # This step's plan as vLLM's hooks read it: the tokens of each request (None outside
+        # schedule()) and, where the plan holds more KV than that, the tokens to hold.
+        self._caps: dict[str, int] | None = None
+        self._holds: dict[str, int] = {}
         # The last plan, and how many more steps it may run unchanged (see schedule)
         self._plan, self._planned, self._plan_states, self._plan_tokens = None, {}, [], 0
         self._repeats, self._repeat_blocks = 0, 0
-        self._holds: dict[str, int] = {}  # and the tokens of KV to hold, where more
         # vLLM's request id -> KV blocks (one full-attention group: checked above)
         self._req_blocks = self.kv_cache_manager.coordinator.single_type_managers[0].req_to_blocks
         self._block_pool = self.kv_cache_manager.block_pool
