@@ -11,17 +11,19 @@ one A100-80GB or H100-80GB, roofline latency model, vLLM V1 limits (2,048 batche
 sequences), recompute. Each point is the workload `llmsched compare --config FILE --rate R`
 simulates (checked below); scores are computed once and shared by all rates.
 
-1. Rate sweep, light load to overload: fcfs; pars with the trained pairwise ranker, the
-   pointwise and the ListMLE predictors, and the prompt length; ltr (vllm-ltr) with the ListMLE
-   scores; oracle sjf and srpt. Mean/p50/p90/p99 E2E latency and TTFT.
-2. Ranking quality: pars and ltr with noisy-oracle scores of Kendall's tau 0 ... 1 at a fixed
-   high rate (A100).
+1. Rate sweep, light load to overload: fcfs; pars (vLLM V1 priority scheduling: waiting
+   requests never preempt) with the trained pairwise ranker, the pointwise and the ListMLE
+   predictors, and the prompt length; pars-v0.6 (pars with vLLM v0.6's priority preemption,
+   preempt=True) on the pairwise ranker; ltr (vllm-ltr) with the ListMLE scores; oracle sjf and
+   srpt. Mean/p50/p90/p99 E2E latency and TTFT.
+2. Ranking quality: pars, pars-v0.6 and ltr with noisy-oracle scores of Kendall's tau 0 ... 1
+   at a fixed high rate (A100).
 3. A KV-bound engine: the A100 with 5 % and 10 % of its KV, where memory, not the sequence cap,
-   limits the batch: fcfs, pars, pars without preemption, sjf, srpt.
+   limits the batch: fcfs, pars, pars-v0.6, sjf, srpt.
 
 Trained predictors are read from models/ in the checkout (``--models DIR``); a missing one is
 reported and its rows are left out. Train them (about a minute each once the embeddings are
-cached; embedding the 49k train prompts the first time takes 10-30 min on 2 cores):
+cached; embedding the 49k train prompts the first time takes 10-45 min on 2 cores):
 
     .venv/bin/llmsched train-ranker --data sharegpt --mode frozen --out models/pars-sharegpt-minilm
     for m in pointwise listmle; do .venv/bin/llmsched train-ranker --data sharegpt \
@@ -63,14 +65,16 @@ TAU_RATE = ("a100-80gb", 34)
 # 3. A KV-bound engine: the A100's KV capped at these shares of what fits (--kv-fraction), so
 # that KV memory, not the 256-sequence cap, limits the batch (FCFS preempts on KV shortage).
 KV_BOUND = ("a100-80gb", (0.05, 0.1), (20, 26))
-KV_LABELS = ("fcfs", "pars", "pars-np", "sjf", "srpt")
+KV_LABELS = ("fcfs", "pars", "pars-v0.6", "sjf", "srpt")
 TAUS = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 PREDICTORS = {  # score name -> folder under --models
     "pairwise": "pars-sharegpt-minilm",
     "pointwise": "pointwise-sharegpt-minilm",
     "listmle": "listmle-sharegpt-minilm",
 }
-NO_PREEMPT = {"preempt": False}
+# vLLM v0.6's priority preemption (a waiting request preempts worse-scored running ones);
+# pars's default is V1's, where only a running request short of KV preempts.
+V06_PREEMPT = {"preempt": True}
 NO_STARVATION = {"starvation_threshold": None}
 # (label, policy, score source, policy parameters)
 VARIANTS = (
@@ -79,7 +83,7 @@ VARIANTS = (
     ("pars-pointwise", "pars", "pointwise", {}),
     ("pars-listmle", "pars", "listmle", {}),
     ("pars-promptlen", "pars", "prompt-length", {}),
-    ("pars-np", "pars", "pairwise", NO_PREEMPT),  # waiting-queue order only
+    ("pars-v0.6", "pars", "pairwise", V06_PREEMPT),  # PARS was released against vLLM v0.6
     ("ltr", "ltr", "listmle", {}),
     ("ltr-nostarv", "ltr", "listmle", NO_STARVATION),
     ("sjf", "sjf", None, {}),
@@ -264,7 +268,7 @@ def plot(results: dict, folder: Path) -> None:
     for ax, metric, title in zip(
         axes, ("mean_e2el_s", "p99_e2el_s"), ("mean E2E latency", "p99 E2E latency"), strict=True
     ):
-        for label in ("pars", "pars-np", "ltr"):
+        for label in ("pars", "pars-v0.6", "ltr"):
             pts = [r for r in taus if r["label"].split()[0] == label]
             ax.plot(
                 [p["tau_realized"] for p in pts],
@@ -277,7 +281,7 @@ def plot(results: dict, folder: Path) -> None:
                 ax.axhline(refs[label][metric], color=color, ls=":", label=label)
         for label, marker in (
             ("pars", "*"),
-            ("pars-np", "P"),
+            ("pars-v0.6", "P"),
             ("pars-pointwise", "s"),
             ("pars-listmle", "^"),
         ):
@@ -313,19 +317,24 @@ def _ratio_to_fcfs(label: str, metric: str = "mean_e2el_s"):
 
 
 def _share_of_oracle_gain(get) -> float:
-    return (get("fcfs") - get("pars-np")) / (get("fcfs") - get("sjf"))
+    """The share of oracle SJF's gain over FCFS, in mean E2E, that default (V1) pars gets."""
+    gain = get("fcfs") - get("sjf")
+    # Below saturation every policy can give FCFS's exact latency: no gain to share.
+    return (get("fcfs") - get("pars")) / gain if gain else float("nan")
 
 
 # Cross-seed columns: (title, format, value from `get(label, metric="mean_e2el_s")`).
 SEED_COLUMNS = (
     ("FCFS mean E2E (s)", "{:.1f}", lambda get: get("fcfs")),
-    ("pars / FCFS, mean", "{:.2f}", lambda get: get("pars") / get("fcfs")),
+    # v0.6's priority preemption makes pars worse than FCFS under Poisson overload: by how much.
+    ("pars-v0.6 / FCFS, mean", "{:.2f}", lambda get: get("pars-v0.6") / get("fcfs")),
+    ("FCFS / pars-v0.6, mean", "{:.2f}", _ratio_to_fcfs("pars-v0.6")),
+    ("FCFS / pars-v0.6, median", "{:.1f}", _ratio_to_fcfs("pars-v0.6", "median_e2el_s")),
+    ("FCFS / pars, mean", "{:.2f}", _ratio_to_fcfs("pars")),
     ("FCFS / pars, median", "{:.1f}", _ratio_to_fcfs("pars", "median_e2el_s")),
-    ("FCFS / pars-np, mean", "{:.2f}", _ratio_to_fcfs("pars-np")),
-    ("FCFS / pars-np, median", "{:.1f}", _ratio_to_fcfs("pars-np", "median_e2el_s")),
     ("FCFS / SJF, mean", "{:.2f}", _ratio_to_fcfs("sjf")),
     ("FCFS / SJF, median", "{:.1f}", _ratio_to_fcfs("sjf", "median_e2el_s")),
-    ("pars-np's share of SJF's gain", "{:.0%}", _share_of_oracle_gain),
+    ("pars's share of SJF's gain", "{:.0%}", _share_of_oracle_gain),
 )
 
 
@@ -351,7 +360,27 @@ def seed_table(paths: list[str]) -> str:
                 for _, fmt, value in SEED_COLUMNS
             ]
             lines.append(f"| {', '.join(map(str, point))} | " + " | ".join(cells) + " |")
+    lines += ["", spread(runs)]
     return "\n".join(lines)
+
+
+def spread(runs: list[dict]) -> str:
+    """How far the seed moves absolute latencies: per rate point and policy, the largest over
+    the smallest mean E2E across the runs; their median, and each policy's largest."""
+    by: dict[tuple, list[float]] = {}
+    for run in runs:
+        for r in run["rates"]:
+            by.setdefault((r["label"], r["gpu"], r["rate"]), []).append(r["mean_e2el_s"])
+    ratios = {k: max(v) / min(v) for k, v in by.items() if len(v) == len(runs)}
+    worst: dict[str, tuple] = {}
+    for (label, gpu, rate), x in ratios.items():
+        if x > worst.get(label, (0,))[0]:
+            worst[label] = (x, gpu, rate)
+    return (
+        f"mean E2E, max/min across the {len(runs)} runs, per rate point and policy: median "
+        f"{np.median(list(ratios.values())):.3f}; each policy's largest: "
+        + ", ".join(f"{label} {x:.2f} ({g} {rate})" for label, (x, g, rate) in worst.items())
+    )
 
 
 def _point(row: dict) -> tuple:
@@ -426,7 +455,7 @@ def main() -> None:
         for tau in TAUS
         for label, policy, params in (
             ("pars", "pars", {}),
-            ("pars-np", "pars", NO_PREEMPT),
+            ("pars-v0.6", "pars", V06_PREEMPT),
             ("ltr", "ltr", {}),
         )
     ]
