@@ -79,6 +79,7 @@ def pack_in_order(
     preempt_for_waiting: bool = False,
     admit_waiting: bool = True,
     builder: BatchBuilder | None = None,
+    running: list[RequestState] | None = None,
 ) -> BatchBuilder:
     """vLLM V1's scheduling loop, ordered by `key` (None = FCFS).
 
@@ -90,10 +91,12 @@ def pack_in_order(
     (tests/test_vllm_differential.py runs both). With `preempt_for_waiting` (vLLM v0.6's
     priority preemption), a waiting request that does not fit preempts running requests with a
     worse key, worst first, until it fits. `admit_waiting=False` stops after the running
-    requests.
+    requests. `running`: the running requests already in `key` order (a policy that computed
+    the keys anyway saves sorting by calling `key` again).
     """
     b = builder or BatchBuilder(view)
-    running = sorted(view.running, key=key) if sort_running and key else list(view.running)
+    if running is None:
+        running = sorted(view.running, key=key) if sort_running and key else list(view.running)
     alive = dict.fromkeys(running)  # still running, in order: candidates for preemption
 
     def worst() -> RequestState:

@@ -82,8 +82,11 @@ class Pascal(InstancePolicy):
 
     def key(self, state: RequestState):
         """(queue, position): HP before LP; in a queue, when the request last joined its back."""
-        position = state.policy_data.get("rr", (state.arrival, 0))
-        return (0 if is_high_priority(state) else 1, position)
+        return self.key_in(state, is_high_priority(state))
+
+    def key_in(self, state: RequestState, high: bool):
+        """The key of a request known to be in HP (`high`) or in LP."""
+        return (0 if high else 1, state.policy_data.get("rr", (state.arrival, 0)))
 
     def waiting_key(self, state: RequestState):
         return self.key(state)
@@ -97,6 +100,7 @@ class Pascal(InstancePolicy):
     def schedule(self, view: InstanceView) -> BatchPlan:
         quantum, demote_after = self.quantum, self.demote_after
         left = quantum  # iterations until the first quantum is spent or a demotion is due
+        keys = {}
         for state in view.running:
             high = is_high_priority(state)
             if high and state.generated >= demote_after:
@@ -111,8 +115,14 @@ class Pascal(InstancePolicy):
                 left = quantum - used
             if high and state.generated > 0 and demote_after - state.generated < left:
                 left = demote_after - state.generated
+            keys[state] = self.key_in(state, high)
         b = pack_in_order(
-            view, mode=self.preemption, key=self.key, sort_running=True, preempt_for_waiting=True
+            view,
+            mode=self.preemption,
+            key=self.key,
+            sort_running=True,
+            preempt_for_waiting=True,
+            running=sorted(keys, key=keys.__getitem__),
         )
         b.limit_repeat(left)  # replan when a quantum is spent or a request is due for demotion
         return b.build()
@@ -196,10 +206,10 @@ class PascalSlack(Pascal):
         self.pacer = AnswerPacer(AnswerSLO(ttfat, tpot))
         self._next_refresh = 0
 
-    def key(self, state: RequestState):
+    def key_in(self, state: RequestState, high: bool):
         """HP: round-robin position. LP: the reader's deadline, else (no answer yet) RR time."""
-        if is_high_priority(state):
-            return super().key(state)
+        if high:
+            return super().key_in(state, high)
         data = state.policy_data
         return (1, (data.get("deadline", data.get("rr", (state.arrival, 0))[0]), 0))
 

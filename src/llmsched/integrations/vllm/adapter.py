@@ -93,15 +93,19 @@ class VllmEngineState(EngineState):
     def sync(self, blocks: dict, num_free_blocks: int) -> None:
         """Progress of the requests scheduled since the last sync (no other request's changed),
         their token times logged; `blocks` is vLLM's request id -> KV blocks held."""
-        running = Status.RUNNING
+        running, last = Status.RUNNING, self._iteration
+        record = self.record_tokens
         for state in self.dirty:
             if state.status is not running:
                 continue
             req = state.vllm
-            self.log_tokens(state)
+            n = req.num_output_tokens
+            if n > state.observed:  # log_tokens, inlined: this runs for every request
+                record(state, last - n + state.observed + 1, n - state.observed)
+                state.observed = n
             state.computed = req.num_computed_tokens
             # In-flight tokens (async scheduling) count: the next step decodes after them.
-            state.generated = req.num_output_tokens + req.num_output_placeholders
+            state.generated = n + req.num_output_placeholders
             state.blocks = len(blocks.get(state.request_id, ()))
             if state.generated >= state.output_tokens:
                 # Its last token is in flight (async scheduling): vLLM schedules it no more,
@@ -161,8 +165,8 @@ class VllmEngineState(EngineState):
         """`</think>` among the tokens these requests just produced (one each, at most)?"""
         running, think = Status.RUNNING, self.think_end
         for state in states:
-            if state.status is running and state.in_reasoning:
-                tokens = state.vllm.output_token_ids
+            if state.status is running and state.generated < state.reasoning_tokens:
+                tokens = state.vllm._output_token_ids  # (its public view indexes in Python)
                 if tokens and tokens[-1] == think:
                     self.log_tokens(state)
                     state.generated = len(tokens) + state.vllm.num_output_placeholders
