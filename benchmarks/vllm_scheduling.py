@@ -111,8 +111,7 @@ def main() -> None:
 
     model = h.model_folder(Path(tempfile.mkdtemp()) / "tiny-llama")
     results = {
-        "machine": f"{platform.machine()}, {platform.processor() or '?'}; python "
-        f"{platform.python_version()}",
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/vllm_scheduling.py " + " ".join(sys.argv[1:]),
         "steps": args.steps,
@@ -145,6 +144,26 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}; reproduce with: {results['command']}")
+
+
+def machine() -> str:
+    """The CPU model and core count, the Python and vLLM versions."""
+    import os
+
+    import vllm
+
+    cpu = platform.processor() or "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores ({platform.machine()}); python "
+        f"{platform.python_version()}, vLLM {vllm.__version__}"
+    )
 
 
 def format_table(results: dict, case: str) -> str:
