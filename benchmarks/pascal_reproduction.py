@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/pascal_reproduction.py           # needs ../shared/data
     .venv/bin/python benchmarks/pascal_reproduction.py --quick   # fewer requests per run
+    .venv/bin/python benchmarks/pascal_reproduction.py --recompute-only  # step 3 alone
 
 For each workload (configs/pascal/alpaca-{equal,servegen,heavy}.yaml):
 1. sweep FCFS over a grid of Poisson rates and pick Low / Medium / High: Low is the highest rate
@@ -10,7 +11,10 @@ For each workload (configs/pascal/alpaca-{equal,servegen,heavy}.yaml):
 2. at each load run every named run of the config (FCFS, RR, PASCAL, its two ablations and
    pascal-slack) on the identical requests and report TTFT p50/p90/p99, tail TTFT per
    reasoning-length bin, answering SLO violations (QoE < 0.95), throughput, P99 KV-transfer
-   time and P99 blocking after `</think>` (the first answer token's wait).
+   time and P99 blocking after `</think>` (the first answer token's wait);
+3. vLLM V1 cannot swap: at Medium and High load run FCFS and PASCAL again with preemption by
+   recompute instead of the configs' swap (`recompute` in the results). `--recompute-only` runs
+   just this step, at the loads of an earlier full run's results file, and adds it there.
 Results: stdout, benchmarks/results/pascal.json and docs/img/pascal_*.png.
 """
 
@@ -38,10 +42,18 @@ WORKLOADS = {  # FCFS sweep grids (req/s over 8 instances): the workloads differ
     "heavy": (0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
 }
 RUNS = ("fcfs", "rr", "pascal", "pascal-nomig", "pascal-nonadaptive", "pascal-slack")
+RECOMPUTE_RUNS, RECOMPUTE_LOADS = ("fcfs", "pascal"), ("medium", "high")  # step 3
+RESULTS = ROOT / "benchmarks/results/pascal.json"
 
 
-def run(workload: str, name: str, rate: float, n: int) -> dict:
-    base = load_config(ROOT / f"configs/pascal/alpaca-{workload}.yaml", rate=rate, num_requests=n)
+def run(workload: str, name: str, rate: float, n: int, preemption: str | None = None) -> dict:
+    """One named run of the workload's config; `preemption` overrides the config's (swap)."""
+    base = load_config(
+        ROOT / f"configs/pascal/alpaca-{workload}.yaml",
+        rate=rate,
+        num_requests=n,
+        preemption=preemption,
+    )
     start = time.perf_counter()
     result = simulate(base.variant(name), load_workload(base))
     s, c = result.summary, result.collector
@@ -110,6 +122,32 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def recompute_runs(pool, workload: str, loads: dict[str, float], n: int) -> dict[str, list]:
+    """Step 3: RECOMPUTE_RUNS with preemption by recompute at RECOMPUTE_LOADS."""
+    jobs = [(load, name) for load in RECOMPUTE_LOADS for name in RECOMPUTE_RUNS]
+    rows = list(
+        pool.map(
+            run,
+            [workload] * len(jobs),
+            [name for _, name in jobs],
+            [loads[load] for load, _ in jobs],
+            [n] * len(jobs),
+            ["recompute"] * len(jobs),
+        )
+    )
+    return {load: [r for (ld, _), r in zip(jobs, rows) if ld == load] for load in RECOMPUTE_LOADS}
+
+
+def print_recompute(workload: str, res: dict) -> None:
+    for load in RECOMPUTE_LOADS:
+        swap = [r for r in res["runs"][load] if r["run"] in RECOMPUTE_RUNS]
+        rows = [{**r, "run": f"{r['run']} (swap)"} for r in swap] + [
+            {**r, "run": f"{r['run']} (recompute)"} for r in res["recompute"][load]
+        ]
+        print(f"\n{workload}, {load} load ({res['loads'][load]} req/s): swap vs recompute")
+        print(table(rows))
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -144,8 +182,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="800 requests per run, not 2,000")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument(
+        "--recompute-only",
+        action="store_true",
+        help=f"only step 3, at the loads in {RESULTS.relative_to(ROOT)} (which it updates)",
+    )
     opts = parser.parse_args()
     n = 800 if opts.quick else 2000
+    if opts.recompute_only:
+        results = json.loads(RESULTS.read_text())
+        with ProcessPoolExecutor(opts.workers) as pool:
+            for workload in opts.workloads.split(","):
+                res = results[workload]
+                size = res["runs"]["medium"][0]["requests"]
+                res["recompute"] = recompute_runs(pool, workload, res["loads"], size)
+                print_recompute(workload, res)
+        RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"\nwrote {RESULTS}")
+        return
     results = {}
     with ProcessPoolExecutor(opts.workers) as pool:
         for workload in opts.workloads.split(","):
@@ -173,6 +227,8 @@ def main() -> None:
                 print(f"\n{workload}, {load} load ({loads[load]} req/s, {n} requests)")
                 print(table(runs[load]))
             results[workload] = {"sweep": sweep, "loads": loads, "runs": runs}
+            results[workload]["recompute"] = recompute_runs(pool, workload, loads, n)
+            print_recompute(workload, results[workload])
     print("\nsimulation wall time per run, median over all loads and workloads (s):")
     every = [r for res in results.values() for rows in res["runs"].values() for r in rows]
     print(
@@ -181,7 +237,7 @@ def main() -> None:
             for name in RUNS
         )
     )
-    out = ROOT / "benchmarks/results/pascal.json"
+    out = RESULTS
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     try:
