@@ -216,7 +216,9 @@ def test_summary_hand_computed():
     assert s["total_migrations"] == 1
     assert s["rejected_reasons"] == {}
     assert s["slo_attainment"] is None
-    assert s["max_concurrent_requests"] == 2  # [0,1.5] overlaps [1,1.25]; [2,4.5] alone
+    assert s["peak_concurrent_requests"] == 2  # [0,1.5] overlaps [1,1.25]; [2,4.5] alone
+    # vLLM counts per second: [0,1.5] is in seconds 0 and 1, [1,1.25] in 1, [2,4.5] in 2-4
+    assert s["max_concurrent_requests"] == 2
     json.dumps(s, allow_nan=False)  # strict JSON
 
 
@@ -233,6 +235,7 @@ def test_summary_has_vllm_field_names():
         "output_throughput",
         "total_token_throughput",
         "max_concurrent_requests",
+        "max_output_tokens_per_s",
     ):
         assert key in s
     for m in (*VLLM_LATENCY_METRICS, *EXTRA_LATENCY_METRICS):
@@ -324,7 +327,7 @@ def test_rejected_counts_as_failed_not_in_stats():
     assert s["total_input_tokens"] == 7
     assert s["total_output_tokens"] == 2
     assert s["duration"] == 2.0  # from the first (rejected) arrival at 0.0
-    assert s["max_concurrent_requests"] == 1
+    assert s["max_concurrent_requests"] == s["peak_concurrent_requests"] == 1
     assert c.num_finished == 1 and c.num_rejected == 3 and len(c) == 4
 
 
@@ -346,12 +349,17 @@ def test_max_concurrency(intervals, peak):
     assert max_concurrency(a, f) == peak
 
 
-def test_max_concurrent_requests_in_summary():
+def test_concurrency_in_summary_exact_and_as_vllm_counts_it():
     recs = [
         RequestRecord(str(i), a, 1, 1, token_times=np.array([f]))
         for i, (a, f) in enumerate([(0, 10), (1, 2), (1.5, 3), (2, 4)])
     ]
-    assert summarize(recs)["max_concurrent_requests"] == 3
+    s = summarize(recs)
+    assert s["peak_concurrent_requests"] == 3  # [1,2) ends as [2,4) starts
+    # vLLM: one-second buckets, a request counts in every bucket from its start to its end
+    # second, both included: all four are in second 2.
+    assert s["max_concurrent_requests"] == 4
+    assert s["max_output_tokens_per_s"] == 1.0  # one token each, at 10, 2, 3 and 4 s
 
 
 def test_slo_attainment_uses_own_slos():
@@ -384,7 +392,7 @@ def test_empty_run(with_rejected, tmp_path):
     assert s["completed"] == 0
     assert s["failed"] == (2 if with_rejected else 0)
     assert s["duration"] == (2.0 if with_rejected else 0.0)
-    assert s["max_concurrent_requests"] == 0
+    assert s["max_concurrent_requests"] == s["peak_concurrent_requests"] == 0
     assert s["total_output_tokens"] == 0
     for m in (*VLLM_LATENCY_METRICS, *EXTRA_LATENCY_METRICS):
         assert s[f"mean_{m}_ms"] is None and s[f"p99_{m}_ms"] is None
@@ -635,6 +643,18 @@ def _direct_summary(recs, goodput):
     for _, d in events:
         cur += d
         peak = max(peak, cur)
+    # vLLM's one-second buckets (calculate_metrics): visible tokens, and requests from their
+    # start second to their end second.
+    tokens_per_s: dict[int, int] = {}
+    conc_per_s: dict[int, int] = {}
+    if fin:
+        origin = min(r.arrival for r in fin)
+        for r in fin:
+            for t in list(r.token_times[r.reasoning_tokens :]) or [r.token_times[-1]]:
+                b = int(t - origin)
+                tokens_per_s[b] = tokens_per_s.get(b, 0) + 1
+            for b in range(int(r.arrival - origin), int(r.token_times[-1] - origin) + 1):
+                conc_per_s[b] = conc_per_s.get(b, 0) + 1
     good = (
         sum(
             all(
@@ -664,7 +684,9 @@ def _direct_summary(recs, goodput):
         "output_throughput": div(n_out),
         "total_token_throughput": div(n_in + n_out),
         "request_goodput": None if good is None else div(good),
-        "max_concurrent_requests": peak,
+        "peak_concurrent_requests": peak,
+        "max_concurrent_requests": max(conc_per_s.values(), default=0),
+        "max_output_tokens_per_s": float(max(tokens_per_s.values(), default=0)),
         "total_preemptions": sum(r.preemptions for r in recs),
         "rejected_reasons": reasons,
         "slo_requests": slo_n,
@@ -711,7 +733,9 @@ def test_collector_matches_direct_computation(recs, goodput):
         "failed",
         "total_input_tokens",
         "total_output_tokens",
+        "peak_concurrent_requests",
         "max_concurrent_requests",
+        "max_output_tokens_per_s",
         "total_preemptions",
         "rejected_reasons",
         "slo_requests",

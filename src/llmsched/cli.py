@@ -23,12 +23,15 @@ EXAMPLES = """examples:
   llmsched capacity --config configs/slai/tiers.yaml --policies sarathi,slai \
       --slo "median_ttft<0.5s, p99_tbt<=tier" --num-requests 4096 --out runs/capacity
   llmsched trace convert traces/azure2023/AzureLLMInferenceTrace_code.csv code.jsonl
+  llmsched bench --url http://127.0.0.1:8000 --rate 2 --num-requests 100 --seed 0 \\
+      --out runs/real.json
   llmsched list
 """
 
 
-def _run_flags() -> argparse.ArgumentParser:
-    """Flags shared by simulate and compare; each maps to a SimulationConfig field."""
+def _workload_flags() -> argparse.ArgumentParser:
+    """The workload's flags: simulate, compare, capacity and bench generate the same requests
+    from them. Each maps to a SimulationConfig field."""
     p = argparse.ArgumentParser(add_help=False)
     w = p.add_argument_group("workload")
     w.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings (flags win)")
@@ -55,6 +58,30 @@ def _run_flags() -> argparse.ArgumentParser:
         help="predictor scores for pars/ltr: oracle, prompt-length, model:DIR, or "
         "noisy-oracle,tau=0.6,seed=0",
     )
+    return p
+
+
+def _goodput_flag(group) -> None:
+    group.add_argument(
+        "--goodput",
+        nargs="+",
+        metavar="METRIC:MS",
+        help="SLOs for request_goodput, as vllm bench serve: ttft:500 tpot:50",
+    )
+
+
+def _progress_flag(group) -> None:
+    group.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: on when stderr is a terminal)",
+    )
+
+
+def _run_flags() -> argparse.ArgumentParser:
+    """Flags shared by simulate, compare and capacity: the workload's, the engine's, output."""
+    p = argparse.ArgumentParser(add_help=False, parents=[_workload_flags()])
     h = p.add_argument_group("hardware and engine")
     h.add_argument("--model", help="e.g. llama-3-8b, llama-2-70b, or a Hugging Face id")
     h.add_argument("--gpu", help="e.g. a100-80gb, h100, h200, l40s")
@@ -80,12 +107,7 @@ def _run_flags() -> argparse.ArgumentParser:
         help="latency model: roofline defaults, or calibrated on measured profiles",
     )
     o = p.add_argument_group("output")
-    o.add_argument(
-        "--goodput",
-        nargs="+",
-        metavar="METRIC:MS",
-        help="SLOs for request_goodput, as vllm bench serve: ttft:500 tpot:50",
-    )
+    _goodput_flag(o)
     o.add_argument("--out", metavar="DIR", help="write summary.json, requests.csv, config.yaml")
     o.add_argument(
         "--save-gaps",
@@ -93,11 +115,12 @@ def _run_flags() -> argparse.ArgumentParser:
         help="also write DIR/itl.npz: every request's inter-token gaps",
     )
     o.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar (default: on when stderr is a terminal)",
+        "--save-detailed",
+        action="store_true",
+        help="summary.json also holds vllm bench serve's per-request arrays (input_lens, "
+        "ttfts, itls, latencies, ...), as `vllm bench serve --save-detailed`",
     )
+    _progress_flag(o)
     return p
 
 
@@ -132,7 +155,7 @@ CONFIG_FLAGS = [
 def _config(args, **extra):
     overrides = {name: getattr(args, name, None) for name in CONFIG_FLAGS}
     overrides["goodput"] = parse_goodput(args.goodput)
-    overrides["policy_params"] = parse_params(args.policy_param)
+    overrides["policy_params"] = parse_params(getattr(args, "policy_param", None))
     return load_config(args.config, **overrides, **extra)
 
 
@@ -149,8 +172,52 @@ def cmd_simulate(args) -> int:
     print(format_summary(result.summary))
     _report_run(result)
     if args.out:
-        folder = save(result, args.out, gaps=args.save_gaps)
+        folder = save(result, args.out, gaps=args.save_gaps, detailed=args.save_detailed)
         print(f"wrote {folder}/{{summary.json,requests.csv,config.yaml}}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Send the workload simulate would simulate to a real server; vLLM bench's JSON."""
+    from llmsched.bench.run import bench
+    from llmsched.experiment import load_workload
+    from llmsched.metrics.report import format_summary
+
+    cfg = _config(args)
+    if not args.out:
+        raise ValueError("bench needs --out FILE.json (vllm bench serve's result format)")
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise ValueError(f"--out {out}: bench writes one JSON file, name it FILE.json")
+    workload = load_workload(cfg)
+    print(f"workload: {workload.describe()}", file=sys.stderr)
+    percentiles = [float(p) for p in args.metric_percentiles.split(",")]
+    result = bench(
+        workload,
+        args.url,
+        model=args.served_model,
+        chat=args.endpoint == "chat",
+        prompts=args.prompts,
+        seed=cfg.seed,
+        max_concurrency=args.max_concurrency,
+        timeout=args.timeout,
+        ignore_eos=args.ignore_eos,
+        goodput=cfg.goodput,
+        percentiles=percentiles,
+        request_rate=cfg.rate,
+        burstiness=1.0 / cfg.cv**2,
+        label=args.label,
+        progress=_progress(args),
+    )
+    result["workload"] = workload.describe()
+    result["seed"] = cfg.seed
+    print(format_summary(result))
+    failed = [e for e in result["errors"] if e]
+    if failed:
+        print(f"{len(failed)} request(s) failed; first: {failed[0]}", file=sys.stderr)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result) + "\n")
+    print(f"wrote {out}")
     return 0
 
 
@@ -395,6 +462,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop when the bracket is this narrow, relative (default 0.02)",
     )
     cap.set_defaults(func=cmd_capacity)
+    b = sub.add_parser(
+        "bench",
+        parents=[_workload_flags()],
+        help="send the workload to an OpenAI-compatible server and measure it",
+        description="Stream the workload `simulate` would simulate (same flags, same seed, same "
+        "requests) to a real OpenAI-compatible server (vLLM, SGLang, llmsched's own), with "
+        "arrivals, prompt lengths and output lengths enforced; write vllm bench serve's JSON.",
+    )
+    g = b.add_argument_group("server")
+    g.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
+    g.add_argument(
+        "--model",
+        dest="served_model",
+        metavar="NAME",
+        help="the served model's name (default: the first /v1/models lists)",
+    )
+    g.add_argument(
+        "--endpoint",
+        choices=["completions", "chat"],
+        default="completions",
+        help="/v1/completions (default) or /v1/chat/completions",
+    )
+    g.add_argument(
+        "--prompts",
+        choices=["ids", "text"],
+        default="ids",
+        help="prompts as token ids (exact lengths; default) or text (chat always sends text)",
+    )
+    g.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ask for exactly max_tokens tokens (vLLM's ignore_eos; default on)",
+    )
+    g.add_argument(
+        "--max-concurrency", type=int, metavar="K", help="at most K requests in flight"
+    )
+    g.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds per request (default 600)"
+    )
+    o = b.add_argument_group("output")
+    _goodput_flag(o)
+    o.add_argument("--out", metavar="FILE.json", help="vllm bench serve's result JSON")
+    o.add_argument("--label", help="the run's label in the JSON")
+    o.add_argument(
+        "--metric-percentiles",
+        default="50,90,95,99",
+        help="percentiles reported (vllm bench serve's flag; default 50,90,95,99)",
+    )
+    _progress_flag(o)
+    b.set_defaults(func=cmd_bench)
     d = sub.add_parser("demo", parents=[run_flags], help="compare baselines on built-in data")
     d.set_defaults(func=cmd_demo, out="runs/demo")
     t = sub.add_parser("trace", help="inspect or convert a trace to llmsched JSONL")

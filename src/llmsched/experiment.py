@@ -24,6 +24,7 @@ from llmsched.hardware.specs import get_gpu, get_model
 from llmsched.metrics.qoe import AnswerSLO
 from llmsched.metrics.report import write_requests_csv
 from llmsched.metrics.summary import MetricsCollector
+from llmsched.metrics.vllm_bench import outcome_arrays, run_metadata
 from llmsched.policies import policy_class, router_class
 from llmsched.workload.generators import assign_tiers, build_workload, synthetic_workload
 from llmsched.workload.readers import read_trace
@@ -218,17 +219,39 @@ def simulate(
     return RunResult(cfg, collector, summary, resolved)
 
 
-def save(result: RunResult, out: str | Path, *, gaps: bool = False) -> Path:
-    """Write summary.json, requests.csv and config.yaml (the resolved config) to `out`; with
-    `gaps`, also itl.npz: every request's inter-token gaps (MetricsCollector.gaps_by_request)."""
+def run_description(result: RunResult) -> dict[str, Any]:
+    """`vllm bench serve`'s run metadata for a simulated run (backend "llmsched-simulator")."""
+    cfg = result.config
+    generated = cfg.rate is not None or cfg.trace is None
+    return run_metadata(
+        backend="llmsched-simulator",
+        model_id=cfg.model,
+        num_prompts=len(result.collector),
+        request_rate=(cfg.rate or SYNTHETIC_RATE) if generated else None,
+        burstiness=1.0 / cfg.cv**2,
+    )
+
+
+def save(
+    result: RunResult, out: str | Path, *, gaps: bool = False, detailed: bool = False
+) -> Path:
+    """Write summary.json (`vllm bench serve`'s result: run metadata, metrics, and with
+    `detailed` its per-request arrays; then llmsched's extensions), requests.csv and
+    config.yaml (the resolved config) to `out`; with `gaps`, also itl.npz: every request's
+    inter-token gaps (MetricsCollector.gaps_by_request)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if gaps:
         offsets, values = result.collector.gaps_by_request()
         ids = result.collector.column("request_id")
         np.savez_compressed(out / "itl.npz", request_id=ids, offsets=offsets, gaps_s=values)
-    summary = {k: v for k, v in result.summary.items() if k != "sim_wall_seconds"}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    summary = run_description(result)
+    summary |= {k: v for k, v in result.summary.items() if k != "sim_wall_seconds"}
+    if detailed:
+        summary |= outcome_arrays(result.collector.outcomes())
+    # Per-request arrays (every gap of every request) are written compactly.
+    text = json.dumps(summary) if detailed else json.dumps(summary, indent=2)
+    (out / "summary.json").write_text(text + "\n")
     write_requests_csv(result.collector, out / "requests.csv")
     save_config(result.config, out / "config.yaml", result.resolved)
     return out

@@ -11,8 +11,11 @@ are accepted, case-insensitively.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 GiB = 1024**3
 
@@ -414,10 +417,62 @@ def _lookup(kind: str, name: str, index: dict, names: tuple[str, ...]):
     )
 
 
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+def model_from_config(config: dict, name: str = "model") -> ModelSpec:
+    """A dense decoder's ModelSpec from its Hugging Face ``config.json`` fields (Llama, Qwen2,
+    Mistral and their kin)."""
+    try:
+        h = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        spec = ModelSpec(
+            name,
+            str(config.get("_name_or_path") or name),
+            num_layers=int(config["num_hidden_layers"]),
+            hidden_size=h,
+            num_heads=heads,
+            num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or h // heads),
+            intermediate_size=int(config["intermediate_size"]),
+            vocab_size=int(config["vocab_size"]),
+            max_model_len=int(config.get("max_position_embeddings") or 4096),
+            dtype_bytes=_DTYPE_BYTES.get(str(config.get("torch_dtype", "bfloat16")), 2),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=bool(config.get("attention_bias") or config.get("model_type") == "qwen2"),
+        )
+    except KeyError as e:
+        raise ValueError(
+            f"model {name!r}: its config.json has no {e.args[0]!r}; llmsched reads dense "
+            "decoder configs (hidden_size, num_attention_heads, num_hidden_layers, "
+            "intermediate_size, vocab_size)"
+        ) from None
+    return spec
+
+
+def with_dtype(model: ModelSpec, dtype: str | None) -> ModelSpec:
+    """The model served in another dtype (vLLM's --dtype): float32, bfloat16, float16."""
+    if dtype is None:
+        return model
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r} is not known; use one of {', '.join(_DTYPE_BYTES)}")
+    return dataclasses.replace(model, dtype_bytes=_DTYPE_BYTES[dtype], num_params=0)
+
+
 def get_model(name: str | ModelSpec) -> ModelSpec:
-    """The model registered under `name` (canonical name, alias or Hugging Face id)."""
+    """The model registered under `name` (canonical name, alias or Hugging Face id), or the
+    model of a local folder or ``config.json`` (a Hugging Face model folder, as vLLM takes)."""
     if isinstance(name, ModelSpec):
         return name
+    path = Path(name)
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    if path.suffix == ".json" and path.is_file():
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"model config {path}: not valid JSON ({e})") from None
+        return model_from_config(config, str(name))
     return _lookup("model", name, _MODEL_INDEX, _MODEL_NAMES)
 
 

@@ -26,15 +26,21 @@ import numpy as np
 
 from llmsched.metrics.qoe import PASCAL_ANSWER_SLO, AnswerSLO, answer_qoe
 from llmsched.metrics.record import RequestRecord
+from llmsched.metrics.vllm_bench import (
+    GOODPUT_METRICS,
+    VLLM_LATENCY_METRICS,
+    Outcomes,
+    latency_stats_ms,
+    peaks,
+    serving_metrics,
+    token_times_of,
+)
 
 #: Percentiles reported for every latency metric (vLLM: ``--metric-percentiles 50,90,95,99``).
 PERCENTILES: tuple[float, ...] = (50, 90, 95, 99)
-#: Latency metrics with vLLM's names, in vLLM's order.
-VLLM_LATENCY_METRICS: tuple[str, ...] = ("ttft", "tpot", "itl", "e2el")
 #: Latency metrics llmsched adds (same statistics, same naming pattern).
 EXTRA_LATENCY_METRICS: tuple[str, ...] = ("ttft_any", "queue_time")
-#: Keys a ``goodput`` SLO dict may hold (values in milliseconds), as ``vllm bench serve --goodput``.
-GOODPUT_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2el")
+__all__ = ["GOODPUT_METRICS", "VLLM_LATENCY_METRICS", "latency_stats_ms"]  # re-exported
 
 #: Per-request columns, in the order of the per-request CSV.
 CSV_COLUMNS: tuple[str, ...] = (
@@ -422,6 +428,40 @@ class MetricsCollector:
         assert offsets[-1] == len(self._itl), "pooled gaps out of step with the requests"
         return offsets, self.itl()
 
+    def _peaks(self) -> dict[str, float | int]:
+        """vLLM's one-second peaks (vllm_bench.peaks) over the finished requests' visible
+        tokens: the first at arrival + TTFT, the rest after their gaps."""
+        rows = self._rows.view()
+        offsets, gaps = self.gaps_by_request()
+        fin = np.flatnonzero(rows["finished"])
+        counts = np.diff(offsets)[fin]
+        fin_offsets = np.zeros(len(fin) + 1, dtype=np.int64)
+        np.cumsum(counts, out=fin_offsets[1:])
+        # Finished requests' gaps in order (a rejected request has none).
+        first = rows["arrival"][fin] + rows["ttft"][fin]
+        return peaks(
+            rows["arrival"][fin], rows["e2el"][fin], token_times_of(first, fin_offsets, gaps)
+        )
+
+    def outcomes(self) -> Outcomes:
+        """The run as `vllm bench serve`'s client would have seen it, one entry per request in
+        arrival order: a finished request's TTFT, E2E latency and gaps between visible tokens;
+        a rejected one failed, with its reason as the error. Nothing waits in a client queue."""
+        rows = self._rows.view()
+        order = np.argsort(rows["arrival"], kind="stable")
+        offsets, gaps = self.gaps_by_request()
+        r = rows[order]
+        return Outcomes(
+            success=r["finished"].copy(),
+            input_lens=r["prompt_tokens"].copy(),
+            output_lens=np.where(r["finished"], r["output_tokens"], 0),
+            ttfts=r["ttft"].copy(),
+            latencies=r["e2el"].copy(),
+            start_times=r["arrival"].copy(),
+            itls=[gaps[offsets[i] : offsets[i + 1]] for i in order],
+            errors=self._reasons.decode(r["reject_code"]).tolist(),
+        )
+
     def tier_summary(self, percentiles: Sequence[float] = PERCENTILES) -> dict[str, dict]:
         """Per tier (e.g. SLAI's paying and free users): TTFT, TPOT and ITL statistics of its
         finished requests, the ITL pooled over the tier's gaps (its time between tokens)."""
@@ -479,57 +519,36 @@ class MetricsCollector:
         Statistics with no data (e.g. no finished request) are None, never NaN, so the dict
         serialises as strict JSON.
         """
-        slos_s = _goodput_slos_seconds(goodput)
         rows = self._rows.view()
         fin = rows[rows["finished"]]
         rejected = rows[~rows["finished"]]
-        completed = len(fin)
-
-        arrivals = rows["arrival"]
         if len(rows):
             end = max(
-                float(fin["finish"].max()) if completed else -math.inf,
+                float(fin["finish"].max()) if len(fin) else -math.inf,
                 float(rejected["arrival"].max()) if len(rejected) else -math.inf,
             )
-            duration = max(0.0, end - float(arrivals.min()))
+            duration = max(0.0, end - float(rows["arrival"].min()))
         else:
             duration = 0.0
-
-        total_in = int(fin["prompt_tokens"].sum())
-        total_out = int(fin["output_tokens"].sum())
-
-        def rate(x: float) -> float | None:
-            return x / duration if duration > 0 else None
-
-        request_goodput = None
-        if slos_s is not None:
-            good = _good_mask(fin["ttft"], fin["tpot"], fin["e2el"], slos_s)
-            request_goodput = rate(int(np.count_nonzero(good)))
-
-        out: dict[str, Any] = {
-            "duration": duration,
-            "completed": completed,
-            "failed": len(rejected),
-            "total_input_tokens": total_in,
-            "total_output_tokens": total_out,
-            "request_throughput": rate(completed),
-            "request_goodput": request_goodput,
-            "output_throughput": rate(total_out),
-            "total_token_throughput": rate(total_in + total_out),
-            "max_concurrent_requests": max_concurrency(fin["arrival"], fin["finish"]),
-        }
-        series = {
-            "ttft": fin["ttft"],
-            "tpot": fin["tpot"][~np.isnan(fin["tpot"])],
-            "itl": self._itl.view(),
-            "e2el": fin["e2el"],
-            "ttft_any": fin["ttft_any"],
-            "queue_time": fin["queue_time"][~np.isnan(fin["queue_time"])],
-        }
-        for name in (*VLLM_LATENCY_METRICS, *EXTRA_LATENCY_METRICS):
-            out.update(latency_stats_ms(name, series[name], percentiles))
+        out = serving_metrics(
+            duration=duration,
+            failed=len(rejected),
+            input_lens=fin["prompt_tokens"],
+            output_lens=fin["output_tokens"],
+            ttft=fin["ttft"],
+            tpot=fin["tpot"],
+            itl=self._itl.view(),
+            e2el=fin["e2el"],
+            goodput=goodput,
+            percentiles=percentiles,
+        )
+        out.update(self._peaks())
+        queue = fin["queue_time"]
+        out.update(latency_stats_ms("ttft_any", fin["ttft_any"], percentiles))
+        out.update(latency_stats_ms("queue_time", queue[~np.isnan(queue)], percentiles))
 
         # Extensions.
+        out["peak_concurrent_requests"] = max_concurrency(fin["arrival"], fin["finish"])
         out["total_preemptions"] = int(rows["preemptions"].sum())
         out["total_migrations"] = int(rows["migrations"].sum())
         codes, counts = np.unique(rejected["reject_code"], return_counts=True)
@@ -561,48 +580,6 @@ class MetricsCollector:
 # --------------------------------------------------------------------------------------------
 
 
-def _pct_key(p: float) -> str:
-    return str(int(p)) if float(p) == int(p) else str(p)
-
-
-def latency_stats_ms(
-    name: str, values_s: np.ndarray, percentiles: Sequence[float] = PERCENTILES
-) -> dict[str, float | None]:
-    """``mean_/median_/std_/p{P}_{name}_ms`` of values in seconds, as vLLM computes them.
-
-    mean, median, population std (``np.std``) and ``np.percentile`` (linear interpolation), times
-    1000. With no values every statistic is None.
-    """
-    keys = [f"mean_{name}_ms", f"median_{name}_ms", f"std_{name}_ms"]
-    keys += [f"p{_pct_key(p)}_{name}_ms" for p in percentiles]
-    v = np.asarray(values_s)
-    if v.dtype.kind != "f":
-        v = v.astype(np.float64)
-    n = v.size
-    if n == 0:
-        return dict.fromkeys(keys, None)
-    # Frugal with memory (the pooled ITL can hold 10^8 gaps): one sorted copy in the input's
-    # dtype, float64 accumulation in chunks, and numpy's "linear" percentile rule by hand:
-    # value at position (n - 1) * q / 100, interpolated between its neighbours.
-    mean = float(np.mean(v, dtype=np.float64))
-    chunk = 1 << 20
-    square_sum = sum(
-        float(np.sum((v[i : i + chunk].astype(np.float64) - mean) ** 2)) for i in range(0, n, chunk)
-    )
-    ordered = np.sort(v)
-
-    def percentile(q: float) -> float:
-        h = (n - 1) * q / 100.0
-        lo = int(h)
-        hi = min(lo + 1, n - 1)
-        low = float(ordered[lo])
-        return low + (h - lo) * (float(ordered[hi]) - low)
-
-    stats = [mean, percentile(50), (square_sum / n) ** 0.5]
-    stats += [percentile(p) for p in percentiles]
-    return {k: s * 1000.0 for k, s in zip(keys, stats)}
-
-
 def max_concurrency(arrivals: np.ndarray, finishes: np.ndarray) -> int:
     """Peak number of requests in flight: sweep over [arrival, finish) intervals.
 
@@ -616,38 +593,6 @@ def max_concurrency(arrivals: np.ndarray, finishes: np.ndarray) -> int:
     delta = np.concatenate([np.ones(a.size, np.int64), -np.ones(f.size, np.int64)])
     order = np.lexsort((delta, times))  # by time, ends (-1) before starts (+1) at equal times
     return int(np.cumsum(delta[order]).max())
-
-
-def _goodput_slos_seconds(goodput: Mapping[str, float] | None) -> dict[str, float] | None:
-    if not goodput:
-        return None
-    unknown = set(goodput) - set(GOODPUT_METRICS)
-    if unknown:
-        raise ValueError(
-            f"goodput SLO keys {sorted(unknown)} are not known; use any of "
-            f"{list(GOODPUT_METRICS)} with values in milliseconds, e.g. {{'ttft': 500}}"
-        )
-    out = {}
-    for key, ms in goodput.items():
-        v = float(ms)
-        if not v >= 0:
-            raise ValueError(f"goodput SLO {key}={ms!r} must be a number of milliseconds >= 0")
-        out[key] = v / 1000.0
-    return out
-
-
-def _good_mask(
-    ttft: np.ndarray, tpot: np.ndarray, e2el: np.ndarray, slos_s: Mapping[str, float]
-) -> np.ndarray:
-    """Requests meeting every SLO; an undefined TPOT counts as 0, as in vLLM."""
-    good = np.ones(len(ttft), dtype=bool)
-    if "ttft" in slos_s:
-        good &= ttft <= slos_s["ttft"]
-    if "tpot" in slos_s:
-        good &= np.where(np.isnan(tpot), 0.0, tpot) <= slos_s["tpot"]
-    if "e2el" in slos_s:
-        good &= e2el <= slos_s["e2el"]
-    return good
 
 
 def summarize(

@@ -6,6 +6,7 @@ per-request data) stays usable without vLLM.
 """
 
 _NAMES = ("Llmsched", "Fcfs", "Priority", "RoundRobin", "Sarathi", "Pars", "Slai", "Pascal")
+_NAMES += ("Recording",)  # vLLM's own scheduler, recording its steps (steps.py)
 SCHEDULERS = tuple(f"{n}Scheduler" for n in _NAMES) + tuple(f"Async{n}Scheduler" for n in _NAMES)
 __all__ = [*SCHEDULERS, "RequestArgsCheck"]
 

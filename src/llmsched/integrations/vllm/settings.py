@@ -51,6 +51,9 @@ class Settings(BaseModel):
     missing_score: float = math.inf
     # Raise when vLLM's batch differs from the policy's plan (tests); otherwise count and log.
     strict: bool = False
+    # Record every engine step to this file (JSON lines, integrations/vllm/steps.py): what
+    # `llmsched calibrate --from-steps` fits the latency model on. None: no recording.
+    step_log: str | None = None
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> Settings:

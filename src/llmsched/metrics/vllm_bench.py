@@ -1,0 +1,327 @@
+"""`vllm bench serve`'s result: its aggregate fields, its per-request arrays, its run metadata.
+
+One implementation of vLLM's definitions (``vllm/benchmarks/serve.py``, ``calculate_metrics``
+and ``benchmark``), used by the simulator's summary (``MetricsCollector.summary``) and by the
+load client (``llmsched bench``), so that a measured run and a simulated one compare
+field by field, and both compare with ``vllm bench serve``'s own JSON.
+
+- :func:`serving_metrics`: completed/failed, token totals, throughputs, goodput and the
+  mean/median/std/percentile statistics of TTFT, TPOT, ITL and E2EL;
+- :func:`peaks`: ``max_output_tokens_per_s`` and ``max_concurrent_requests`` as vLLM counts them,
+  in one-second buckets from the first request's start (token times from :func:`token_times_of`);
+- :func:`outcome_arrays`: the per-request arrays (``input_lens``, ``output_lens``, ``ttfts``,
+  ``itls``, ``latencies``, ``start_times``, ``queue_times``, ``generated_texts``, ``errors``);
+- :func:`run_metadata`: ``date``, ``backend``, ``model_id``, ``num_prompts``, ``request_rate``,
+  ``burstiness``, ``max_concurrency``, ...
+
+Where llmsched departs from vLLM it says so in docs/metrics.md: a statistic with no data is None
+(vLLM writes 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+#: Keys a ``goodput`` SLO dict may hold (values in milliseconds), as ``vllm bench serve --goodput``.
+GOODPUT_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2el")
+#: Latency metrics with vLLM's names, in vLLM's order.
+VLLM_LATENCY_METRICS: tuple[str, ...] = ("ttft", "tpot", "itl", "e2el")
+#: The per-request arrays vLLM writes (it drops all but `latencies` and `queue_times` unless
+#: `--save-detailed`).
+DETAILED_FIELDS: tuple[str, ...] = (
+    "input_lens",
+    "output_lens",
+    "ttfts",
+    "itls",
+    "latencies",
+    "start_times",
+    "queue_times",
+    "generated_texts",
+    "errors",
+)
+
+
+@dataclass
+class Outcomes:
+    """What the client saw of each request, one entry per request in send order, as vLLM's
+    ``RequestFuncOutput`` list: times in seconds; a failed request has ``success`` False, its
+    ``error``, and output length 0."""
+
+    success: np.ndarray  # bool
+    input_lens: np.ndarray  # int: prompt tokens (the server's count when it reported one)
+    output_lens: np.ndarray  # int: generated tokens (0 when failed)
+    ttfts: np.ndarray  # first token − start (NaN when failed)
+    latencies: np.ndarray  # last token − start (NaN when failed)
+    start_times: np.ndarray  # when the request was sent
+    itls: list[np.ndarray]  # gaps between consecutive streamed chunks
+    errors: list[str] = field(default_factory=list)
+    queue_times: np.ndarray | None = None  # waited for the client's concurrency limit
+    generated_texts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.success)
+
+
+def latency_stats_ms(
+    name: str, values_s: np.ndarray, percentiles: Sequence[float]
+) -> dict[str, float | None]:
+    """``mean_/median_/std_/p{P}_{name}_ms`` of values in seconds, as vLLM computes them:
+    mean, median, population std (``np.std``) and ``np.percentile`` (linear), times 1000.
+    With no values every statistic is None.
+    """
+    keys = [f"mean_{name}_ms", f"median_{name}_ms", f"std_{name}_ms"]
+    keys += [f"p{_pct_key(p)}_{name}_ms" for p in percentiles]
+    v = np.asarray(values_s)
+    if v.dtype.kind != "f":
+        v = v.astype(np.float64)
+    n = v.size
+    if n == 0:
+        return dict.fromkeys(keys, None)
+    # Frugal with memory (the pooled ITL can hold 10^8 gaps): one sorted copy in the input's
+    # dtype, float64 accumulation in chunks, and numpy's "linear" percentile rule by hand:
+    # value at position (n - 1) * q / 100, interpolated between its neighbours.
+    mean = float(np.mean(v, dtype=np.float64))
+    chunk = 1 << 20
+    square_sum = sum(
+        float(np.sum((v[i : i + chunk].astype(np.float64) - mean) ** 2)) for i in range(0, n, chunk)
+    )
+    ordered = np.sort(v)
+
+    def percentile(q: float) -> float:
+        h = (n - 1) * q / 100.0
+        lo = int(h)
+        hi = min(lo + 1, n - 1)
+        low = float(ordered[lo])
+        return low + (h - lo) * (float(ordered[hi]) - low)
+
+    stats = [mean, percentile(50), (square_sum / n) ** 0.5]
+    stats += [percentile(p) for p in percentiles]
+    return {k: s * 1000.0 for k, s in zip(keys, stats)}
+
+
+def _pct_key(p: float) -> str:
+    return str(int(p)) if float(p) == int(p) else str(p)
+
+
+def goodput_slos_seconds(goodput: Mapping[str, float] | None) -> dict[str, float] | None:
+    """`{"ttft": ms, ...}` → seconds; None when empty; a clear error for a bad entry."""
+    if not goodput:
+        return None
+    unknown = set(goodput) - set(GOODPUT_METRICS)
+    if unknown:
+        raise ValueError(
+            f"goodput SLO keys {sorted(unknown)} are not known; use any of "
+            f"{list(GOODPUT_METRICS)} with values in milliseconds, e.g. {{'ttft': 500}}"
+        )
+    out = {}
+    for key, ms in goodput.items():
+        v = float(ms)
+        if not v >= 0:
+            raise ValueError(f"goodput SLO {key}={ms!r} must be a number of milliseconds >= 0")
+        out[key] = v / 1000.0
+    return out
+
+
+def good_mask(
+    ttft: np.ndarray, tpot: np.ndarray, e2el: np.ndarray, slos_s: Mapping[str, float]
+) -> np.ndarray:
+    """Requests meeting every SLO; an undefined TPOT (NaN) counts as 0, as in vLLM."""
+    good = np.ones(len(ttft), dtype=bool)
+    if "ttft" in slos_s:
+        good &= ttft <= slos_s["ttft"]
+    if "tpot" in slos_s:
+        good &= np.where(np.isnan(tpot), 0.0, tpot) <= slos_s["tpot"]
+    if "e2el" in slos_s:
+        good &= e2el <= slos_s["e2el"]
+    return good
+
+
+def serving_metrics(
+    *,
+    duration: float,
+    failed: int,
+    input_lens: np.ndarray,
+    output_lens: np.ndarray,
+    ttft: np.ndarray,
+    tpot: np.ndarray,
+    itl: np.ndarray,
+    e2el: np.ndarray,
+    goodput: Mapping[str, float] | None = None,
+    percentiles: Sequence[float] = (99,),
+) -> dict[str, Any]:
+    """vLLM's aggregate fields from the completed requests' values (seconds).
+
+    ``tpot`` is one value per completed request, NaN where undefined (one token): left out of
+    the statistics, counted as 0 for goodput, as vLLM does. ``itl`` is every gap, pooled.
+    Throughputs are None when ``duration`` is 0.
+    """
+    slos = goodput_slos_seconds(goodput)
+    completed = len(ttft)
+    total_in, total_out = int(np.sum(input_lens)), int(np.sum(output_lens))
+
+    def rate(x: float) -> float | None:
+        return x / duration if duration > 0 else None
+
+    out: dict[str, Any] = {
+        "duration": duration,
+        "completed": completed,
+        "failed": int(failed),
+        "total_input_tokens": total_in,
+        "total_output_tokens": total_out,
+        "request_throughput": rate(completed),
+        "request_goodput": (
+            None if slos is None else rate(int(np.count_nonzero(good_mask(ttft, tpot, e2el, slos))))
+        ),
+        "output_throughput": rate(total_out),
+        "total_token_throughput": rate(total_in + total_out),
+    }
+    tpot = np.asarray(tpot, dtype=np.float64)
+    series = {"ttft": ttft, "tpot": tpot[~np.isnan(tpot)], "itl": itl, "e2el": e2el}
+    for name in VLLM_LATENCY_METRICS:
+        out.update(latency_stats_ms(name, series[name], percentiles))
+    return out
+
+
+def peaks(
+    start_times: np.ndarray, latencies: np.ndarray, token_times: Iterable[np.ndarray]
+) -> dict[str, float | int]:
+    """vLLM's ``max_output_tokens_per_s`` and ``max_concurrent_requests`` over completed requests.
+
+    Time is cut into one-second buckets from the earliest start; a streamed token counts in its
+    bucket, a request in every bucket from the one it starts in to the one it ends in.
+    `token_times` are the completed requests' token times in any number of pieces (a million
+    requests' tokens need not be in memory at once).
+    """
+    start = np.asarray(start_times, dtype=np.float64)
+    if start.size == 0:
+        return {"max_output_tokens_per_s": 0.0, "max_concurrent_requests": 0}
+    origin = float(start.min())
+    end = start + np.asarray(latencies, dtype=np.float64)
+    buckets = int(math.ceil(float(end.max()) - origin)) + 1
+    per_second = np.zeros(buckets, dtype=np.int64)
+    for times in token_times:
+        b = np.floor(np.asarray(times, dtype=np.float64) - origin).astype(np.int64)
+        per_second += np.bincount(b[(b >= 0) & (b < buckets)], minlength=buckets)
+    # Concurrency: +1 at a request's first bucket, −1 after its last (a difference array).
+    first = np.floor(start - origin).astype(np.int64)
+    last = np.floor(end - origin).astype(np.int64)
+    delta = np.zeros(buckets + 1, dtype=np.int64)
+    np.add.at(delta, first, 1)
+    np.add.at(delta, np.minimum(last + 1, buckets), -1)
+    concurrent = np.cumsum(delta[:buckets])
+    return {
+        "max_output_tokens_per_s": float(per_second.max()),
+        "max_concurrent_requests": int(concurrent.max()),
+    }
+
+
+def token_times_of(
+    first_token: np.ndarray, offsets: np.ndarray, gaps: np.ndarray, block: int = 1 << 22
+) -> Iterator[np.ndarray]:
+    """The token times of requests whose first (streamed) token is at `first_token[i]` and whose
+    later tokens follow at `gaps[offsets[i]:offsets[i + 1]]`, in pieces of about `block` gaps."""
+    n = len(first_token)
+    i = 0
+    while i < n:
+        j = int(np.searchsorted(offsets, offsets[i] + block, side="right"))
+        j = min(max(j - 1, i + 1), n)
+        lo, hi = int(offsets[i]), int(offsets[j])
+        counts = np.diff(offsets[i : j + 1])
+        sums = np.cumsum(gaps[lo:hi], dtype=np.float64)
+        # Within request k, gap number m ends at first + (its cumsum − cumsum before request k).
+        before = np.concatenate(([0.0], sums))[offsets[i:j] - lo]
+        yield np.asarray(first_token[i:j], dtype=np.float64)
+        if hi > lo:
+            yield sums + np.repeat(np.asarray(first_token[i:j], dtype=np.float64) - before, counts)
+        i = j
+
+
+def bench_metrics(
+    outcomes: Outcomes,
+    duration: float,
+    goodput: Mapping[str, float] | None = None,
+    percentiles: Sequence[float] = (99,),
+) -> dict[str, Any]:
+    """The aggregate fields of a client's run, exactly as ``vllm bench serve`` computes them
+    from the same per-request data (TPOT = (latency − TTFT) / (output tokens − 1))."""
+    ok = np.asarray(outcomes.success, dtype=bool)
+    out_lens = np.asarray(outcomes.output_lens, dtype=np.int64)[ok]
+    ttft = np.asarray(outcomes.ttfts, dtype=np.float64)[ok]
+    e2el = np.asarray(outcomes.latencies, dtype=np.float64)[ok]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tpot = np.where(out_lens > 1, (e2el - ttft) / (out_lens - 1), np.nan)
+    itl = [np.asarray(outcomes.itls[i], dtype=np.float64) for i in np.flatnonzero(ok)]
+    pooled = np.concatenate(itl) if itl else np.zeros(0)
+    result = serving_metrics(
+        duration=duration,
+        failed=int(np.count_nonzero(~ok)),
+        input_lens=np.asarray(outcomes.input_lens, dtype=np.int64)[ok],
+        output_lens=out_lens,
+        ttft=ttft,
+        tpot=tpot,
+        itl=pooled,
+        e2el=e2el,
+        goodput=goodput,
+        percentiles=percentiles,
+    )
+    starts = np.asarray(outcomes.start_times, dtype=np.float64)[ok]
+    offsets = np.zeros(len(itl) + 1, dtype=np.int64)
+    np.cumsum([len(g) for g in itl], out=offsets[1:])
+    result.update(peaks(starts, e2el, token_times_of(starts + ttft, offsets, pooled)))
+    return result
+
+
+def outcome_arrays(outcomes: Outcomes) -> dict[str, list]:
+    """The per-request arrays of vLLM's result (:data:`DETAILED_FIELDS`), JSON-ready: failed
+    requests have output length 0 and TTFT/latency 0.0, as in vLLM."""
+    ok = np.asarray(outcomes.success, dtype=bool)
+
+    def zero_failed(values) -> list[float]:
+        return np.where(ok, np.nan_to_num(np.asarray(values, dtype=np.float64)), 0.0).tolist()
+
+    n = len(outcomes)
+    queue = outcomes.queue_times if outcomes.queue_times is not None else np.zeros(n)
+    return {
+        "input_lens": np.asarray(outcomes.input_lens, dtype=np.int64).tolist(),
+        "output_lens": np.where(ok, outcomes.output_lens, 0).astype(np.int64).tolist(),
+        "ttfts": zero_failed(outcomes.ttfts),
+        "itls": [np.asarray(g, dtype=np.float64).tolist() for g in outcomes.itls],
+        "latencies": zero_failed(outcomes.latencies),
+        "start_times": np.asarray(outcomes.start_times, dtype=np.float64).tolist(),
+        "queue_times": np.asarray(queue, dtype=np.float64).tolist(),
+        "generated_texts": list(outcomes.generated_texts or [""] * n),
+        "errors": list(outcomes.errors or [""] * n),
+    }
+
+
+def run_metadata(
+    *,
+    backend: str,
+    model_id: str,
+    num_prompts: int,
+    request_rate: float | None,
+    burstiness: float = 1.0,
+    max_concurrency: int | None = None,
+    label: str | None = None,
+    tokenizer_id: str | None = None,
+) -> dict[str, Any]:
+    """The run description vLLM writes before its metrics; `request_rate` None (all at once,
+    or the trace's own timestamps) is vLLM's "inf"."""
+    return {
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "endpoint_type": backend,
+        "backend": backend,
+        "label": label,
+        "model_id": model_id,
+        "tokenizer_id": tokenizer_id or model_id,
+        "num_prompts": num_prompts,
+        "request_rate": "inf" if request_rate is None or math.isinf(request_rate) else request_rate,
+        "burstiness": burstiness,
+        "max_concurrency": max_concurrency,
+    }
