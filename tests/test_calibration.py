@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from llmsched.data import data_dir
 from llmsched.hardware import calibration as cal
+from llmsched.hardware.calibration.rows import OperatorParams, OperatorRows, predict_operators
 from llmsched.hardware.latency import BatchShape
 from llmsched.hardware.roofline import Efficiency, RooflineModel, allreduce_cost
 from llmsched.hardware.specs import get_gpu, get_model
@@ -74,8 +75,8 @@ def _synthetic_times(name: str) -> list[dict[str, object]]:
         name, Path(name), n_head, n_kv, h, ffn, vocab, True, tokens, tps,
         times={op: np.ones(len(tokens)) for op in cal.LAYER_OPS},
     )  # fmt: skip
-    rows_model = cal._OperatorRows([prof], None)
-    p = cal._OpParams(
+    rows_model = OperatorRows([prof], None)
+    p = OperatorParams(
         TRUE.gemm_compute,
         TRUE.gemm_memory,
         TRUE.gemm_overhead_s,
@@ -84,7 +85,7 @@ def _synthetic_times(name: str) -> list[dict[str, object]]:
         min_tokens=TRUE.elementwise_min_tokens,
         tile=TRUE.gemm_token_tile,
     )
-    elem = cal._predict_ops(rows_model, p, gpu)
+    elem = predict_operators(rows_model, p, gpu)
     rows = []
     for i, (t, tp) in enumerate(zip(tokens, tps)):
         lm = RooflineModel(prof.spec(), gpu, int(tp), TRUE)
