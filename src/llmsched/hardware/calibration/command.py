@@ -15,8 +15,8 @@ from llmsched.hardware.calibration.fitting import (
     ATTENTION_SPLIT_KV,
     DEFAULT_HELDOUT,
     DEFAULT_TRAIN,
-    HUBER_DELTA,
     MAX_TOKENS,
+    ROBUST_SCALE,
     TILE_CHOICES,
     Calibration,
     fit,
@@ -95,8 +95,8 @@ def calibrate(
         ),
         "date": datetime.now(UTC).date().isoformat(),
         "method": (
-            f"Huber-weighted least squares (delta {HUBER_DELTA}) on relative error, "
-            "log-parameter Levenberg-Marquardt; GEMM token tile chosen among "
+            f"least squares on relative error with Huber's loss (scale {ROBUST_SCALE}), "
+            "scipy.optimize.least_squares over log-parameters; GEMM token tile chosen among "
             f"{list(TILE_CHOICES)} by plain least squares; see docs/calibration.md"
         ),
         "not_calibrated": [

@@ -53,8 +53,7 @@ ATTENTION_SPLIT_KV = 2048  # attention rows with kv_cache_size < this train, the
 ALLREDUCE_TRAIN_TP = (2, 4)  # all-reduce rows at these TP degrees fit, the others are held out
 MAX_TOKENS = 4096  # rows up to this token count (all models are profiled to 4096)
 TILE_CHOICES = (1, 64, 128, 256)
-HUBER_DELTA = 0.05  # relative error beyond which a row's weight falls off (robust least squares)
-HUBER_ROUNDS = 4
+ROBUST_SCALE = 0.05  # relative error beyond which a row counts linearly (Huber's loss)
 
 
 @dataclass(frozen=True)
@@ -76,65 +75,43 @@ def as_calibration(cal: Calibration | Efficiency, gpu: str) -> Calibration:
     return Calibration(gpu=gpu, efficiency=cal, elementwise=dict.fromkeys(ELEMENTWISE_KINDS, e))
 
 
-def _levenberg_marquardt(
+def _least_squares(
     residuals: Callable[[np.ndarray], np.ndarray],
     x0: Sequence[float],
+    weights: np.ndarray | None = None,
     *,
-    max_iter: int = 200,
-    weights: np.ndarray | None = None,
+    robust: bool = True,
 ) -> np.ndarray:
-    """Minimise Σ (w·r(x))² over log-parameters (keeps every parameter positive). Small, dense,
-    forward-difference Jacobian: a dozen parameters and some 10⁴ rows take well under a second."""
-    x = np.log(np.asarray(x0, float))
+    """The parameters minimising Σ wᵢ²·ρ(rᵢ(x)), by `scipy.optimize.least_squares` over their
+    logarithms (so that every parameter stays positive).
 
-    def cost(z: np.ndarray) -> tuple[np.ndarray, float]:
-        r = residuals(np.exp(z))
-        if weights is not None:
-            r = r * weights
-        r = np.where(np.isfinite(r), r, 1e6)
-        return r, float(r @ r)
+    ρ is the square, or with ``robust`` Huber's loss at `ROBUST_SCALE`: rows whose relative error
+    exceeds it count linearly, not quadratically (launch-bound rows at 1-2 µs resolution, L2
+    effects), so that the bulk of the rows sets the coefficients. ``weights`` scale each row's
+    loss, not its residual, so that the scale is the same relative error on every row."""
+    from scipy.optimize import least_squares  # here: loading a calibration needs no optimiser
 
-    r, c = cost(x)
-    lam = 1e-3
-    for _ in range(max_iter):
-        jac = np.empty((len(r), len(x)))
-        for j in range(len(x)):
-            dx = np.zeros_like(x)
-            dx[j] = 1e-6
-            jac[:, j] = (cost(x + dx)[0] - r) / 1e-6
-        a = jac.T @ jac
-        g = jac.T @ r
-        improved = False
-        while lam < 1e10:
-            step = np.linalg.solve(a + lam * np.diag(np.diag(a) + 1e-12), -g)
-            r_new, c_new = cost(x + step)
-            if c_new < c:
-                improved = c - c_new > 1e-12 * max(c, 1e-300)
-                x, r, c = x + step, r_new, c_new
-                lam = max(lam / 3, 1e-12)
-                break
-            lam *= 4
-        if not improved or np.max(np.abs(step)) < 1e-9:
-            break
-    return np.exp(x)
+    w = np.ones(1) if weights is None else np.asarray(weights, float)
+    if robust:
+        fun, loss = (lambda z: residuals(np.exp(z))), _weighted_huber(w**2)
+    else:  # weighting the loss or the residual is the same for squares
+        fun, loss = (lambda z: w * residuals(np.exp(z))), "linear"
+    result = least_squares(fun, np.log(np.asarray(x0, float)), loss=loss, f_scale=ROBUST_SCALE)
+    return np.exp(result.x)
 
 
-def _robust(
-    residuals: Callable[[np.ndarray], np.ndarray],
-    x0: Sequence[float],
-    weights: np.ndarray | None = None,
-    rounds: int = HUBER_ROUNDS,
-) -> np.ndarray:
-    """Huber-weighted least squares by reweighting: rows whose relative error exceeds
-    `HUBER_DELTA` count linearly, not quadratically (launch-bound rows at 1-2 µs resolution, L2
-    effects), so that the bulk of the rows sets the coefficients."""
-    base = np.ones(1) if weights is None else weights
-    x = _levenberg_marquardt(residuals, x0, weights=weights)
-    for _ in range(rounds):
-        r = np.abs(residuals(x))
-        w = base * np.sqrt(np.where(r <= HUBER_DELTA, 1.0, HUBER_DELTA / np.maximum(r, 1e-300)))
-        x = _levenberg_marquardt(residuals, x, weights=w)
-    return x
+def _weighted_huber(w2: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """scipy's "huber" loss, ρ(z) = z up to 1 and 2√z − 1 beyond, times each row's weight."""
+
+    def loss(z: np.ndarray) -> np.ndarray:
+        inner = z <= 1
+        root = np.sqrt(np.maximum(z, 1.0))
+        rho = np.where(inner, z, 2 * root - 1)
+        return w2 * np.stack(
+            [rho, np.where(inner, 1.0, 1 / root), np.where(inner, 0.0, -0.5 / root**3)]
+        )
+
+    return loss
 
 
 def _operator_params(x: np.ndarray, tile: int) -> OperatorParams:
@@ -160,14 +137,14 @@ def _fit_operators(rows: OperatorRows, gpu: GPUSpec, tiles: Sequence[int]) -> Op
     best: tuple[float, int, np.ndarray] | None = None
     for tile in tiles:
         res = _operator_residuals(rows, gpu, tile)
-        x = _levenberg_marquardt(res, x0)
+        x = _least_squares(res, x0, robust=False)
         r = res(x)
         rms = float(np.sqrt(np.mean(r * r)))
         if best is None or rms < best[0]:
             best = (rms, tile, x)
     assert best is not None
     _, tile, x = best
-    return _operator_params(_robust(_operator_residuals(rows, gpu, tile), x), tile)
+    return _operator_params(_least_squares(_operator_residuals(rows, gpu, tile), x), tile)
 
 
 def _fit_elementwise_memory(
@@ -217,7 +194,7 @@ def _fit_attention(
     n_pre, n_dec = max(1, pre.sum()), max(1, (~pre).sum())
     w = np.where(pre, np.sqrt(len(y) / (2 * n_pre)), np.sqrt(len(y) / (2 * n_dec)))
     x0 = (0.4, 0.2, 0.7, 1e-5, 100.0)
-    x = _robust(lambda x: predict_attention(rows, x, gpu) / y - 1, x0, w)
+    x = _least_squares(lambda x: predict_attention(rows, x, gpu) / y - 1, x0, w)
     ea, ed, em, k, keys = (float(v) for v in x)
     return {
         "attn_compute": min(ea, 1.0),
@@ -236,7 +213,7 @@ def _fit_allreduce(
     if not sel.any():
         return None
     y = prof.time[sel]
-    x = _robust(lambda x: predict_allreduce(prof, sel, x[0], x[1], gpu) / y - 1, (0.6, 2e-5))
+    x = _least_squares(lambda x: predict_allreduce(prof, sel, x[0], x[1], gpu) / y - 1, (0.6, 2e-5))
     return {"link": min(float(x[0]), 1.0), "allreduce_latency_s": float(x[1])}
 
 
@@ -259,7 +236,7 @@ def fit(
     (``link``, ``allreduce_latency_s``) on the rows of the ``network`` profile (see
     `ProfileSet.network`) at the ``allreduce_train_tp`` degrees. Fields not fitted here (the
     per-layer and per-iteration overheads, and the all-reduce without a network profile) keep
-    ``base``'s values (the defaults). Takes a few seconds on Vidur's data."""
+    ``base``'s values (the defaults). Takes about half a second on Vidur's data."""
     base = base if base is not None else Efficiency()
     gpu = get_gpu(profiles.gpu)
     names = profiles.resolve(train_models)
