@@ -23,6 +23,8 @@ from llmsched.hardware.profiler import (
     profile_shapes,
     replay_batches,
 )
+from llmsched.hardware.profiler.attention import attention_reference, attention_sdpa
+from llmsched.hardware.profiler.batch import check_batch, pack_batch
 
 VIDUR_MLP = "profiles/vidur/compute/a100/meta-llama/Llama-2-7b-hf/mlp.csv"
 VIDUR_ATTENTION = "profiles/vidur/compute/a100/meta-llama/Llama-2-70b-hf/attention_tp2_2024-05.csv"
@@ -250,15 +252,15 @@ def test_attention_matches_the_reference_on_a_mixed_batch():
     torch = pytest.importorskip("torch")
     device = torch.device("cpu")
     # chunks with and without a cached prefix, decodes of several lengths, GQA 4:2
-    plan = profiler._make_plan(torch, device, [(6, 10), (3, 0)], [5, 0, 5, 9])
+    plan = pack_batch(torch, device, [(6, 10), (3, 0)], [5, 0, 5, 9])
     assert plan.num_tokens == 6 + 3 + 4
     assert plan.kv_tokens == 16 + 3 + (6 + 1 + 6 + 10)
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(plan.num_tokens, 4, 8, generator=gen)
     k = torch.randn(plan.kv_tokens, 2, 8, generator=gen)
     v = torch.randn(plan.kv_tokens, 2, 8, generator=gen)
-    ref = profiler._attention_reference(torch, q, k, v, plan)
-    out = profiler._attention_sdpa(torch, q, k, v, plan)
+    ref = attention_reference(torch, q, k, v, plan)
+    out = attention_sdpa(torch, q, k, v, plan)
     assert torch.allclose(out, ref, atol=1e-5)
     # the last query of the cached-prefix chunk sees every key of its sequence (lower-right)
     seq0 = ref[5].view(4, 8)
@@ -270,11 +272,11 @@ def test_attention_matches_the_reference_on_a_mixed_batch():
 
 def test_bad_batch_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="empty batch"):
-        profiler._check_batch([], [])
+        check_batch([], [])
     with pytest.raises(ValueError, match="length ≥ 1"):
-        profiler._check_batch([(0, 4)], [])
+        check_batch([(0, 4)], [])
     with pytest.raises(ValueError, match="decode KV"):
-        profiler._check_batch([], [-1])
+        check_batch([], [-1])
 
 
 def test_replay_batches():
