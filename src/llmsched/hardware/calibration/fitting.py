@@ -92,11 +92,13 @@ def _least_squares(
     from scipy.optimize import least_squares  # here: loading a calibration needs no optimiser
 
     w = np.ones(1) if weights is None else np.asarray(weights, float)
+    z0 = np.log(np.asarray(x0, float))
     if robust:
-        fun, loss = (lambda z: residuals(np.exp(z))), _weighted_huber(w**2)
-    else:  # weighting the loss or the residual is the same for squares
-        fun, loss = (lambda z: w * residuals(np.exp(z))), "linear"
-    result = least_squares(fun, np.log(np.asarray(x0, float)), loss=loss, f_scale=ROBUST_SCALE)
+        loss = _weighted_huber(w**2)
+        result = least_squares(lambda z: residuals(np.exp(z)), z0, loss=loss, f_scale=ROBUST_SCALE)
+    else:  # squares: weighting the residual is weighting the loss. MINPACK's Levenberg-Marquardt
+        # is as fast as the default solver alone and, unlike it, does not wait on busy BLAS threads
+        result = least_squares(lambda z: w * residuals(np.exp(z)), z0, method="lm")
     return np.exp(result.x)
 
 
