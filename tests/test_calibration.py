@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 from llmsched.data import data_dir
 from llmsched.hardware import calibration as cal
+from llmsched.hardware.calibration.fitting import _weighted_huber
+from llmsched.hardware.calibration.rows import OperatorParams, OperatorRows, predict_operators
 from llmsched.hardware.latency import BatchShape
 from llmsched.hardware.roofline import Efficiency, RooflineModel, allreduce_cost
 from llmsched.hardware.specs import get_gpu, get_model
@@ -74,8 +76,8 @@ def _synthetic_times(name: str) -> list[dict[str, object]]:
         name, Path(name), n_head, n_kv, h, ffn, vocab, True, tokens, tps,
         times={op: np.ones(len(tokens)) for op in cal.LAYER_OPS},
     )  # fmt: skip
-    rows_model = cal._OperatorRows([prof], None)
-    p = cal._OpParams(
+    rows_model = OperatorRows([prof], None)
+    p = OperatorParams(
         TRUE.gemm_compute,
         TRUE.gemm_memory,
         TRUE.gemm_overhead_s,
@@ -84,7 +86,7 @@ def _synthetic_times(name: str) -> list[dict[str, object]]:
         min_tokens=TRUE.elementwise_min_tokens,
         tile=TRUE.gemm_token_tile,
     )
-    elem = cal._predict_ops(rows_model, p, gpu)
+    elem = predict_operators(rows_model, p, gpu)
     rows = []
     for i, (t, tp) in enumerate(zip(tokens, tps)):
         lm = RooflineModel(prof.spec(), gpu, int(tp), TRUE)
@@ -365,6 +367,17 @@ def test_wrong_model_form_shows_in_the_errors(synthetic, synthetic_fit):
     good = cal.evaluate(synthetic_fit, synthetic, list(SHAPES), attention="none")
     for op in cal.GEMM_OPS:
         assert bad.operators[op].median_ape() > max(0.01, 5 * good.operators[op].median_ape()), op
+
+
+def test_row_weighted_huber_loss_and_its_derivatives():
+    """The loss `fit` hands to scipy's least_squares: Huber's ρ(z) (z the squared scaled
+    residual) with ρ' and ρ'', each times the row's weight."""
+    z = np.array([0.0, 0.25, 1.0, 4.0, 9.0])
+    w2 = np.array([1.0, 2.0, 1.0, 0.5, 3.0])
+    rho, d1, d2 = _weighted_huber(w2)(z)
+    np.testing.assert_allclose(rho, w2 * [0.0, 0.25, 1.0, 3.0, 5.0])
+    np.testing.assert_allclose(d1, w2 * [1.0, 1.0, 1.0, 0.5, 1 / 3])
+    np.testing.assert_allclose(d2, w2 * [0.0, 0.0, 0.0, -0.5 / 8, -0.5 / 27])
 
 
 def test_bare_efficiency_evaluates_with_one_elementwise_efficiency(synthetic, synthetic_fit):
