@@ -786,3 +786,36 @@ def test_kendall_tau_b_matches_the_definition_with_ties():
     assert np.isnan(kendall_tau([1.0], [2.0]))
     with pytest.raises(ValueError, match="equal shapes"):
         kendall_tau([1, 2], [1, 2, 3])
+
+
+# --------------------------------------------------------------------------------------------
+# A simulated run against measured ones (llmsched.metrics.fidelity)
+# --------------------------------------------------------------------------------------------
+
+
+def test_field_errors_use_the_mean_and_spread_of_the_repeats():
+    from llmsched.metrics.fidelity import field_errors
+
+    real = [{"mean_ttft_ms": 100.0, "p99_e2el_ms": None}, {"mean_ttft_ms": 120.0}]
+    (e,) = field_errors(real, {"mean_ttft_ms": 121.0, "p99_e2el_ms": 5.0})
+    assert (e.real, e.sim) == (110.0, 121.0)
+    assert e.error == pytest.approx(0.1) and e.spread == pytest.approx(20 / 110)
+    assert not e.within_spread  # 10 % off, the repeats span ±9.1 %
+    (inside,) = field_errors(real, {"mean_ttft_ms": 115.0})
+    assert inside.within_spread
+
+
+def test_policy_order_counts_only_what_the_real_engine_orders():
+    from llmsched.metrics.fidelity import order_agrees
+
+    real = {
+        "fcfs": [{"x": 10.0}, {"x": 12.0}],
+        "pars": [{"x": 5.0}, {"x": 6.0}],
+        "srpt": [{"x": 11.0}, {"x": 13.0}],  # overlaps fcfs: tied
+    }
+    agrees, real_order, _ = order_agrees(real, {"fcfs": {"x": 9}, "pars": {"x": 4},
+                                                "srpt": {"x": 8}}, "x")  # fmt: skip
+    assert agrees and real_order == ["pars", "fcfs", "srpt"]  # fcfs/srpt swapped: a tie
+    agrees, _, sim_order = order_agrees(real, {"fcfs": {"x": 9}, "pars": {"x": 10},
+                                               "srpt": {"x": 8}}, "x")  # fmt: skip
+    assert not agrees and sim_order == ["srpt", "fcfs", "pars"]  # pars is not below fcfs

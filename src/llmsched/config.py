@@ -53,8 +53,13 @@ class SimulationConfig:
     kv_fraction: float = 1.0  # cap the KV cache at this share of what memory allows
     num_blocks: int | None = None  # KV blocks per instance; None = from memory arithmetic
     # roofline: the roofline's default efficiencies; calibrated: fitted on measured profiles
-    # (docs/calibration.md; other GPUs use the A100 fit).
+    # (docs/calibration.md; other GPUs use the A100 fit); or a calibration file
+    # (`llmsched calibrate ... --out CAL.json`), whose device replaces `gpu` when it names one.
     latency: str = "roofline"
+    dtype: str | None = None  # the served dtype (vLLM's --dtype); None: the model's own
+    # Seconds the serving stack outside the engine (HTTP, API server, IPC) adds to every
+    # request's TTFT and E2E latency; None: the calibration file's measure, else 0.
+    frontend_latency: float | None = None
     # --- engine and policies ---
     instances: int = 1
     policy: str = "fcfs"
@@ -82,8 +87,17 @@ class SimulationConfig:
 
     def validate(self) -> SimulationConfig:
         problems = []
-        if self.latency not in ("roofline", "calibrated"):
-            problems.append(f"latency must be roofline or calibrated, got {self.latency!r}")
+        if self.latency not in ("roofline", "calibrated") and not Path(self.latency).is_file():
+            problems.append(
+                f"latency must be roofline, calibrated or a calibration file (.json), got "
+                f"{self.latency!r}" + (" (no such file)" if self.latency.endswith(".json") else "")
+            )
+        if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
+            problems.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.frontend_latency is not None and not self.frontend_latency >= 0:
+            problems.append(f"frontend_latency must be >= 0 s, got {self.frontend_latency}")
+        if self.block_size < 1:
+            problems.append(f"block_size must be >= 1 token, got {self.block_size}")
         if self.arrival not in ARRIVALS:
             problems.append(f"arrival must be one of {ARRIVALS}, got {self.arrival!r}")
         if self.arrival in ("poisson", "gamma") and self.rate is None:

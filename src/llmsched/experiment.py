@@ -18,9 +18,10 @@ from llmsched.cluster.cluster import Cluster
 from llmsched.config import SimulationConfig, save_config
 from llmsched.data import resolve
 from llmsched.engine.config import EngineConfig
-from llmsched.hardware.memory import kv_cache_blocks
-from llmsched.hardware.roofline import RooflineModel
-from llmsched.hardware.specs import get_gpu, get_model
+from llmsched.hardware.memory import kv_bytes_per_token, kv_cache_blocks
+from llmsched.hardware.roofline import Efficiency, RooflineModel
+from llmsched.hardware.specs import GPUSpec, ModelSpec, get_gpu, get_model, with_dtype
+from llmsched.hardware.steplog import device_spec
 from llmsched.metrics.qoe import AnswerSLO
 from llmsched.metrics.report import write_requests_csv
 from llmsched.metrics.summary import MetricsCollector
@@ -110,11 +111,43 @@ def _requests(cfg: SimulationConfig) -> Workload:
     return workload
 
 
+def hardware(cfg: SimulationConfig) -> tuple[ModelSpec, GPUSpec, Efficiency | None]:
+    """The served model (in its served dtype), the device, and the efficiencies of the latency
+    model: a calibration file's device (a CPU engine's, say) replaces the configured GPU."""
+    model = with_dtype(get_model(cfg.model), cfg.dtype)
+    if cfg.latency == "roofline":
+        return model, get_gpu(cfg.gpu), None
+    from llmsched.hardware.calibration.store import load_calibration, read_calibration
+
+    if cfg.latency == "calibrated":
+        return model, get_gpu(cfg.gpu), load_calibration(cfg.gpu)
+    cal = read_calibration(cfg.latency)
+    gpu = device_spec(cal.device) if cal.device else get_gpu(cfg.gpu)
+    return model, gpu, cal.efficiency
+
+
+def frontend_latency(cfg: SimulationConfig) -> float:
+    """Seconds the serving stack outside the engine adds to each request: the config's, else
+    what the calibration file measured, else none."""
+    if cfg.frontend_latency is not None:
+        return cfg.frontend_latency
+    if cfg.latency in ("roofline", "calibrated"):
+        return 0.0
+    from llmsched.hardware.calibration.store import read_calibration
+
+    return read_calibration(cfg.latency).serving.get("frontend_latency_s", 0.0)
+
+
 def engine_config(cfg: SimulationConfig) -> tuple[EngineConfig, dict[str, Any]]:
     """Per-instance limits: the policy's paper defaults, then the user's settings; KV capacity
     from the GPU's memory as vLLM computes it unless given in blocks."""
     policy = policy_class(cfg.policy)
-    model, gpu = get_model(cfg.model), get_gpu(cfg.gpu)
+    model, gpu, _ = hardware(cfg)
+    if not gpu.memory_bytes and cfg.num_blocks is None:
+        raise ValueError(
+            f"{gpu.name} has no GPU memory to size the KV cache from: give --num-blocks "
+            "(a CPU engine's is VLLM_CPU_KVCACHE_SPACE; its step log's header has num_blocks)"
+        )
     defaults = {"max_num_batched_tokens": 2048, "max_num_seqs": 256, "watermark": 0.0}
     defaults |= policy.engine_defaults
     chosen = {
@@ -130,16 +163,20 @@ def engine_config(cfg: SimulationConfig) -> tuple[EngineConfig, dict[str, Any]]:
                 " as vLLM v0 requires; raise it or lower --max-model-len"
             )
         chosen["max_num_batched_tokens"] = max_model_len
-    capacity = kv_cache_blocks(
-        model,
-        gpu,
-        cfg.tp,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        block_size=cfg.block_size,
-        max_num_batched_tokens=chosen["max_num_batched_tokens"],
-        max_num_seqs=chosen["max_num_seqs"],
-        kv_fraction=cfg.kv_fraction,
-    )
+    if gpu.memory_bytes:
+        capacity = kv_cache_blocks(
+            model,
+            gpu,
+            cfg.tp,
+            gpu_memory_utilization=cfg.gpu_memory_utilization,
+            block_size=cfg.block_size,
+            max_num_batched_tokens=chosen["max_num_batched_tokens"],
+            max_num_seqs=chosen["max_num_seqs"],
+            kv_fraction=cfg.kv_fraction,
+        )
+        block_bytes = capacity.bytes_per_block
+    else:
+        capacity, block_bytes = None, kv_bytes_per_token(model, cfg.tp) * cfg.block_size
     # vLLM keeps one of the blocks it allocates as its null block (never holds tokens).
     num_blocks = cfg.num_blocks or capacity.num_blocks - 1
     engine = EngineConfig(
@@ -147,7 +184,7 @@ def engine_config(cfg: SimulationConfig) -> tuple[EngineConfig, dict[str, Any]]:
         block_size=cfg.block_size,
         max_model_len=max_model_len,
         preemption=cfg.preemption,
-        kv_bytes_per_block=capacity.bytes_per_block,
+        kv_bytes_per_block=block_bytes,
         pcie_bandwidth=gpu.pcie_bandwidth,
         **chosen,
     )
@@ -157,16 +194,15 @@ def engine_config(cfg: SimulationConfig) -> tuple[EngineConfig, dict[str, Any]]:
         "num_blocks": num_blocks,
         "kv_capacity": capacity.describe() if cfg.num_blocks is None else "given in blocks",
         "max_model_len": max_model_len,
+        "frontend_latency_s": frontend_latency(cfg),
         **chosen,
     }
     return engine, resolved
 
 
 def latency_model(cfg: SimulationConfig) -> RooflineModel:
-    model, gpu = get_model(cfg.model), get_gpu(cfg.gpu)
-    if cfg.latency == "calibrated":
-        return RooflineModel.calibrated(model, gpu, cfg.tp)
-    return RooflineModel(model, gpu, cfg.tp)
+    model, gpu, efficiency = hardware(cfg)
+    return RooflineModel(model, gpu, cfg.tp, efficiency)
 
 
 def build_cluster(cfg: SimulationConfig, *, observer=None) -> tuple[Cluster, dict[str, Any]]:
@@ -183,6 +219,7 @@ def build_cluster(cfg: SimulationConfig, *, observer=None) -> tuple[Cluster, dic
         router(seed=cfg.seed, **router_params),
         latency_model(cfg),
         link_bandwidth=cfg.link_gbps * 1e9 / 8,
+        frontend_latency=frontend_latency(cfg),
         observer=observer,
         answer_slo=AnswerSLO(**(cfg.answer_slo or {})),
     )

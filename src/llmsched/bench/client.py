@@ -45,6 +45,7 @@ class Outcome:
     generated_text: str = ""
     error: str = ""
     queue_time: float = 0.0  # waited for the client's concurrency limit before sending
+    request_id: str = ""  # the X-Request-Id sent
 
 
 def request_body(spec: RequestSpec, model: str, chat: bool, ignore_eos: bool) -> dict[str, Any]:
@@ -81,15 +82,18 @@ async def send(
     body: dict[str, Any],
     prompt_len: int,
     timeout: float,
+    request_id: str | None = None,
 ) -> Outcome:
-    """POST `body` to `url` and read its SSE stream to `[DONE]`."""
+    """POST `body` to `url` and read its SSE stream to `[DONE]`; `request_id` goes in the
+    X-Request-Id header (vLLM makes it part of its own request id)."""
     out = Outcome(prompt_len=prompt_len)
     chunks = 0
     st = time.perf_counter()
     out.start_time = last = st
     try:
         async with asyncio.timeout(timeout):
-            async with session.post(url, json=body) as response:
+            headers = {"X-Request-Id": request_id} if request_id else None
+            async with session.post(url, json=body, headers=headers) as response:
                 if response.status != 200:
                     text = (await response.text())[:300]
                     out.error = f"HTTP {response.status}: {text}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -104,25 +105,28 @@ async def send_all(
     from tqdm import tqdm
 
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    run = secrets.token_hex(4)  # X-Request-Id llmsched-<run>-<i>: a server's logs find them
     bar = tqdm(total=len(specs), desc="requests", unit="req", file=sys.stderr, disable=not progress)
     connector = aiohttp.TCPConnector(limit=max_concurrency or 0, force_close=False)
     session = aiohttp.ClientSession(
         connector=connector, timeout=aiohttp.ClientTimeout(total=None), trust_env=True
     )
 
-    async def one(spec: RequestSpec, at: float) -> Outcome:
+    async def one(i: int, spec: RequestSpec, at: float) -> Outcome:
         delay = at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         body = request_body(spec, model, chat, ignore_eos)
+        rid = f"llmsched-{run}-{i}"
         if limit is None:
-            out = await send(session, url, body, spec.prompt_len, timeout)
+            out = await send(session, url, body, spec.prompt_len, timeout, rid)
         else:
             waited = time.perf_counter()
             async with limit:
                 waited = time.perf_counter() - waited
-                out = await send(session, url, body, spec.prompt_len, timeout)
+                out = await send(session, url, body, spec.prompt_len, timeout, rid)
             out.queue_time = waited
+        out.request_id = rid
         bar.update(1)
         if not out.success:
             bar.set_postfix_str(f"failed: {out.error[:60]}", refresh=False)
@@ -130,7 +134,10 @@ async def send_all(
 
     try:
         start = time.perf_counter()
-        tasks = [asyncio.ensure_future(one(s, start + float(t))) for s, t in zip(specs, offsets)]
+        tasks = [
+            asyncio.ensure_future(one(i, s, start + float(t)))
+            for i, (s, t) in enumerate(zip(specs, offsets))
+        ]
         outcomes = list(await asyncio.gather(*tasks))
         duration = time.perf_counter() - start
     finally:
@@ -204,4 +211,6 @@ def bench(
         max_concurrency=max_concurrency,
         label=label,
     )
-    return meta | bench_metrics(table, duration, goodput, percentiles) | outcome_arrays(table)
+    result = meta | bench_metrics(table, duration, goodput, percentiles) | outcome_arrays(table)
+    result["request_ids"] = [o.request_id for o in outcomes]  # llmsched's: the X-Request-Id sent
+    return result

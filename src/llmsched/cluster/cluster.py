@@ -105,6 +105,7 @@ class Cluster:
         latency: LatencyModel,
         *,
         link_bandwidth: float = 100e9 / 8,  # bytes/s between instances (100 Gb/s)
+        frontend_latency: float = 0.0,  # s the serving stack adds to every token the user sees
         observer: Callable[[Instance, Span], None] | None = None,
         fast_forward: bool = True,
         answer_slo: AnswerSLO = PASCAL_ANSWER_SLO,
@@ -114,6 +115,11 @@ class Cluster:
         self.config = config
         self.router = router
         self.link_bandwidth = link_bandwidth
+        # HTTP, the API server and its IPC: a request reaches an engine this much later than
+        # the client sent it, and its tokens the client after the engine made them. Only the
+        # sum matters to what the client measures (a constant shift of arrivals changes no
+        # decision), so it is added to the token times the metrics see.
+        self.frontend_latency = frontend_latency
         self.instances = [
             Instance(i, config, policy_factory(), latency, self, observer, fast_forward)
             for i in range(num_instances)
@@ -233,7 +239,10 @@ class Cluster:
 
     # --- listener callbacks from instances -------------------------------------------------------
     def on_finish(self, state: RequestState, instance: Instance, t: float) -> None:
-        self.collector.add(_record(state, token_times(state, self.logs)))
+        times = token_times(state, self.logs)
+        if self.frontend_latency:
+            times = times + self.frontend_latency
+        self.collector.add(_record(state, times))
 
     def on_phase_change(self, state: RequestState, instance: Instance, t: float) -> None:
         target = self.router.on_phase_change(state, instance.index, self.view)

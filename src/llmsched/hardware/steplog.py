@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import numpy as np
 from llmsched.hardware.specs import GPUSpec, get_gpu
 
 STEP_LOG_VERSION = 1
+CLIENT_ID = re.compile(r"llmsched-[0-9a-f]+-\d+")  # the X-Request-Id `llmsched bench` sends
 
 # FLOPs per cycle per core (fused multiply-adds count 2) for the served dtype. A CPU without
 # native bf16 arithmetic converts to fp32 and computes there.
@@ -118,8 +120,11 @@ def device_spec(device: dict[str, Any]) -> GPUSpec:
     )
 
 
-def read_step_log(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A step log's header and steps; a clear error for a file that is not one."""
+def read_step_log(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
+    """A step log's header, its steps, and when each request arrived at the server (request
+    id -> seconds on the log's clock); a clear error for a file that is not a step log."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"step log {path} does not exist")
@@ -139,12 +144,15 @@ def read_step_log(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[di
                 f"{path}: step log version {head['llmsched_step_log']} is newer than this "
                 f"llmsched reads ({STEP_LOG_VERSION})"
             )
-        steps = []
+        steps, added = [], {}
         for line_no, line in enumerate(f, start=2):
             if not line.strip():
                 continue
             try:
                 step = json.loads(line)
+                if "add" in step:
+                    added[str(step["add"])] = float(step.get("arrived", step["t"]))
+                    continue
                 if len(step["t"]) != 4:
                     raise ValueError(f"'t' holds {len(step['t'])} times, not 4")
                 if not isinstance(step["p"], list) or not isinstance(step["d"], list):
@@ -152,7 +160,36 @@ def read_step_log(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[di
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{path}:{line_no}: not a step ({e})") from None
             steps.append(step)
-    return head, steps
+    return head, steps, added
+
+
+def frontend_latencies(
+    head: dict[str, Any],
+    steps: list[dict[str, Any]],
+    added: dict[str, float],
+    bench: dict[str, Any],
+) -> np.ndarray:
+    """What the serving stack outside the engine adds to each request's TTFT, in seconds: from
+    the client's send to the server's receipt (HTTP), and from the end of the step that made the
+    first token to the client's receipt of it (IPC, detokenisation, the stream). The engine's
+    part between them (waiting for a step, the steps) is what the simulator models. Requests are
+    matched by the id the client sent (X-Request-Id, `llmsched bench`'s `request_ids`), which
+    vLLM keeps in its own; times on both sides are this machine's monotonic clock."""
+    origin = head["monotonic"]
+    first_end = {rid: origin + s["t"][3] for s in steps for rid in s.get("first", ())}
+    engine_ids = {}
+    for rid in added:
+        match = CLIENT_ID.search(rid)
+        if match:
+            engine_ids[match.group(0)] = rid
+    out = []
+    for i, client_id in enumerate(bench.get("request_ids") or ()):
+        rid = engine_ids.get(client_id)
+        if rid is None or rid not in first_end or bench["errors"][i]:
+            continue
+        sent, first = bench["start_times"][i], bench["start_times"][i] + bench["ttfts"][i]
+        out.append((origin + added[rid] - sent) + (first - first_end[rid]))
+    return np.array(out)
 
 
 def cycle_times(steps: list[dict[str, Any]]) -> np.ndarray:

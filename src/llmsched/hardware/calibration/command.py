@@ -111,11 +111,35 @@ def calibrate(
     return cal, train_report, held_report
 
 
+def _from_steps(args) -> int:
+    from llmsched.hardware.calibration.steps import calibrate_from_steps, format_step_errors
+
+    if args.no_write is False and args.out == str(CALIBRATED_DIR / "a100.json"):
+        print("error: --from-steps needs --out CAL.json (not the A100 file)", file=sys.stderr)
+        return 2
+    try:
+        cal, train, held = calibrate_from_steps(args.from_steps, args.heldout_steps, args.bench)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Fitted on {len(args.from_steps)} step log(s), device: {cal.gpu}")
+    print(format_efficiency(cal))
+    for name, value in cal.serving.items():
+        print(f"  {name:24s} {value * 1e3:.2f} ms")
+    print(format_step_errors(train, "Step cycles, fitted logs:"))
+    if held is not None:
+        print(format_step_errors(held, "Step cycles, held-out logs:"))
+    if not args.no_write:
+        print(f"wrote {save_calibration(cal, args.out)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m llmsched.hardware.calibration",
-        description="Fit the roofline's efficiencies on Vidur's A100 operator profiles, print "
-        "the held-out fidelity report and write the calibration JSON.",
+        prog="llmsched calibrate",
+        description="Fit the roofline's efficiencies, and print their fidelity: on operator "
+        "profiles (default: Vidur's A100 tables; writes calibrated/a100.json), or on a real "
+        "engine's step logs (--from-steps LOG ... --out CAL.json).",
     )
     parser.add_argument(
         "--data", help="profile folder (default: the shared data's profiles/vidur)", default=None
@@ -137,7 +161,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--plot", help="write the held-out predicted-vs-measured PNG here")
+    steps = parser.add_argument_group(
+        "from a real engine's steps (instead of operator profiles)",
+        "logs that llmsched's vLLM scheduler classes wrote with "
+        '--additional-config \'{"llmsched": {"step_log": "FILE"}}\'',
+    )
+    steps.add_argument("--from-steps", nargs="+", metavar="LOG", help="step logs to fit on")
+    steps.add_argument("--heldout-steps", nargs="+", metavar="LOG", default=[], help="to evaluate")
+    steps.add_argument(
+        "--bench",
+        nargs="+",
+        metavar="RUN.json",
+        default=[],
+        help="llmsched bench results of runs the logged engines served: measures the serving "
+        "stack's latency outside the engine (frontend_latency_s)",
+    )
     args = parser.parse_args(argv)
+    if args.from_steps:
+        return _from_steps(args)
     try:
         profiles = load_vidur_profiles(args.data, args.gpu)
         cal, train_report, held_report = calibrate(

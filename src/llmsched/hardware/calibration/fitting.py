@@ -65,6 +65,12 @@ class Calibration:
     efficiency: Efficiency
     elementwise: dict[str, float]
     provenance: dict[str, Any] = field(default_factory=dict)
+    # A device that is not a registered GPU (a CPU engine's, from its step log): the
+    # description `llmsched.hardware.steplog.device_spec` turns into the roofline's peaks.
+    device: dict[str, Any] | None = None
+    # The serving stack's own latency, outside the engine (seconds): frontend_latency_s, what
+    # HTTP, the API server and its IPC add to every request's TTFT and E2E latency.
+    serving: dict[str, float] = field(default_factory=dict)
 
 
 def as_calibration(cal: Calibration | Efficiency, gpu: str) -> Calibration:

@@ -30,6 +30,8 @@ def save_calibration(
     doc = {
         "format": FORMAT_VERSION,
         "gpu": cal.gpu,
+        **({"device": cal.device} if cal.device else {}),
+        **({"serving": cal.serving} if cal.serving else {}),
         "efficiency": dataclasses.asdict(cal.efficiency),
         "elementwise_kernels": dict(cal.elementwise),
         "provenance": prov,
@@ -69,6 +71,8 @@ def read_calibration(path: str | os.PathLike[str]) -> Calibration:
         efficiency=eff,
         elementwise=elementwise,
         provenance=dict(doc.get("provenance") or {}),
+        device=doc.get("device"),
+        serving={k: float(v) for k, v in (doc.get("serving") or {}).items()},
     )
 
 

@@ -13,7 +13,11 @@ Then one line per step that ran tokens::
                                    # returned (seconds on the header's clock)
      "p": [[c, cached], ...],      # prefill (or recompute) chunks: tokens, KV already cached
      "d": [cached, ...],           # decodes: KV tokens already cached
-     "kv": used, "run": n, "wait": n, "pre": n, "fin": n, "busy": bool}
+     "kv": used, "run": n, "wait": n, "pre": n, "fin": n, "busy": bool,
+     "first": [request id, ...]}  # requests whose first token this step made
+
+and, when a request reaches the scheduler, ``{"add": request id, "t": seconds, "arrived":
+seconds}`` (``arrived``: when vLLM's API server received it, its ``arrival_time``).
 
 ``t2 − t1`` is the model's forward pass and sampling (with synchronous scheduling; under async
 scheduling the steps overlap and only the ``t0`` of consecutive steps tell the cycle). ``busy``
@@ -107,7 +111,7 @@ class StepLog:
         self._file = self.path.open("w", buffering=1)  # a line at a time: a killed engine
         # leaves every step it finished
         head = header(scheduler)
-        self._origin = head["monotonic"]
+        self._origin, self._wall = head["monotonic"], head["wall_time"]
         self._file.write(json.dumps(head) + "\n")
         self._pending: dict[int, dict[str, Any]] = {}  # id(scheduler output) -> its step
         self.steps = 0
@@ -121,14 +125,19 @@ class StepLog:
         if not output.total_num_scheduled_tokens:
             return
         requests = scheduler.requests
-        prefills, decodes = [], []
+        prefills, decodes, sampling = [], [], []
         for rid, n in output.num_scheduled_tokens.items():
             req = requests[rid]
             cached = req.num_computed_tokens - n  # vLLM advanced it in schedule()
-            if n == 1 and req.num_output_tokens and cached + 1 >= req.num_tokens:
+            prompt = req.num_prompt_tokens
+            # One token past the prompt is a decode (under async scheduling the token before
+            # it may still be in flight, so num_output_tokens cannot tell).
+            if n == 1 and cached >= prompt:
                 decodes.append(cached)
             else:
                 prefills.append([n, cached])
+                if cached < prompt <= cached + n and not req.num_output_tokens:
+                    sampling.append(req)  # completes its prompt: its first token comes now
         pool = scheduler.kv_cache_manager.block_pool
         self._pending[id(output)] = {
             "t": [round(t0, 6), round(t1, 6)],
@@ -138,6 +147,7 @@ class StepLog:
             "run": len(scheduler.running),
             "wait": len(scheduler.waiting),
             "pre": len(output.preempted_req_ids or ()),
+            "sampling": sampling,
         }
 
     def updated(self, scheduler, output, t2: float, known_before: int) -> None:
@@ -147,10 +157,19 @@ class StepLog:
         if step is None:
             return
         step["t"] += [round(t2, 6), round(self.now(), 6)]
+        step["first"] = [r.request_id for r in step.pop("sampling") if r.num_output_tokens]
         step["fin"] = known_before - len(scheduler.requests)
         step["busy"] = scheduler.has_unfinished_requests()
         self._file.write(json.dumps(step, separators=(",", ":")) + "\n")
         self.steps += 1
+
+    def added(self, request) -> None:
+        """A request reached the scheduler (`t`), having arrived at vLLM's API server at
+        `arrived` (its `arrival_time`, on the same clock): with the step that makes its first
+        token (`first`), what the serving stack adds outside the engine can be measured."""
+        arrived = request.arrival_time - self._wall
+        line = {"add": request.request_id, "t": round(self.now(), 6), "arrived": round(arrived, 6)}
+        self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
 
     def close(self) -> None:
         if not self._file.closed:
@@ -179,6 +198,11 @@ class StepRecordingMixin:
         output = super().schedule(*args, **kwargs)
         log.scheduled(self, output, t0)
         return output
+
+    def add_request(self, request) -> None:
+        super().add_request(request)
+        if self.step_log is not None:
+            self.step_log.added(request)
 
     def update_from_output(self, scheduler_output, model_runner_output):
         log = self.step_log

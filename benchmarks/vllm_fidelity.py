@@ -1,0 +1,374 @@
+"""The simulator against a real vLLM engine on this machine's CPU, end to end.
+
+    .venv/bin/python benchmarks/vllm_fidelity.py            # the whole study (needs ../shared/data)
+    .venv/bin/python benchmarks/vllm_fidelity.py --quick    # one experiment, two policies, once
+    .venv/bin/python benchmarks/vllm_fidelity.py --report   # tables again from the saved runs
+
+For every experiment (a model shape, a token budget, a workload at a load) and every policy:
+
+1. **measure**: vLLM's OpenAI server (CPU build, random weights, float32) serves with the
+   policy's scheduler class, recording its steps (`step_log`); `llmsched bench` sends the
+   workload, each run repeated (`--repeats`) on the same requests;
+2. **calibrate**: `llmsched calibrate --from-steps` fits the latency model on the steps of the
+   calibration runs (the `CALIBRATE` experiments, FCFS, first repeat), every other run's steps
+   held out;
+3. **predict**: `llmsched simulate` runs the same flags, the same engine limits (KV blocks,
+   block size, budget, sequences) and the policy, with `--latency` the calibration;
+4. **compare** field by field (`llmsched.metrics.fidelity`): mean, p50, p90 and p99 of TTFT,
+   TPOT, ITL and E2E and the throughputs, real and simulated; and whether the simulator orders
+   the policies as the real engine does.
+
+Prefix caching is off on the server (llmsched's engine has no prefix cache yet; the prompts are
+random token ids, which would share none anyway) and scheduling synchronous (the simulator's
+step follows the one before; the `Async` classes are proven equal to stock separately).
+Results: stdout, benchmarks/results/fidelity_vllm.json; runs (bench JSON, step logs, server
+logs, simulations) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from llmsched.cli import main as llmsched  # noqa: E402
+from llmsched.hardware.steplog import read_step_log  # noqa: E402
+from llmsched.integrations.vllm import harness  # noqa: E402
+from llmsched.integrations.vllm.server import VllmServer  # noqa: E402
+from llmsched.metrics.fidelity import (  # noqa: E402
+    FIELDS,
+    field_errors,
+    order_agrees,
+)
+
+RESULTS = ROOT / "benchmarks/results/fidelity_vllm.json"
+MAX_MODEL_LEN = 8192
+MAX_NUM_SEQS = 8  # few enough that requests queue under load: where policies differ
+BLOCK_SIZE = 32  # vLLM's CPU attention needs a multiple of 32
+KV_SPACE_GIB = 3  # VLLM_CPU_KVCACHE_SPACE: no KV pressure (no preemption) in these runs
+
+# Llama shapes with random weights: the tiny model of the vLLM tests, and a larger one.
+MODELS = {
+    "tiny": harness.TINY_LLAMA | {"max_position_embeddings": MAX_MODEL_LEN},
+    "large": harness.TINY_LLAMA
+    | {
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": MAX_MODEL_LEN,
+    },
+}
+WORKLOADS = {
+    "sharegpt": ["--trace", "prompts/sharegpt/sharegpt_v3_prefix_pairs.jsonl.gz", "--skip-invalid"],
+    "azure-conv": ["--trace", "traces/azure2023/AzureLLMInferenceTrace_conv.csv"],
+}
+# PARS's scores: a noisy oracle at the Kendall tau PARS's ranker reaches on ShareGPT (0.334,
+# docs/pars.md); the prompts are token ids here, so no ranker could read them.
+SCORES = ["--scores", "noisy-oracle,tau=0.33,seed=0"]
+# policy -> (scheduler class, llmsched settings, the simulated policy, extra workload flags)
+POLICIES = {
+    "fcfs": ("RecordingScheduler", {}, "fcfs", []),  # vLLM's own scheduler, recording
+    "pars": ("ParsScheduler", {}, "pars", SCORES),
+    "srpt": ("LlmschedScheduler", {"policy": "srpt"}, "srpt", []),
+}
+
+
+@dataclass(frozen=True)
+class Experiment:
+    model: str
+    budget: int  # max_num_batched_tokens
+    workload: str
+    load: str  # light | medium | saturating | burst
+    rate: float  # requests/s (a burst: 1000)
+    requests: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.model}-b{self.budget}-{self.workload}-{self.load}"
+
+    def workload_flags(self, policy: str) -> list[str]:
+        flags = [*WORKLOADS[self.workload], "--rate", str(self.rate)]
+        return flags + ["--num-requests", str(self.requests), "--seed", "0", *POLICIES[policy][3]]
+
+
+def E(model, budget, workload, load, rate, n) -> Experiment:  # noqa: N802 (a table row)
+    return Experiment(model, budget, workload, load, rate, n)
+
+
+# Loads against what 8 sequences serve (measured here): the tiny model decodes about 230 tokens/s
+# at 8 (ShareGPT's answers, 280 tokens on average: 0.8 req/s) and prefills about 1,600 tokens/s
+# (Azure's 1,150-token prompts and 210-token answers: about 0.6 req/s); the large one is 5-10x
+# slower.
+EXPERIMENTS = [
+    E("tiny", 1024, "sharegpt", "light", 0.2, 12),
+    E("tiny", 1024, "sharegpt", "medium", 0.5, 20),
+    E("tiny", 1024, "sharegpt", "saturating", 1.0, 24),
+    E("tiny", 1024, "sharegpt", "burst", 1000.0, 20),
+    E("tiny", 1024, "azure-conv", "light", 0.15, 10),
+    E("tiny", 1024, "azure-conv", "medium", 0.4, 16),
+    E("tiny", 1024, "azure-conv", "saturating", 0.8, 20),
+    E("tiny", 1024, "azure-conv", "burst", 1000.0, 16),
+    E("tiny", 256, "sharegpt", "saturating", 1.0, 24),
+    E("tiny", 256, "azure-conv", "medium", 0.4, 16),
+    E("tiny", 256, "azure-conv", "saturating", 0.8, 20),
+    E("large", 1024, "sharegpt", "saturating", 0.2, 12),
+    E("large", 1024, "sharegpt", "burst", 1000.0, 12),
+    E("large", 1024, "azure-conv", "medium", 0.08, 8),
+]
+# The experiments whose FCFS runs (first repeat) the latency model is fitted on: each model
+# shape, both budgets, light to saturating. Every other run is held out.
+CALIBRATE = {
+    "tiny-b1024-sharegpt-saturating",
+    "tiny-b1024-azure-conv-light",
+    "tiny-b256-azure-conv-saturating",
+    "large-b1024-sharegpt-burst",
+}
+QUICK = [E("tiny", 1024, "sharegpt", "saturating", 1.0, 12)]
+
+
+def server_args(folder: Path, exp: Experiment, policy: str, step_log: Path) -> list[str]:
+    cls, settings, _, _ = POLICIES[policy]
+    return [
+        "--load-format", "dummy", "--dtype", "float32", "--enforce-eager",
+        "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
+        "--max-num-batched-tokens", str(exp.budget), "--block-size", str(BLOCK_SIZE),
+        "--no-enable-prefix-caching", "--no-async-scheduling",
+        "--scheduler-cls", f"llmsched.integrations.vllm.{cls}",
+        "--additional-config", json.dumps({"llmsched": settings | {"step_log": str(step_log)}}),
+    ]  # fmt: skip
+
+
+def _started(line: dict) -> float:
+    return line["t"] if "add" in line else line["t"][0]  # a request's arrival, or a step
+
+
+def split_steps(step_log: Path, windows: dict[Path, tuple[float, float]]) -> None:
+    """One step log per run: the server's steps that started inside the run's window (the
+    monotonic clock the client's times are on)."""
+    lines = step_log.read_text().splitlines()
+    head = json.loads(lines[0])
+    origin = head["monotonic"]
+    steps = [json.loads(line) for line in lines[1:]]
+    for path, (start, end) in windows.items():
+        mine = [s for s in steps if start <= origin + _started(s) <= end]
+        path.write_text("\n".join([lines[0], *map(json.dumps, mine)]) + "\n")
+
+
+def measure(exps: list[Experiment], policies: list[str], repeats: int, out: Path) -> None:
+    """Real runs, one server per (model, budget, policy, repeat): a repeat runs every policy
+    once before the next begins, so that a slow hour of this shared machine falls on all of
+    them (and shows as the repeats' spread), not on one policy."""
+    servers: dict[tuple, list[Experiment]] = {}
+    for r in range(repeats):
+        for exp in exps:
+            for policy in policies:
+                servers.setdefault((exp.model, exp.budget, r, policy), []).append(exp)
+    for (model, budget, r, policy), group in servers.items():
+        todo = [
+            (exp, r) for exp in group if not real_path(out, exp, policy, r).is_file()
+        ]  # measured before: kept
+        if not todo:
+            continue
+        folder = harness.model_folder(out / "models" / model, MODELS[model])
+        harness.write_tokenizer(folder)
+        base = out / "servers" / f"{model}-b{budget}-{policy}-r{r}"
+        step_log = base.with_suffix(".steps.jsonl")
+        print(f"== server {base.name}: {len(todo)} runs", file=sys.stderr, flush=True)
+        windows: dict[Path, tuple[float, float]] = {}
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(KV_SPACE_GIB)}
+        args = server_args(folder, group[0], policy, step_log)
+        try:
+            with VllmServer(folder, args, log=base.with_suffix(".log"), env=env) as server:
+                for exp, r in todo:
+                    path = real_path(out, exp, policy, r)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    start = time.perf_counter()
+                    label = f"{exp.name} {policy} r{r}"
+                    code = llmsched(
+                        ["bench", "--url", server.url, *exp.workload_flags(policy),
+                         "--out", str(path), "--label", label, "--no-progress"]
+                    )  # fmt: skip
+                    windows[path.with_suffix(".steps.jsonl")] = (start, time.perf_counter())
+                    print(f"   {exp.name} {policy} r{r}: exit {code}", file=sys.stderr, flush=True)
+        finally:
+            if step_log.is_file():
+                split_steps(step_log, windows)
+
+
+def real_path(out: Path, exp: Experiment, policy: str, repeat: int) -> Path:
+    return out / "real" / exp.name / f"{policy}-r{repeat}.json"
+
+
+def steps_path(out: Path, exp: Experiment, policy: str = "fcfs", repeat: int = 0) -> Path:
+    return real_path(out, exp, policy, repeat).with_suffix(".steps.jsonl")
+
+
+def calibrate(exps: list[Experiment], repeats: int, out: Path) -> Path:
+    fit = [steps_path(out, e) for e in exps if e.name in CALIBRATE]
+    if not fit:  # --quick: fit on what there is
+        fit = [steps_path(out, exps[0])]
+    held = sorted(
+        p for p in (out / "real").glob("*/*.steps.jsonl") if p not in fit and p.stat().st_size
+    )
+    cal = out / "cpu-calibration.json"
+    bench = [p.with_suffix("").with_suffix(".json") for p in fit]  # the client's side of them
+    command = ["calibrate", "--from-steps", *map(str, fit), "--bench", *map(str, bench)]
+    command += ["--out", str(cal)]
+    if held:
+        command += ["--heldout-steps", *map(str, held)]
+    print("$ llmsched " + shlex.join(command), file=sys.stderr)
+    if llmsched(command) != 0:
+        raise SystemExit("calibration failed")
+    return cal
+
+
+def simulate(exp: Experiment, policy: str, cal: Path, out: Path) -> dict:
+    head, _, _ = read_step_log(steps_path(out, exp))
+    folder = out / "models" / exp.model
+    sim = out / "sim" / exp.name / policy
+    command = [
+        "simulate", *exp.workload_flags(policy), "--model", str(folder), "--dtype", "float32",
+        "--num-blocks", str(head["num_blocks"] - 1), "--block-size", str(BLOCK_SIZE),
+        "--max-num-batched-tokens", str(exp.budget), "--max-num-seqs", str(MAX_NUM_SEQS),
+        "--max-model-len", str(MAX_MODEL_LEN), "--policy", POLICIES[policy][2],
+        "--latency", str(cal), "--out", str(sim), "--save-detailed", "--no-progress",
+    ]  # fmt: skip
+    with contextlib.redirect_stdout(None):
+        if llmsched(command) != 0:
+            raise SystemExit(f"simulation failed: llmsched {shlex.join(command)}")
+    return json.loads((sim / "summary.json").read_text())
+
+
+def report(exps: list[Experiment], policies: list[str], repeats: int, out: Path, cal: Path):
+    rows, orders = [], []
+    for exp in exps:
+        real = {
+            p: [json.loads(real_path(out, exp, p, r).read_text()) for r in range(repeats)]
+            for p in policies
+        }
+        sim = {p: simulate(exp, p, cal, out) for p in policies}
+        for p in policies:
+            failed = sum(r["failed"] for r in real[p])
+            for e in field_errors(real[p], sim[p]):
+                rows.append(
+                    {
+                        "experiment": exp.name, "policy": p, "field": e.field,
+                        "real": e.real, "spread": e.spread, "sim": e.sim, "error": e.error,
+                        "heldout": not (exp.name in CALIBRATE and p == "fcfs"),
+                        "failed": failed,
+                    }
+                )  # fmt: skip
+        for field in FIELDS:
+            agrees, _, _ = order_agrees(real, sim, field)
+            orders.append(
+                {"experiment": exp.name, "field": field, "agrees": agrees,
+                 "real": {p: float(np.mean([r[field] for r in real[p]])) for p in policies},
+                 "sim": {p: sim[p][field] for p in policies}}
+            )  # fmt: skip
+    return rows, orders
+
+
+def summarize(rows: list[dict], orders: list[dict]) -> dict:
+    held = [r for r in rows if r["heldout"]]
+    by_field = {}
+    for f in FIELDS:
+        mine = [r for r in held if r["field"] == f]
+        if mine:
+            by_field[f] = {
+                "median_abs_error": float(np.median([abs(r["error"]) for r in mine])),
+                "median_error": float(np.median([r["error"] for r in mine])),
+                "median_spread": float(np.median([r["spread"] for r in mine])),
+            }
+    return {
+        "heldout_runs": len({(r["experiment"], r["policy"]) for r in held}),
+        "median_abs_error_mean_e2el": by_field.get("mean_e2el_ms", {}).get("median_abs_error"),
+        "median_abs_error_mean_ttft": by_field.get("mean_ttft_ms", {}).get("median_abs_error"),
+        "by_field": by_field,
+        "order_agrees": sum(o["agrees"] for o in orders),
+        "order_total": len(orders),
+    }
+
+
+def print_tables(rows: list[dict], orders: list[dict], summary: dict) -> None:
+    print(f"{'experiment':36s} {'policy':6s} {'field':20s} {'real':>10s} {'spread':>7s} "
+          f"{'sim':>10s} {'error':>8s}")  # fmt: skip
+    for r in rows:
+        mark = "" if r["heldout"] else "  (fitted)"
+        print(
+            f"{r['experiment']:36s} {r['policy']:6s} {r['field']:20s} {r['real']:10.1f} "
+            f"{100 * r['spread']:6.1f}% {r['sim']:10.1f} {100 * r['error']:+7.1f}%{mark}"
+        )
+    print("\nheld-out medians by field (|error|, signed error, real repeats' spread):")
+    for f, s in summary["by_field"].items():
+        print(
+            f"  {f:22s} {100 * s['median_abs_error']:6.1f}%  {100 * s['median_error']:+6.1f}%  "
+            f"{100 * s['median_spread']:6.1f}%"
+        )
+    bad = [o for o in orders if not o["agrees"]]
+    print(f"\npolicy order as the real engine's: {summary['order_agrees']} of "
+          f"{summary['order_total']} (experiment, field) pairs")  # fmt: skip
+    for o in bad:
+        real = ", ".join(f"{p} {v:.1f}" for p, v in o["real"].items())
+        sim = ", ".join(f"{p} {v:.1f}" for p, v in o["sim"].items())
+        print(f"  differs: {o['experiment']} {o['field']}: real {real}; simulated {sim}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one experiment, fcfs and pars, once")
+    parser.add_argument("--repeats", type=int, default=2, help="real runs per experiment")
+    parser.add_argument("--out", default=str(ROOT / "runs/fidelity-vllm"), help="runs folder")
+    parser.add_argument("--report", action="store_true", help="no new real runs: tables only")
+    parser.add_argument("--only", help="comma-separated experiment names to run")
+    opts = parser.parse_args()
+    out = Path(opts.out)
+    exps = QUICK if opts.quick else EXPERIMENTS
+    if opts.only:
+        exps = [e for e in exps if e.name in opts.only.split(",")]
+    policies = ["fcfs", "pars"] if opts.quick else list(POLICIES)
+    repeats = 1 if opts.quick else opts.repeats
+    started = time.time()
+    if not opts.report:
+        measure(exps, policies, repeats, out)
+    measured_s = time.time() - started
+    cal = calibrate(exps, repeats, out)
+    rows, orders = report(exps, policies, repeats, out, cal)
+    summary = summarize(rows, orders)
+    print_tables(rows, orders, summary)
+    if not opts.quick:
+        RESULTS.write_text(
+            json.dumps(
+                {
+                    "machine": f"{platform.processor() or platform.machine()}, "
+                    f"{platform.python_version()}, vLLM 0.32.0 CPU build",
+                    "date": time.strftime("%Y-%m-%d"),
+                    "repeats": repeats,
+                    "calibrated_on": sorted(CALIBRATE),
+                    "calibration": json.loads(cal.read_text()),
+                    "summary": summary,
+                    "rows": rows,
+                    "orders": orders,
+                    "measure_seconds": measured_s,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
+        print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
