@@ -257,7 +257,8 @@ def simulate(
 
 
 def run_description(result: RunResult) -> dict[str, Any]:
-    """`vllm bench serve`'s run metadata for a simulated run (backend "llmsched-simulator")."""
+    """`vllm bench serve`'s run metadata for a simulated run (backend "llmsched-simulator"),
+    undated so that the same config gives the same bytes."""
     cfg = result.config
     generated = cfg.rate is not None or cfg.trace is None
     return run_metadata(
@@ -266,6 +267,7 @@ def run_description(result: RunResult) -> dict[str, Any]:
         num_prompts=len(result.collector),
         request_rate=(cfg.rate or SYNTHETIC_RATE) if generated else None,
         burstiness=1.0 / cfg.cv**2,
+        dated=False,
     )
 
 

@@ -310,11 +310,14 @@ def run_metadata(
     max_concurrency: int | None = None,
     label: str | None = None,
     tokenizer_id: str | None = None,
+    dated: bool = True,
 ) -> dict[str, Any]:
     """The run description vLLM writes before its metrics; `request_rate` None (all at once,
-    or the trace's own timestamps) is vLLM's "inf"."""
+    or the trace's own timestamps) is vLLM's "inf". `dated` False writes `date` as null: a
+    simulation is a function of its config, so its summary must not change from one run to
+    the next."""
     return {
-        "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
+        "date": datetime.now().strftime("%Y%m%d-%H%M%S") if dated else None,
         "endpoint_type": backend,
         "backend": backend,
         "label": label,
