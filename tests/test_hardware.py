@@ -374,3 +374,20 @@ def test_longer_chunks_and_longer_prefixes_cost_more(c, extra, p):
     lm = RooflineModel("llama-3-8b", "a100")
     assert lm.iteration_time(prefill(c + extra, p)) >= lm.iteration_time(prefill(c, p))
     assert lm.iteration_time(prefill(c, p + extra)) >= lm.iteration_time(prefill(c, p))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=batch_shapes(), n=st.integers(1, 256), kv=st.integers(256, 100_000))
+def test_sequence_overhead_costs_each_sequence_once(shape, n, kv):
+    """A host-side cost per sequence (a CPU engine's sampling and input preparation): exactly
+    that much per sequence in every path: one step, a span of decode steps, the breakdown."""
+    base = Efficiency()
+    lm0 = RooflineModel("llama-3-8b", "a100", 1, base)
+    lm = RooflineModel("llama-3-8b", "a100", 1, dataclasses.replace(base, sequence_overhead_s=2e-3))
+    if shape.num_tokens:
+        extra = lm.iteration_time(shape) - lm0.iteration_time(shape)
+        assert extra == pytest.approx(2e-3 * shape.num_seqs, rel=1e-9)
+        assert sum(lm.breakdown(shape).values()) == pytest.approx(lm.iteration_time(shape))
+        assert lm.breakdown(shape)["sequence_overhead"] == pytest.approx(2e-3 * shape.num_seqs)
+    spans = lm.decode_iteration_times(n, kv, 3) - lm0.decode_iteration_times(n, kv, 3)
+    np.testing.assert_allclose(spans, 2e-3 * n, rtol=1e-9)

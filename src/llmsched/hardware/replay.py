@@ -7,7 +7,8 @@ cached, or a decode's cached KV. `sample_batches` picks a spread of them, the pr
 `replay_batches` times them on a GPU, and `compare` sets the model's times beside the measured ones.
 
 The replay times the GPU's work of one rank (embedding, layers, final norm, LM head) as a CUDA
-graph, so the model's side leaves out the CPU-side `iteration_overhead` term.
+graph, so the model's side leaves out the CPU-side `iteration_overhead` and
+`sequence_overhead` terms.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from llmsched.hardware.latency import BatchShape
 # the profiler's BatchSpec.
 Batch = tuple[tuple[tuple[int, int], ...], tuple[int, ...]]
 KINDS = ("decode", "mixed", "prefill")
-CPU_TERMS = ("iteration_overhead",)  # host-side scheduling time: not in a GPU replay
+CPU_TERMS = ("iteration_overhead", "sequence_overhead")  # host-side: not in a GPU replay
 
 
 def batch_of(plan) -> Batch:

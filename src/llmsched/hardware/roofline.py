@@ -31,9 +31,10 @@ default so that `Efficiency()` gives the plain roofline above:
   many key positions at the prefix rate, the work of a query row that does not grow with the keys
   (loading Q, the softmax's final rescaling, writing O).
 
-Once per iteration: the LM head over the sequences that sample (`num_seqs`), and a CPU/scheduler
-overhead. The efficiencies and overheads are the fields of `Efficiency`, to be calibrated against
-measured profiles; `RooflineModel.breakdown` gives each named term for one shape.
+Once per iteration: the LM head over the sequences that sample (`num_seqs`), a CPU/scheduler
+overhead, and a host-side cost per sequence (`sequence_overhead_s`, off by default). The
+efficiencies and overheads are the fields of `Efficiency`, to be calibrated against measured
+profiles; `RooflineModel.breakdown` gives each named term for one shape.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ TERMS = (
     "layer_overhead",
     "lm_head",
     "iteration_overhead",
+    "sequence_overhead",
 )
 
 
@@ -86,6 +88,10 @@ class Efficiency:
     elementwise_min_tokens: int = 0  # element-wise kernels cost at least this many tokens
     attn_diag_compute: float | None = None  # the chunk's causal triangle; None: attn_compute
     attn_query_keys: float = 0.0  # prefill: each query token also pays for this many keys
+    # Per sequence in the batch: the host's per-request work (input preparation, sampling,
+    # output processing), which grows with the batch where the GPU's does not (off by default;
+    # fitted on a real engine's steps, docs/fidelity-vllm.md).
+    sequence_overhead_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -107,6 +113,7 @@ class Efficiency:
             "elementwise_overhead_s",
             "attn_overhead_s",
             "attn_query_keys",
+            "sequence_overhead_s",
         ):
             v = getattr(self, name)
             if v < 0:
@@ -207,6 +214,7 @@ class RooflineModel:
 
         self._layer_overhead = L * e.layer_overhead_s
         self._iter_overhead = e.iteration_overhead_s
+        self._seq_overhead = e.sequence_overhead_s
 
         # Kernel-level terms: fixed seconds per kernel (all layers), tile and floor sizes.
         self._gemm_k = L * e.gemm_overhead_s  # each of the 4 GEMMs
@@ -277,6 +285,7 @@ class RooflineModel:
             + self._lm_k
             + max(self._lm_c * sq, self._lm_w + self._lm_s * s)
             + self._iter_overhead
+            + self._seq_overhead * s
         )
         return total
 
@@ -321,6 +330,7 @@ class RooflineModel:
             + self._lm_k
             + max(self._lm_c * nq, self._lm_w + self._lm_s * n)
             + self._iter_overhead
+            + self._seq_overhead * n
         )
         out = fixed + attn
         out += rest
@@ -357,6 +367,7 @@ class RooflineModel:
         terms["layer_overhead"] = self._layer_overhead
         terms["lm_head"] = self._lm_k + max(self._lm_c * sq, self._lm_w + self._lm_s * s)
         terms["iteration_overhead"] = self._iter_overhead
+        terms["sequence_overhead"] = self._seq_overhead * s
         return terms
 
     def __repr__(self) -> str:

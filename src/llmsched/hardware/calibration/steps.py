@@ -9,10 +9,12 @@ the relative error with Huber's loss (scipy), over every busy step of the given 
 
 Fitted, per device: ``gemm_compute``, ``gemm_memory``, ``attn_compute``, ``attn_memory``,
 ``elementwise_memory`` (fractions of the device's peaks) and ``layer_overhead_s``,
-``iteration_overhead_s`` (seconds). The other terms keep their defaults: the kernel-level ones
-(a fixed time per kernel, GEMM tiles) are what operator profiles measure, not whole steps; the
-all-reduce does not occur at TP 1. Steps of several model shapes on one device fit together,
-which is what separates a per-layer cost from a weight read.
+``iteration_overhead_s``, ``sequence_overhead_s`` (seconds: per layer, per step, per sequence in the
+batch; the last is the engine's per-request work on the host, which on a CPU engine makes a decode
+step grow with the batch long before its GEMMs are compute-bound). The other terms keep their
+defaults: the kernel-level ones (a fixed time per kernel, GEMM tiles) are what operator profiles
+measure, not whole steps; the all-reduce does not occur at TP 1. Steps of several model shapes on
+one device fit together, which is what separates a per-layer cost from a weight read.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from llmsched.hardware.steplog import (
 
 #: The efficiencies fitted (fractions of the device's peaks), then the overheads (seconds).
 FRACTIONS = ("gemm_compute", "gemm_memory", "attn_compute", "attn_memory", "elementwise_memory")
-OVERHEADS = ("layer_overhead_s", "iteration_overhead_s")
+OVERHEADS = ("layer_overhead_s", "iteration_overhead_s", "sequence_overhead_s")
 
 
 @dataclass
@@ -137,7 +139,8 @@ def fit_steps(steps: StepSet, gpu: GPUSpec) -> Efficiency:
     """The efficiencies that price the steps' cycles best (robust least squares, relative)."""
     from scipy.optimize import least_squares
 
-    x0 = np.concatenate([np.zeros(len(FRACTIONS)), np.log([1e-4, 1e-3])])  # 0.5 each, 0.1/1 ms
+    # 0.5 each; 0.1 ms a layer, 1 ms a step, 0.1 ms a sequence
+    x0 = np.concatenate([np.zeros(len(FRACTIONS)), np.log([1e-4, 1e-3, 1e-4])])
     measured = steps.cycle
     # Each kind of step weighs alike, however many of it the logs hold (decode-only steps are
     # most of a run; prefills and mixed steps set the compute terms).
