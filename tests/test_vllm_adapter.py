@@ -48,6 +48,7 @@ def scheduler(model, cls, engine=None, **settings):
         (ours.FcfsScheduler, {"polcy": "fcfs"}, "llmsched.polcy"),
         (ours.SlaiScheduler, {"tiers": {"gold": {"tbt": -1}}}, "tiers.gold.tbt"),
         (ours.SlaiScheduler, {"missing_score": "x"}, "missing_score"),
+        (ours.RecordingScheduler, {"policy": "pars"}, "runs vLLM's own scheduler and only"),
     ],
 )
 def test_bad_settings_fail_with_the_field_and_the_fix(model, cls, settings, expected):
@@ -154,3 +155,45 @@ def test_the_simulator_and_the_request_checks_never_import_vllm():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --- the step recorder ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "cls,overlap",
+    [(ours.RecordingScheduler, False), (ours.AsyncRecordingScheduler, True),
+     (ours.FcfsScheduler, False), (ours.AsyncParsScheduler, True)],
+)  # fmt: skip
+def test_the_step_log_records_every_batch_and_every_token(model, tmp_path, cls, overlap):
+    """A workload that preempts (a small KV cache), through a recording scheduler: the log has
+    one line per step that ran tokens, each the step's batch split into prefill chunks and
+    decodes; every prompt and output token is computed once plus what preemption recomputed;
+    every request's arrival and first token are there; off, nothing is written."""
+    from llmsched.hardware.steplog import read_step_log
+
+    path = tmp_path / "steps.jsonl"
+    sched = scheduler(
+        model, cls, {"num_blocks": 24, "max_num_batched_tokens": 48, "max_num_seqs": 6},
+        step_log=str(path),
+    )  # fmt: skip
+    requests = [Request(f"r{i}", 0.5 * i, 20 + 13 * i, 12 + 5 * i, score=i) for i in range(8)]
+    trace = h.drive(sched, requests, overlap=overlap)
+    sched.shutdown()
+    head, steps, added = read_step_log(path)
+    ran = [s for s in trace.steps if s.tokens]
+    assert len(steps) == len(ran)
+    for line, step in zip(steps, ran):
+        assert sum(c for c, _ in line["p"]) + len(line["d"]) == sum(step.tokens.values())
+        assert len(line["p"]) + len(line["d"]) == len(step.tokens)
+    preempted = sum(len(s.preempted) for s in trace.steps)
+    assert preempted > 0 and sum(s["pre"] for s in steps) <= preempted
+    computed = sum(c for s in steps for c, _ in s["p"]) + sum(len(s["d"]) for s in steps)
+    prompts_and_outputs = sum(r.prompt_tokens + r.output_tokens - 1 for r in requests)
+    assert computed > prompts_and_outputs  # what preemption made it compute again
+    assert set(added) == {r.request_id for r in requests}
+    firsts = [rid for s in steps for rid in s["first"]]
+    assert sorted(firsts) == sorted(added)  # each request's first token, once
+    assert head["num_blocks"] == 24 and head["max_num_seqs"] == 6
+    assert all(a["t"][0] <= a["t"][1] <= a["t"][2] <= a["t"][3] for a in steps)
+
+    quiet = scheduler(model, cls, {"num_blocks": 24})
+    assert quiet.step_log is None

@@ -186,8 +186,14 @@ class StepRecordingMixin:
         from llmsched.integrations.vllm.settings import Settings
 
         settings = getattr(self, "settings", None)
-        if settings is None:
+        if settings is None:  # vLLM's own scheduler: only the recording is llmsched's
             settings = Settings.from_additional_config(self.vllm_config.additional_config)
+            if settings.policy or settings.params:
+                raise ValueError(
+                    f"{type(self).__name__} runs vLLM's own scheduler and only records its "
+                    "steps: to choose an llmsched policy use "
+                    "llmsched.integrations.vllm.LlmschedScheduler"
+                )
         self.step_log = StepLog(settings.step_log, self) if settings.step_log else None
 
     def schedule(self, *args, **kwargs):
