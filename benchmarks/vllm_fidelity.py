@@ -43,7 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from llmsched.cli import main as llmsched  # noqa: E402
-from llmsched.hardware.steplog import read_step_log  # noqa: E402
+from llmsched.hardware.calibration.steps import load_steps, predict  # noqa: E402
+from llmsched.hardware.calibration.store import read_calibration  # noqa: E402
+from llmsched.hardware.steplog import device_spec, read_step_log  # noqa: E402
 from llmsched.integrations.vllm import harness  # noqa: E402
 from llmsched.integrations.vllm.server import VllmServer  # noqa: E402
 from llmsched.metrics.fidelity import (  # noqa: E402
@@ -192,6 +194,12 @@ def measure(exps: list[Experiment], policies: list[str], repeats: int, out: Path
         args = server_args(folder, group[0], policy, step_log)
         try:
             with VllmServer(folder, args, log=base.with_suffix(".log"), env=env) as server:
+                # A fresh engine's first requests are slow (first allocations, lazy inits), as
+                # vLLM's own benchmark knows (--num-warmups): a few go first, unmeasured.
+                warmup = ["--num-requests", "4", "--rate", "1000", "--seed", "99"]
+                with contextlib.redirect_stdout(None):
+                    llmsched(["bench", "--url", server.url, *WORKLOADS["sharegpt"], *warmup,
+                              "--out", str(base.with_suffix(".warmup.json")), "--no-progress"])
                 for exp, r in todo:
                     path = real_path(out, exp, policy, r)
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,10 +243,32 @@ def calibrate(exps: list[Experiment], repeats: int, out: Path) -> Path:
     return cal
 
 
-def simulate(exp: Experiment, policy: str, cal: Path, out: Path) -> dict:
+def speed_factor(steps: Path, cal: Path) -> float:
+    """How fast this shared machine ran during one run, against the calibration: the median
+    over the run's steps of measured cycle / priced cycle (> 1: slower than the fit)."""
+    fitted = read_calibration(cal)
+    log = load_steps([steps])
+    priced = predict(log, device_spec(fitted.device), fitted.efficiency)
+    return float(np.median(log.cycle / priced))
+
+
+def at_speed(cal: Path, k: float, out: Path) -> Path:
+    """The calibration on a device k times slower: every roofline term scales by k (the
+    peaks divided by it, the fixed times multiplied), the stack outside the engine kept."""
+    doc = json.loads(cal.read_text())
+    doc["device"]["peak_flops"] /= k
+    doc["device"]["memory_bandwidth"] /= k
+    for name, value in doc["efficiency"].items():
+        if name.endswith("_s"):
+            doc["efficiency"][name] = value * k
+    out.write_text(json.dumps(doc))
+    return out
+
+
+def simulate(exp: Experiment, policy: str, cal: Path, out: Path, tag: str = "") -> dict:
     head, _, _ = read_step_log(steps_path(out, exp))
     folder = out / "models" / exp.model
-    sim = out / "sim" / exp.name / policy
+    sim = out / "sim" / exp.name / f"{policy}{tag}"
     command = [
         "simulate", *exp.workload_flags(policy), "--model", str(folder), "--dtype", "float32",
         "--num-blocks", str(head["num_blocks"] - 1), "--block-size", str(BLOCK_SIZE),
@@ -260,23 +290,38 @@ def report(exps: list[Experiment], policies: list[str], repeats: int, out: Path,
             for p in policies
         }
         sim = {p: simulate(exp, p, cal, out) for p in policies}
+        own_speed: dict[str, dict] = {}
         for p in policies:
             failed = sum(r["failed"] for r in real[p])
+            # Diagnostic: each repeat predicted at the speed its own steps show, to tell this
+            # machine's drift from the model's own error (not a prediction: it uses the run).
+            speeds = [speed_factor(steps_path(out, exp, p, r), cal) for r in range(repeats)]
+            at_own = [
+                simulate(exp, p, at_speed(cal, k, out / "sim" / f"cal-{exp.name}-{p}-r{r}.json"),
+                         out, f"-r{r}-own-speed")
+                for r, k in enumerate(speeds)
+            ]  # fmt: skip
+            own_speed[p] = {f: float(np.mean([s[f] for s in at_own])) for f in FIELDS}
             for e in field_errors(real[p], sim[p]):
+                own = own_speed[p][e.field]
                 rows.append(
                     {
                         "experiment": exp.name, "policy": p, "field": e.field,
                         "real": e.real, "spread": e.spread, "sim": e.sim, "error": e.error,
+                        "speeds": speeds, "sim_own_speed": own, "error_own_speed": own / e.real - 1,
                         "heldout": not (exp.name in CALIBRATE and p == "fcfs"),
                         "failed": failed,
                     }
                 )  # fmt: skip
         for field in FIELDS:
             agrees, _, _ = order_agrees(real, sim, field)
+            agrees_own, _, _ = order_agrees(real, own_speed, field)
             orders.append(
                 {"experiment": exp.name, "field": field, "agrees": agrees,
+                 "agrees_own_speed": agrees_own,
                  "real": {p: float(np.mean([r[field] for r in real[p]])) for p in policies},
-                 "sim": {p: sim[p][field] for p in policies}}
+                 "sim": {p: sim[p][field] for p in policies},
+                 "sim_own_speed": {p: own_speed[p][field] for p in policies}}
             )  # fmt: skip
     return rows, orders
 
@@ -291,6 +336,9 @@ def summarize(rows: list[dict], orders: list[dict]) -> dict:
                 "median_abs_error": float(np.median([abs(r["error"]) for r in mine])),
                 "median_error": float(np.median([r["error"] for r in mine])),
                 "median_spread": float(np.median([r["spread"] for r in mine])),
+                "median_abs_error_own_speed": float(
+                    np.median([abs(r["error_own_speed"]) for r in mine])
+                ),
             }
     return {
         "heldout_runs": len({(r["experiment"], r["policy"]) for r in held}),
@@ -298,6 +346,7 @@ def summarize(rows: list[dict], orders: list[dict]) -> dict:
         "median_abs_error_mean_ttft": by_field.get("mean_ttft_ms", {}).get("median_abs_error"),
         "by_field": by_field,
         "order_agrees": sum(o["agrees"] for o in orders),
+        "order_agrees_own_speed": sum(o["agrees_own_speed"] for o in orders),
         "order_total": len(orders),
     }
 
@@ -311,19 +360,57 @@ def print_tables(rows: list[dict], orders: list[dict], summary: dict) -> None:
             f"{r['experiment']:36s} {r['policy']:6s} {r['field']:20s} {r['real']:10.1f} "
             f"{100 * r['spread']:6.1f}% {r['sim']:10.1f} {100 * r['error']:+7.1f}%{mark}"
         )
-    print("\nheld-out medians by field (|error|, signed error, real repeats' spread):")
+    print(
+        "\nheld-out medians by field: |error|, signed error, the real repeats' spread, and "
+        "|error| when each run is predicted at the speed its own steps show"
+    )
     for f, s in summary["by_field"].items():
         print(
             f"  {f:22s} {100 * s['median_abs_error']:6.1f}%  {100 * s['median_error']:+6.1f}%  "
-            f"{100 * s['median_spread']:6.1f}%"
+            f"{100 * s['median_spread']:6.1f}%  {100 * s['median_abs_error_own_speed']:6.1f}%"
         )
+    speeds = sorted({(r["experiment"], r["policy"]): tuple(r["speeds"]) for r in rows}.items())
+    print("\nthe machine's speed per run (measured / priced step cycle, median; repeats):")
+    for (exp, policy), ks in speeds:
+        print(f"  {exp:36s} {policy:6s} " + "  ".join(f"{k:.3f}" for k in ks))
     bad = [o for o in orders if not o["agrees"]]
     print(f"\npolicy order as the real engine's: {summary['order_agrees']} of "
-          f"{summary['order_total']} (experiment, field) pairs")  # fmt: skip
+          f"{summary['order_total']} (experiment, field) pairs; each run at its own speed: "
+          f"{summary['order_agrees_own_speed']}")  # fmt: skip
     for o in bad:
         real = ", ".join(f"{p} {v:.1f}" for p, v in o["real"].items())
         sim = ", ".join(f"{p} {v:.1f}" for p, v in o["sim"].items())
         print(f"  differs: {o['experiment']} {o['field']}: real {real}; simulated {sim}")
+
+
+def markdown(results: dict) -> str:
+    """The results file as docs/fidelity-vllm.md's tables: per experiment, each field's real
+    value (mean of the repeats, their spread), the simulated one and the error, per policy."""
+    rows, orders = results["rows"], results["orders"]
+    experiments = list(dict.fromkeys(r["experiment"] for r in rows))
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    lines = []
+    for exp in experiments:
+        mine = [r for r in rows if r["experiment"] == exp]
+        fitted = sorted({r["policy"] for r in mine if not r["heldout"]})
+        note = f" (fitted on: {', '.join(fitted)} first repeat)" if fitted else ""
+        lines += [f"#### {exp}{note}", ""]
+        head = "| field | " + " | ".join(f"{p}: real (spread) | sim | error" for p in policies)
+        lines += [head + " | order |", "|---|" + "---:|---:|---:|" * len(policies) + "---|"]
+        by = {(r["policy"], r["field"]): r for r in mine}
+        agree = {o["field"]: o["agrees"] for o in orders if o["experiment"] == exp}
+        for field in FIELDS:
+            cells = []
+            for p in policies:
+                r = by.get((p, field))
+                cells += (
+                    [f"{r['real']:.1f} ({100 * r['spread']:.0f} %)", f"{r['sim']:.1f}",
+                     f"{100 * r['error']:+.1f} %"] if r else ["-", "-", "-"]
+                )  # fmt: skip
+            order = "yes" if agree.get(field) else "no"
+            lines.append(f"| {field} | " + " | ".join(cells) + f" | {order} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -333,7 +420,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "runs/fidelity-vllm"), help="runs folder")
     parser.add_argument("--report", action="store_true", help="no new real runs: tables only")
     parser.add_argument("--only", help="comma-separated experiment names to run")
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the results file's tables as Markdown"
+    )
     opts = parser.parse_args()
+    if opts.markdown:
+        print(markdown(json.loads(RESULTS.read_text())))
+        return
     out = Path(opts.out)
     exps = QUICK if opts.quick else EXPERIMENTS
     if opts.only:

@@ -42,6 +42,7 @@ from llmsched.integrations import vllm as ours  # noqa: E402
 from llmsched.integrations.vllm import harness as h  # noqa: E402
 from llmsched.workload.request import Request  # noqa: E402
 
+STEP_LOG = str(Path(tempfile.gettempdir()) / "llmsched-vllm-scheduling-steps.jsonl")
 # (label, class, vLLM's policy for the stock queue it is compared with, llmsched settings)
 CLASSES = [
     ("stock fcfs", Scheduler, "fcfs", {}),
@@ -53,6 +54,9 @@ CLASSES = [
     ("ParsScheduler", ours.ParsScheduler, "priority", {}),
     ("SlaiScheduler", ours.SlaiScheduler, "fcfs", {"params": {"max_decodes": 1024}}),
     ("PascalScheduler", ours.PascalScheduler, "fcfs", {"think_end_token_id": h.THINK_END}),
+    # vLLM's own scheduler with llmsched's step recorder: off, then writing every step
+    ("Recording, off", ours.RecordingScheduler, "fcfs", {}),
+    ("Recording, on", ours.RecordingScheduler, "fcfs", {"step_log": STEP_LOG}),
 ]
 BASELINE = {"fcfs": "stock fcfs", "priority": "stock priority"}
 CASES = ("steady", "replan")
