@@ -61,9 +61,7 @@ def test_every_request_is_accounted_for_and_faults_are_counted_failures(stub):
 
 
 def test_requests_carry_lengths_priority_and_llmsched_data(stub):
-    cfg = load_config(
-        None, num_requests=12, rate=50.0, seed=3, scores="oracle", tbt=0.1
-    )
+    cfg = load_config(None, num_requests=12, rate=50.0, seed=3, scores="oracle", tbt=0.1)
     workload = load_workload(cfg)
     result = bench(workload, stub.url, seed=3, prompts="ids", request_rate=cfg.rate)
     bodies = {json.dumps(b["prompt"]): b for b in stub.bodies[-12:]}

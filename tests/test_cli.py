@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from llmsched.cli import main
@@ -51,6 +52,25 @@ def test_compare_runs_every_policy_on_the_identical_workload(tmp_path, capsys):
     assert arrivals["fcfs"] == arrivals["sjf"]
 
 
+def test_max_concurrency_is_the_clients_as_in_vllm_bench(tmp_path):
+    """One request in flight at a time: never two at once, each timed from its sending (so
+    no queueing in the engine), and the run takes longer than with an open loop."""
+    for name, extra in (("open", []), ("one", ["--max-concurrency", "1"])):
+        main(["simulate", *SMALL, "--seed", "1", *extra, "--save-detailed",
+              "--out", str(tmp_path / name)])  # fmt: skip
+    open_, one = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("open", "one"))
+    assert one["max_concurrency"] == 1 and open_["max_concurrency"] is None
+    assert one["peak_concurrent_requests"] == 1 < open_["peak_concurrent_requests"]
+    assert one["completed"] == open_["completed"]
+    assert one["duration"] > open_["duration"]
+    assert one["p99_queue_time_ms"] < 1e-6
+    # vLLM's queue_times: what each waited for the client's limit (here most of them)
+    assert not any(open_["queue_times"]) and np.count_nonzero(one["queue_times"]) > 100
+    sent = np.array(one["start_times"])
+    assert np.all(np.diff(sent) >= 0)
+    np.testing.assert_allclose(sent - one["queue_times"], open_["start_times"], atol=1e-9)
+
+
 def test_goodput_and_config_file_with_flag_override(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('policy = "fcfs"\nnum-requests = 80\nrate = 4.0\n[goodput]\nttft = 1e9\n')
@@ -69,6 +89,7 @@ def test_goodput_and_config_file_with_flag_override(tmp_path):
         (["simulate", "--model", "llama-2-70b", "--tp", "1"], "tp=2 fits"),
         (["simulate", "--trace", "/no/such/trace.csv"], "/no/such/trace.csv"),
         (["simulate", "--rate", "-1"], "rate must be > 0"),
+        (["simulate", "--max-concurrency", "0"], "max_concurrency must be >= 1"),
         (["simulate", "--goodput", "ttft500"], "METRIC:MS"),
         (["simulate", "--policy", "vllm-v0", "--max-num-batched-tokens", "512"], "chunked"),
     ],

@@ -216,3 +216,30 @@ def assert_spans_equal_iterations(workload, policy, config, instances, router):
     np.testing.assert_allclose(
         np.sort(fast_metrics.itl()), np.sort(slow_metrics.itl()), rtol=1e-6, atol=1e-12
     )
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.integers(1, 4), st.sampled_from([0.0, 0.05]))
+def test_a_client_keeps_at_most_k_requests_in_flight(scenario, k, frontend):
+    """`--max-concurrency K` (vllm bench serve's client): a request is sent at its arrival or,
+    when K are in flight, the moment one completes (in arrival order), and timed from then."""
+    workload, policy, config, instances, router = scenario
+    cls = policy_class(policy)
+    cluster = CheckedCluster(
+        instances, config, lambda: cls(preemption=config.preemption), make_router(router),
+        LinearLatency(), frontend_latency=frontend, max_concurrency=k,
+    )  # fmt: skip
+    collector = cluster.run(workload)
+    assert len(collector) == len(workload), "request lost"
+    order = _order(workload, collector.column("request_id"))
+    sent = np.empty(len(workload))
+    sent[order] = collector.column("arrival")
+    done = sent.copy()
+    done[order] = collector.column("arrival") + np.nan_to_num(collector.column("e2el"))
+    assert np.all(sent >= workload.arrivals), "sent before it arrived"
+    assert np.all(np.diff(sent) >= 0), "not sent in arrival order"
+    waited = sent > workload.arrivals
+    gap = np.abs(sent[waited, None] - done[None, :]).min(axis=1, initial=np.inf)
+    assert np.all(gap < 1e-9), "a waiting request went without a completion"
+    for t in sent:  # in flight when each is sent: itself and those sent before, not yet done
+        assert np.sum((sent <= t) & (done > t + 1e-9)) <= k

@@ -224,9 +224,7 @@ def kv_short_pair(field, rank_a, rank_b):
 def test_better_ranked_arrival_preempts_a_worse_one_when_kv_is_short(policy, field, kw):
     """A (rank 5) runs, B (rank 0) arrives and does not fit: A is preempted and B admitted in
     the same plan."""
-    run = simulate(
-        kv_short_pair(field, 5, 0), policy, num_blocks=10, block_size=1, policy_kw=kw
-    )
+    run = simulate(kv_short_pair(field, 5, 0), policy, num_blocks=10, block_size=1, policy_kw=kw)
     _, step = run.first(lambda s: s.preempted)
     assert step.preempted == [("A", "recompute")]
     assert step.items == [("B", 6)]
@@ -237,9 +235,7 @@ def test_better_ranked_arrival_preempts_a_worse_one_when_kv_is_short(policy, fie
 def test_v1_better_ranked_arrival_waits_for_kv(policy, field, kw):
     """vLLM V1 (0.32) preempts only for a running request short of KV: B (rank 0) waits until
     A (rank 5) finishes, nothing is preempted."""
-    run = simulate(
-        kv_short_pair(field, 5, 0), policy, num_blocks=10, block_size=1, policy_kw=kw
-    )
+    run = simulate(kv_short_pair(field, 5, 0), policy, num_blocks=10, block_size=1, policy_kw=kw)
     assert not any(s.preempted for s in run.steps)
     assert run.col("first_scheduled")["B"] == run.col("finish")["A"]
 
@@ -248,9 +244,7 @@ def test_v1_better_ranked_arrival_waits_for_kv(policy, field, kw):
 def test_worse_ranked_arrival_never_preempts(policy, field, kw):
     """Same KV shortage, ranks swapped: the newcomer (rank 5) waits for A (rank 0) to finish;
     nothing is preempted."""
-    run = simulate(
-        kv_short_pair(field, 0, 5), policy, num_blocks=10, block_size=1, policy_kw=kw
-    )
+    run = simulate(kv_short_pair(field, 0, 5), policy, num_blocks=10, block_size=1, policy_kw=kw)
     assert not any(s.preempted for s in run.steps)
     assert run.col("first_scheduled")["B"] == run.col("finish")["A"]
 

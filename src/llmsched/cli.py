@@ -44,6 +44,12 @@ def _workload_flags() -> argparse.ArgumentParser:
     w.add_argument("--cv", type=float, help="burstiness: Gamma arrivals with this CV of gaps")
     w.add_argument("--arrival", choices=["auto", "trace", "poisson", "gamma"])
     w.add_argument("--time-scale", type=float, help="replay: multiply the trace's gaps")
+    w.add_argument(
+        "--max-concurrency",
+        type=int,
+        metavar="K",
+        help="the client keeps at most K requests in flight (vllm bench serve's flag)",
+    )
     w.add_argument("--sample", choices=["head", "random"], help="which requests of the trace")
     w.add_argument(
         "--skip-invalid",
@@ -142,6 +148,7 @@ CONFIG_FLAGS = [
     "cv",
     "arrival",
     "time_scale",
+    "max_concurrency",
     "sample",
     "skip_invalid",
     "seed",
@@ -212,7 +219,7 @@ def cmd_bench(args) -> int:
         chat=args.endpoint == "chat",
         prompts=args.prompts,
         seed=cfg.seed,
-        max_concurrency=args.max_concurrency,
+        max_concurrency=cfg.max_concurrency,
         timeout=args.timeout,
         ignore_eos=args.ignore_eos,
         goodput=cfg.goodput,
@@ -535,12 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="ask for exactly max_tokens tokens (vLLM's ignore_eos; default on)",
     )
-    g.add_argument(
-        "--max-concurrency", type=int, metavar="K", help="at most K requests in flight"
-    )
-    g.add_argument(
-        "--timeout", type=float, default=600.0, help="seconds per request (default 600)"
-    )
+    g.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     o = b.add_argument_group("output")
     _goodput_flag(o)
     o.add_argument("--out", metavar="FILE.json", help="vllm bench serve's result JSON")

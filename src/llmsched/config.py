@@ -36,6 +36,9 @@ class SimulationConfig:
     rate: float | None = None  # requests/s for poisson or gamma arrivals
     cv: float = 1.0  # burstiness of gamma arrivals (coefficient of variation of the gaps)
     time_scale: float = 1.0  # trace replay: multiply the gaps (0.5 = twice as fast)
+    # A client that keeps at most this many requests in flight (vllm bench serve's
+    # --max-concurrency): a request waits for a free slot and is timed from its sending.
+    max_concurrency: int | None = None
     sample: str = "head"  # head: the first N requests; random: N drawn with replacement
     skip_invalid: bool = False  # skip trace rows that are not servable (reported)
     seed: int = 0
@@ -106,6 +109,8 @@ class SimulationConfig:
             problems.append(f"rate must be > 0 requests/s, got {self.rate}")
         if self.num_requests is not None and self.num_requests < 1:
             problems.append(f"num_requests must be >= 1, got {self.num_requests}")
+        if self.max_concurrency is not None and self.max_concurrency < 1:
+            problems.append(f"max_concurrency must be >= 1 request, got {self.max_concurrency}")
         if self.instances < 1:
             problems.append(f"instances must be >= 1, got {self.instances}")
         if self.tp < 1:

@@ -220,6 +220,7 @@ def build_cluster(cfg: SimulationConfig, *, observer=None) -> tuple[Cluster, dic
         latency_model(cfg),
         link_bandwidth=cfg.link_gbps * 1e9 / 8,
         frontend_latency=frontend_latency(cfg),
+        max_concurrency=cfg.max_concurrency,
         observer=observer,
         answer_slo=AnswerSLO(**(cfg.answer_slo or {})),
     )
@@ -267,13 +268,12 @@ def run_description(result: RunResult) -> dict[str, Any]:
         num_prompts=len(result.collector),
         request_rate=(cfg.rate or SYNTHETIC_RATE) if generated else None,
         burstiness=1.0 / cfg.cv**2,
+        max_concurrency=cfg.max_concurrency,
         dated=False,
     )
 
 
-def save(
-    result: RunResult, out: str | Path, *, gaps: bool = False, detailed: bool = False
-) -> Path:
+def save(result: RunResult, out: str | Path, *, gaps: bool = False, detailed: bool = False) -> Path:
     """Write summary.json (`vllm bench serve`'s result: run metadata, metrics, and with
     `detailed` its per-request arrays; then llmsched's extensions), requests.csv and
     config.yaml (the resolved config) to `out`; with `gaps`, also itl.npz: every request's

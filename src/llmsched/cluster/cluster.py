@@ -106,6 +106,7 @@ class Cluster:
         *,
         link_bandwidth: float = 100e9 / 8,  # bytes/s between instances (100 Gb/s)
         frontend_latency: float = 0.0,  # s the serving stack adds to every token the user sees
+        max_concurrency: int | None = None,  # the client's requests in flight at most
         observer: Callable[[Instance, Span], None] | None = None,
         fast_forward: bool = True,
         answer_slo: AnswerSLO = PASCAL_ANSWER_SLO,
@@ -120,6 +121,13 @@ class Cluster:
         # sum matters to what the client measures (a constant shift of arrivals changes no
         # decision), so it is added to the token times the metrics see.
         self.frontend_latency = frontend_latency
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        # A client that keeps at most K requests in flight (vllm bench serve --max-concurrency):
+        # when each of its K slots is next free. A request is sent at its arrival or, when every
+        # slot is taken, once one frees (in arrival order, as asyncio's semaphore wakes its
+        # waiters), and is timed from then, as the client times it.
+        self._slots = [0.0] * max_concurrency if max_concurrency else None
         self.instances = [
             Instance(i, config, policy_factory(), latency, self, observer, fast_forward)
             for i in range(num_instances)
@@ -176,8 +184,11 @@ class Cluster:
         bar = _progress_bar(n, progress)
         done_before = 0
         i = 0
+        slots = self._slots
         while i < n or self._events:
             t_next = arrivals[i] if i < n else np.inf
+            if slots is not None and i < n:
+                t_next = max(t_next, slots[0]) if slots else np.inf
             if self._events and self._events[0][0] < t_next:
                 t, _, kind, payload = heapq.heappop(self._events)
                 self.now = t
@@ -197,7 +208,11 @@ class Cluster:
                     self._wake(inst, t)
             else:
                 self.now = float(t_next)
-                self._arrive(RequestState(workload[i]), self.now)
+                state = RequestState(workload[i])
+                if slots is not None:
+                    heapq.heappop(slots)
+                    state.arrival = self.now  # sent now: the client's clock starts here
+                self._arrive(state, self.now)
                 i += 1
             done = len(self.collector)
             if bar is not None and done - done_before >= 256:
@@ -220,6 +235,7 @@ class Cluster:
         if reason:
             state.status = Status.REJECTED
             self.collector.add(_record(state, np.zeros(0), reject_reason=reason))
+            self._free_slot(now)  # refused at once
             return
         index = self.router.route(state, self.view)
         inst = self.instances[index]
@@ -243,6 +259,11 @@ class Cluster:
         if self.frontend_latency:
             times = times + self.frontend_latency
         self.collector.add(_record(state, times))
+        self._free_slot(times[-1] if len(times) else t)  # when the client has the last token
+
+    def _free_slot(self, t: float) -> None:
+        if self._slots is not None:
+            heapq.heappush(self._slots, t)
 
     def on_phase_change(self, state: RequestState, instance: Instance, t: float) -> None:
         target = self.router.on_phase_change(state, instance.index, self.view)
@@ -284,6 +305,7 @@ def _record(state: RequestState, times: np.ndarray, reject_reason: str = "") -> 
         tier=r.tier,
         ttft_slo=r.ttft_slo,
         tpot_slo=r.tpot_slo,
+        client_wait=state.arrival - r.arrival,
     )
 
 

@@ -205,4 +205,3 @@ def cycle_times(steps: list[dict[str, Any]]) -> np.ndarray:
 def batch_of_step(step: dict[str, Any]) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
     """The step's batch as the simulator's replay writes one (prefills, decodes)."""
     return tuple((int(c), int(p)) for c, p in step["p"]), tuple(int(d) for d in step["d"])
-

@@ -19,9 +19,9 @@ LATENCIES = ("ttft", "tpot", "itl", "e2el")
 STATISTICS = ("mean", "p50", "p90", "p99")
 THROUGHPUTS = ("request_throughput", "output_throughput")
 #: Every compared field, in table order.
-FIELDS: tuple[str, ...] = tuple(
-    f"{stat}_{name}_ms" for name in LATENCIES for stat in STATISTICS
-) + THROUGHPUTS
+FIELDS: tuple[str, ...] = (
+    tuple(f"{stat}_{name}_ms" for name in LATENCIES for stat in STATISTICS) + THROUGHPUTS
+)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ class RequestRecord:
     tier: str | None = None
     ttft_slo: float | None = None  # seconds; request-level SLOs, if the workload set them
     tpot_slo: float | None = None
+    client_wait: float = 0.0  # s it waited for the client's concurrency limit before `arrival`
 
     @property
     def finish(self) -> float:

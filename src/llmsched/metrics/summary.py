@@ -74,6 +74,7 @@ CSV_COLUMNS: tuple[str, ...] = (
 _ROW_DTYPE = np.dtype(
     [
         ("arrival", np.float64),
+        ("client_wait", np.float64),  # waited for the client's concurrency limit (vLLM's queue)
         ("first_scheduled", np.float64),
         ("first_token", np.float64),
         ("first_answer_token", np.float64),
@@ -131,6 +132,7 @@ def per_request_metrics(
     base: dict[str, Any] = {
         "request_id": rid,
         "arrival": float(record.arrival),
+        "client_wait": float(record.client_wait),
         "first_scheduled": float(record.first_scheduled),
         "prompt_tokens": int(record.prompt_tokens),
         "output_tokens": int(record.output_tokens),
@@ -350,6 +352,7 @@ class MetricsCollector:
         self._rows.append(
             (
                 m["arrival"],
+                m["client_wait"],
                 m["first_scheduled"],
                 m["first_token"],
                 m["first_answer_token"],
@@ -446,7 +449,8 @@ class MetricsCollector:
     def outcomes(self) -> Outcomes:
         """The run as `vllm bench serve`'s client would have seen it, one entry per request in
         arrival order: a finished request's TTFT, E2E latency and gaps between visible tokens;
-        a rejected one failed, with its reason as the error. Nothing waits in a client queue."""
+        a rejected one failed, with its reason as the error; `queue_times` what it waited for
+        the client's concurrency limit."""
         rows = self._rows.view()
         order = np.argsort(rows["arrival"], kind="stable")
         offsets, gaps = self.gaps_by_request()
@@ -458,6 +462,7 @@ class MetricsCollector:
             ttfts=r["ttft"].copy(),
             latencies=r["e2el"].copy(),
             start_times=r["arrival"].copy(),
+            queue_times=r["client_wait"].copy(),
             itls=[gaps[offsets[i] : offsets[i + 1]] for i in order],
             errors=self._reasons.decode(r["reject_code"]).tolist(),
         )
