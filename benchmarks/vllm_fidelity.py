@@ -383,6 +383,11 @@ def print_tables(rows: list[dict], orders: list[dict], summary: dict) -> None:
         print(f"  differs: {o['experiment']} {o['field']}: real {real}; simulated {sim}")
 
 
+def figure(value: float) -> str:
+    """Milliseconds to 0.1 ms; a throughput (requests/s can be 0.1) to three digits."""
+    return f"{value:,.1f}" if value >= 10 else f"{value:.3g}"
+
+
 def markdown(results: dict) -> str:
     """The results file as docs/fidelity-vllm.md's tables: per experiment, each field's real
     value (mean of the repeats, their spread), the simulated one and the error, per policy."""
@@ -404,7 +409,7 @@ def markdown(results: dict) -> str:
             for p in policies:
                 r = by.get((p, field))
                 cells += (
-                    [f"{r['real']:.1f} ({100 * r['spread']:.0f} %)", f"{r['sim']:.1f}",
+                    [f"{figure(r['real'])} ({100 * r['spread']:.0f} %)", figure(r['sim']),
                      f"{100 * r['error']:+.1f} %"] if r else ["-", "-", "-"]
                 )  # fmt: skip
             order = "yes" if agree.get(field) else "no"
@@ -437,6 +442,8 @@ def main() -> None:
     if not opts.report:
         measure(exps, policies, repeats, out)
     measured_s = time.time() - started
+    if opts.report and RESULTS.exists():  # the measuring run's time, kept
+        measured_s = json.loads(RESULTS.read_text()).get("measure_seconds", measured_s)
     cal = calibrate(exps, repeats, out)
     rows, orders = report(exps, policies, repeats, out, cal)
     summary = summarize(rows, orders)
