@@ -109,6 +109,24 @@ def test_stock_vllm_schedules_as_the_simulator(model, policy, script):
     assert_same(*run_both(model, engine, requests, policy=policy))
 
 
+def test_a_victim_served_earlier_gives_its_tokens_to_the_budget_not_to_the_preempter(model):
+    """Found by the test above: r000 (priority 1) decodes first; r003's chunk (6 of the 8
+    tokens left) finds no KV and preempts r000, whose token returns to the budget. vLLM sized
+    r003's chunk before that and keeps it at 6: one token of the budget stays unused."""
+    engine = {"num_blocks": 30, "block_size": 8, "max_num_batched_tokens": 8, "max_num_seqs": 3,
+              "long_prefill_token_threshold": 0, "watermark": 0.0}  # fmt: skip
+    requests = [
+        Request("r000", 1.25, 32, 26, priority=1),
+        Request("r001", 2.25, 1, 1, priority=0),
+        Request("r002", 4.25, 10, 24, priority=0),
+        Request("r003", 8.25, 133, 1, priority=0),
+    ]
+    real, sim = run_both(model, engine, requests, policy="priority")
+    assert_same(real, sim)
+    step = next(s for s in sim.steps if s.preempted)
+    assert step.preempted == frozenset({"r000"}) and step.tokens == {"r002": 1, "r003": 6}
+
+
 @pytest.mark.parametrize("policy", ["fcfs", "priority"])
 def test_stock_vllm_agrees_for_hundreds_of_steps_with_preemptions(model, policy):
     """Long runs under KV pressure: at least 500 steps each, dozens of preemptions."""

@@ -109,13 +109,16 @@ def pack_in_order(
             # Preempted earlier in this loop; or nothing to compute, its last token in flight
             # (vLLM's async scheduling; never in the simulator): vLLM skips it, seat and KV held.
             continue
+        # vLLM sizes the request's tokens once, on the budget left now: a victim served
+        # earlier this step gives its tokens back to the budget, but not to this request.
+        budget = b.budget
         if b.schedule(state):
             continue
         while True:  # no KV for it: preempt from the back, until it fits or it is the victim
             victim = worst()
             del alive[victim]
             b.preempt(victim, mode)
-            if victim is state or b.schedule(state):
+            if victim is state or b.schedule(state, budget):
                 break
         if victim is state:
             break  # it preempted itself: vLLM serves no running request after it this step
