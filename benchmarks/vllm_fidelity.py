@@ -198,8 +198,18 @@ def measure(exps: list[Experiment], policies: list[str], repeats: int, out: Path
                 # vLLM's own benchmark knows (--num-warmups): a few go first, unmeasured.
                 warmup = ["--num-requests", "4", "--rate", "1000", "--seed", "99"]
                 with contextlib.redirect_stdout(None):
-                    llmsched(["bench", "--url", server.url, *WORKLOADS["sharegpt"], *warmup,
-                              "--out", str(base.with_suffix(".warmup.json")), "--no-progress"])
+                    llmsched(
+                        [
+                            "bench",
+                            "--url",
+                            server.url,
+                            *WORKLOADS["sharegpt"],
+                            *warmup,
+                            "--out",
+                            str(base.with_suffix(".warmup.json")),
+                            "--no-progress",
+                        ]
+                    )
                 for exp, r in todo:
                     path = real_path(out, exp, policy, r)
                     path.parent.mkdir(parents=True, exist_ok=True)
