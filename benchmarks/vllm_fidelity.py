@@ -428,6 +428,64 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict, path: Path) -> None:
+    """Two panels: simulated against real (mean E2E and mean TTFT of every (experiment, policy),
+    held out or fitted), and the signed mean-E2E error against the machine's measured speed
+    during the run, as predicted and at the run's own speed."""
+    from llmsched.metrics.report import _figure
+
+    rows = results["rows"]
+    fig = _figure((12, 5))
+    left, right = fig.subplots(1, 2)
+    for field, marker in (("mean_e2el_ms", "o"), ("mean_ttft_ms", "^")):
+        for held, color in ((True, "tab:blue"), (False, "tab:orange")):
+            mine = [r for r in rows if r["field"] == field and r["heldout"] == held]
+            left.scatter(
+                [r["real"] for r in mine],
+                [r["sim"] for r in mine],
+                s=18,
+                c=color,
+                marker=marker,
+                label=f"{field[:-3]}, {'held out' if held else 'fitted'}",
+            )
+    values = [
+        r[k]
+        for r in rows
+        if r["field"] in ("mean_e2el_ms", "mean_ttft_ms")
+        for k in ("real", "sim")
+    ]
+    xs = np.geomspace(min(values) / 1.5, max(values) * 1.5, 50)
+    left.plot(xs, xs, "k-", lw=1)
+    for k in (0.9, 1.1):
+        left.plot(xs, k * xs, "k:", lw=0.8)
+    left.set(
+        xscale="log",
+        yscale="log",
+        xlabel="real (ms, mean of repeats)",
+        ylabel="simulated (ms)",
+        title="simulated against real vLLM (dotted: ±10 %)",
+    )
+    left.legend(fontsize=8)
+    e2e = [r for r in rows if r["field"] == "mean_e2el_ms" and r["heldout"]]
+    speed = [float(np.mean(r["speeds"])) for r in e2e]
+    right.scatter(speed, [100 * r["error"] for r in e2e], s=18, label="predicted")
+    right.scatter(
+        speed,
+        [100 * r["error_own_speed"] for r in e2e],
+        s=18,
+        marker="x",
+        label="at the run's own speed",
+    )
+    right.axhline(0, color="k", lw=1)
+    right.set(
+        xlabel="machine speed during the run (measured / priced step cycle; > 1: slower)",
+        ylabel="mean E2E error (%)",
+        title="held-out error against this machine's drift",
+    )
+    right.legend(fontsize=8)
+    fig.savefig(str(path), format="png", dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one experiment, fcfs and pars, once")
@@ -438,9 +496,15 @@ def main() -> None:
     parser.add_argument(
         "--markdown", action="store_true", help="print the results file's tables as Markdown"
     )
+    parser.add_argument("--plot", metavar="PNG", help="plot the results file's figures")
     opts = parser.parse_args()
-    if opts.markdown:
-        print(markdown(json.loads(RESULTS.read_text())))
+    if opts.markdown or opts.plot:
+        results = json.loads(RESULTS.read_text())
+        if opts.markdown:
+            print(markdown(results))
+        if opts.plot:
+            plot(results, Path(opts.plot))
+            print(f"wrote {opts.plot}")
         return
     out = Path(opts.out)
     exps = QUICK if opts.quick else EXPERIMENTS
