@@ -37,6 +37,7 @@ TRUTH = Efficiency(
     elementwise_memory=0.2,
     layer_overhead_s=0.8e-3,
     iteration_overhead_s=4e-3,
+    sequence_overhead_s=0.3e-3,
 )
 
 
@@ -101,7 +102,8 @@ def test_calibration_recovers_the_efficiencies_that_made_the_steps(tmp_path):
     assert heldout["all"]["median_abs_error"] < 0.01
     assert abs(heldout["all"]["total_error"]) < 0.01
     e = cal.efficiency
-    for name in ("gemm_compute", "gemm_memory", "layer_overhead_s", "iteration_overhead_s"):
+    for name in ("gemm_compute", "gemm_memory", "layer_overhead_s", "iteration_overhead_s",
+                 "sequence_overhead_s"):  # fmt: skip
         assert getattr(e, name) == pytest.approx(getattr(TRUTH, name), rel=0.05), name
     steps = load_steps(held)
     priced = predict(steps, device_spec(cal.device), e)
