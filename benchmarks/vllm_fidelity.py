@@ -45,7 +45,12 @@ sys.path.insert(0, str(ROOT / "src"))
 from llmsched.cli import main as llmsched  # noqa: E402
 from llmsched.hardware.calibration.steps import load_steps, predict  # noqa: E402
 from llmsched.hardware.calibration.store import read_calibration  # noqa: E402
-from llmsched.hardware.steplog import device_spec, read_step_log  # noqa: E402
+from llmsched.hardware.steplog import (  # noqa: E402
+    cycle_times,
+    device_spec,
+    frontend_latencies,
+    read_step_log,
+)
 from llmsched.integrations.vllm import harness  # noqa: E402
 from llmsched.integrations.vllm.server import VllmServer  # noqa: E402
 from llmsched.metrics.fidelity import (  # noqa: E402
@@ -336,6 +341,48 @@ def report(exps: list[Experiment], policies: list[str], repeats: int, out: Path,
     return rows, orders
 
 
+def mechanisms(exps: list[Experiment], policies: list[str], repeats: int, out: Path,
+               rows: list[dict]) -> dict:  # fmt: skip
+    """The measurements docs/fidelity-vllm.md explains the errors with: how the signed error
+    follows the machine's speed; the stack's latency outside the engine, request by request; a
+    decode step's cycle by batch size; and runs whose client received its tokens in clumps
+    (gaps the engine never made: more than 100 under 5 ms)."""
+    held = [r for r in rows if r["heldout"] and r["field"] == "mean_e2el_ms"]
+    speed = [float(np.mean(r["speeds"])) for r in held]
+    stack, clumped, cycles = [], [], {}
+    for exp in exps:
+        for p in policies:
+            for r in range(repeats):
+                bench = json.loads(real_path(out, exp, p, r).read_text())
+                head, steps, added = read_step_log(steps_path(out, exp, p, r))
+                stack += list(frontend_latencies(head, steps, added, bench))
+                cycle = cycle_times(steps)
+                gaps = np.concatenate([np.asarray(g, dtype=float) for g in bench["itls"]] or [[]])
+                if np.count_nonzero(gaps < 0.005) > 100:
+                    clumped.append({"run": f"{exp.name} {p} r{r}", "gaps": len(gaps),
+                                    "under_5ms": int(np.count_nonzero(gaps < 0.005)),
+                                    "over_300ms": int(np.count_nonzero(gaps > 0.3)),
+                                    "longest_step_ms": 1e3 * float(np.nanmax(cycle))})  # fmt: skip
+                if p == "fcfs":
+                    for s, c in zip(steps, cycle, strict=True):
+                        if not s["p"] and not np.isnan(c):
+                            cycles.setdefault(exp.model, {}).setdefault(len(s["d"]), []).append(c)
+    ms = 1e3 * np.asarray(stack)
+    errors, own = [r["error"] for r in held], [r["error_own_speed"] for r in held]
+    return {
+        "speed_vs_signed_mean_e2el_error": float(np.corrcoef(speed, errors)[0, 1]),
+        "median_signed_mean_e2el_error_own_speed": float(np.median(own)),
+        "stack_latency_ms": {"requests": len(ms), "p10": float(np.percentile(ms, 10)),
+                             "p50": float(np.median(ms)), "p90": float(np.percentile(ms, 90)),
+                             "max": float(ms.max())},
+        "decode_cycle_ms_by_sequences": {
+            m: {n: 1e3 * float(np.median(c)) for n, c in sorted(by.items())}
+            for m, by in cycles.items()
+        },
+        "clumped_runs": clumped,
+    }  # fmt: skip
+
+
 def summarize(rows: list[dict], orders: list[dict]) -> dict:
     held = [r for r in rows if r["heldout"]]
     by_field = {}
@@ -522,6 +569,8 @@ def main() -> None:
     rows, orders = report(exps, policies, repeats, out, cal)
     summary = summarize(rows, orders)
     print_tables(rows, orders, summary)
+    found = mechanisms(exps, policies, repeats, out, rows)
+    print("\nwhat explains the errors:\n" + json.dumps(found, indent=1))
     if not opts.quick:
         RESULTS.write_text(
             json.dumps(
@@ -535,6 +584,7 @@ def main() -> None:
                     "summary": summary,
                     "rows": rows,
                     "orders": orders,
+                    "mechanisms": found,
                     "measure_seconds": measured_s,
                 },
                 indent=1,
