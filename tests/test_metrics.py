@@ -819,3 +819,18 @@ def test_policy_order_counts_only_what_the_real_engine_orders():
     agrees, _, sim_order = order_agrees(real, {"fcfs": {"x": 9}, "pars": {"x": 10},
                                                "srpt": {"x": 8}}, "x")  # fmt: skip
     assert not agrees and sim_order == ["srpt", "fcfs", "pars"]  # pars is not below fcfs
+
+
+def test_token_times_keep_a_first_token_far_smaller_than_the_gaps_before_it():
+    """Found by the test above: tokens at 1e-282 s, after a request whose gaps sum to 1 s,
+    were put at 0 (the first token time was lost to rounding against the running sum of gaps):
+    both tokens at 1e-282 s fall in the first one-second bucket with the run's origin there."""
+    tiny = 1.3788371123063556e-282
+    c = MetricsCollector()
+    for r in (
+        RequestRecord("r0", 0.0, 1, 1, token_times=np.zeros(0), finished=False, reject_reason="kv"),
+        RequestRecord("r1", 1.0, 1, 2, token_times=np.array([1.0, 2.0])),
+        RequestRecord("r3", tiny, 1, 2, token_times=np.array([tiny, tiny])),
+    ):
+        c.add(r)
+    assert c.summary()["max_output_tokens_per_s"] == 2.0

@@ -234,11 +234,14 @@ def token_times_of(
         lo, hi = int(offsets[i]), int(offsets[j])
         counts = np.diff(offsets[i : j + 1])
         sums = np.cumsum(gaps[lo:hi], dtype=np.float64)
-        # Within request k, gap number m ends at first + (its cumsum − cumsum before request k).
+        # Within request k, gap number m ends at first + (its cumsum − cumsum before request k),
+        # summed in that order: the difference first, so that a first token time far smaller
+        # than the block's sum of gaps is not lost to rounding.
         before = np.concatenate(([0.0], sums))[offsets[i:j] - lo]
-        yield np.asarray(first_token[i:j], dtype=np.float64)
+        first = np.asarray(first_token[i:j], dtype=np.float64)
+        yield first
         if hi > lo:
-            yield sums + np.repeat(np.asarray(first_token[i:j], dtype=np.float64) - before, counts)
+            yield (sums - np.repeat(before, counts)) + np.repeat(first, counts)
         i = j
 
 
