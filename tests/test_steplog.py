@@ -92,6 +92,14 @@ def test_a_step_log_reads_back_with_its_cycles(tmp_path):
     assert all(len(p) == 2 for p in prefills) and all(isinstance(d, int) for d in decodes)
 
 
+def test_a_line_being_written_is_left_out(tmp_path):
+    """A live (or killed) engine's log may end in half a line: the complete steps read."""
+    path = write_log(tmp_path / "a.jsonl", TINY_LLAMA, 10, seed=1)
+    text = path.read_text()
+    path.write_text(text + text.splitlines()[1][:25])
+    assert len(read_step_log(path)[1]) == 10
+
+
 def test_calibration_recovers_the_efficiencies_that_made_the_steps(tmp_path):
     """Two model shapes on one device, steps priced by a known model: the fit finds the model
     again (its price of unseen steps within 1 %), and the coefficients that dominate."""

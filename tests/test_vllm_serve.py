@@ -49,8 +49,9 @@ def server(tmp_path_factory):
         pytest.fail(str(e))
 
 
-def stream(url: str, max_tokens: int, xargs: dict, events: list) -> None:
-    """One streamed completion; appends ("chunk" | "usage" | "done", time, data) to events."""
+def stream(url: str, max_tokens: int, xargs: dict, events: list, stop=None) -> None:
+    """One streamed completion; appends ("chunk" | "usage" | "done", time, data) to events.
+    When the `stop` event is set it hangs up (the server aborts the request)."""
     body = {
         "model": models(url)[0],
         "prompt": "t5 t6 t7 t8",
@@ -63,6 +64,9 @@ def stream(url: str, max_tokens: int, xargs: dict, events: list) -> None:
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as response:
         assert response.status_code == 200, response.read()
         for line in response.iter_lines():
+            if stop is not None and stop.is_set():
+                events.append(("hung up", time.monotonic(), None))
+                return
             if not line:
                 continue
             assert line.startswith("data: "), line
@@ -87,33 +91,41 @@ def gauge(url: str, name: str) -> float:
 
 def test_streamed_requests_are_served_in_score_order(server):
     """A long request holds the only slot; three more arrive with scores 3, 1, 2 in vllm_xargs
-    and wait (the server's own gauge says so): PARS serves them 1, 2, 3. Each stream is well
-    formed: tokens, a usage chunk, [DONE]."""
-    url, _, _ = server
+    and wait (the engine's own step log says so); then the long one's client hangs up. PARS
+    serves the three 1, 2, 3. Each of their streams is well formed: tokens, a usage chunk,
+    [DONE]. (No wall-clock race: the long request lasts until the test ends it.)"""
+    url, _, steps = server
     events = {name: [] for name in ("blocker", "s3", "s1", "s2")}
     lengths = {"blocker": 500, "s3": 5, "s1": 5, "s2": 5}
     scores = {"blocker": -1, "s3": 3, "s1": 1, "s2": 2}
+    hang_up = threading.Event()
     threads = {
-        name: threading.Thread(target=stream, args=(url, lengths[name], {"score": scores[name]}, e))
+        name: threading.Thread(
+            target=stream,
+            args=(url, lengths[name], {"score": scores[name]}, e, {"blocker": hang_up}.get(name)),
+        )
         for name, e in events.items()
-    }
+    }  # fmt: skip
+    seen = len(read_step_log(steps)[1])  # the steps of the module's earlier tests
     threads["blocker"].start()
     while not events["blocker"]:  # it runs
         time.sleep(0.01)
     for name in ("s3", "s1", "s2"):
         threads[name].start()
         time.sleep(0.05)
-    while gauge(url, "vllm:num_requests_waiting") < 3:
+    while max((s["wait"] for s in read_step_log(steps)[1][seen:]), default=0) < 3:
         assert not any(kind == "done" for kind, _, _ in events["blocker"]), "blocker too short"
-        time.sleep(0.2)
+        time.sleep(0.05)
+    hang_up.set()
     for t in threads.values():
         t.join(timeout=300)
-    done = {name: next(t for kind, t, _ in e if kind == "done") for name, e in events.items()}
-    assert sorted(done, key=done.get) == ["blocker", "s1", "s2", "s3"]
-    for name, e in events.items():
-        usage = [c for kind, _, c in e if kind == "usage"]
+    waiting = ("s1", "s2", "s3")
+    done = {name: next(t for kind, t, _ in events[name] if kind == "done") for name in waiting}
+    assert sorted(done, key=done.get) == ["s1", "s2", "s3"]
+    for name in waiting:
+        usage = [c for kind, _, c in events[name] if kind == "usage"]
         assert usage and usage[0]["usage"]["completion_tokens"] == lengths[name]
-        assert [kind for kind, _, _ in e][-2:] == ["usage", "done"]
+        assert [kind for kind, _, _ in events[name]][-2:] == ["usage", "done"]
 
 
 def test_malformed_request_data_is_answered_400_with_the_field(server):

@@ -124,7 +124,8 @@ def read_step_log(
     path: str | os.PathLike[str],
 ) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, float]]:
     """A step log's header, its steps, and when each request arrived at the server (request
-    id -> seconds on the log's clock); a clear error for a file that is not a step log."""
+    id -> seconds on the log's clock); a clear error for a file that is not a step log. A last
+    line without its newline (the engine is writing it, or was killed) is left out."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"step log {path} does not exist")
@@ -146,6 +147,8 @@ def read_step_log(
             )
         steps, added = [], {}
         for line_no, line in enumerate(f, start=2):
+            if not line.endswith("\n"):
+                break  # a line still being written (a live engine's) or cut (a killed one's)
             if not line.strip():
                 continue
             try:
