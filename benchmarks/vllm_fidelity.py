@@ -369,9 +369,15 @@ def mechanisms(exps: list[Experiment], policies: list[str], repeats: int, out: P
                             cycles.setdefault(exp.model, {}).setdefault(len(s["d"]), []).append(c)
     ms = 1e3 * np.asarray(stack)
     errors, own = [r["error"] for r in held], [r["error_own_speed"] for r in held]
+    all_speeds = sorted({k for r in rows for k in r["speeds"]})
     return {
         "speed_vs_signed_mean_e2el_error": float(np.corrcoef(speed, errors)[0, 1]),
         "median_signed_mean_e2el_error_own_speed": float(np.median(own)),
+        "mean_e2el_within_half_the_repeats_range": sum(
+            abs(r["error"]) <= r["spread"] / 2 for r in held
+        ),
+        "run_speeds": {"min": min(all_speeds), "median": float(np.median(all_speeds)),
+                       "max": max(all_speeds)},
         "stack_latency_ms": {"requests": len(ms), "p10": float(np.percentile(ms, 10)),
                              "p50": float(np.median(ms)), "p90": float(np.percentile(ms, 90)),
                              "max": float(ms.max())},
