@@ -61,6 +61,11 @@ class ClusterView:
     def kv_free(self, i: int) -> int:
         return self._synced(i).kv.free
 
+    def prefix_match(self, i: int, state: RequestState) -> int:
+        """Prompt tokens of `state` whose KV instance i holds already. The simulator models no
+        prefix cache yet (the agents issue adds it): 0."""
+        return 0
+
     def _synced(self, i: int) -> Instance:
         """Instance i with its state brought to now (it may be in the middle of a span)."""
         inst = self._cluster.instances[i]
