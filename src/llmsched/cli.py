@@ -85,15 +85,17 @@ def _progress_flag(group) -> None:
     )
 
 
-def _run_flags() -> argparse.ArgumentParser:
-    """Flags shared by simulate, compare and capacity: the workload's, the engine's, output."""
-    p = argparse.ArgumentParser(add_help=False, parents=[_workload_flags()])
+def engine_flags(cluster: bool = True) -> argparse.ArgumentParser:
+    """The hardware's and the engine's flags (simulate, compare, capacity; `serve engine`, one
+    engine, without the cluster's --instances and --router)."""
+    p = argparse.ArgumentParser(add_help=False)
     h = p.add_argument_group("hardware and engine")
     h.add_argument("--model", help="e.g. llama-3-8b, llama-2-70b, or a Hugging Face id")
     h.add_argument("--gpu", help="e.g. a100-80gb, h100, h200, l40s")
     h.add_argument("--tp", type=int, help="tensor-parallel GPUs per instance")
-    h.add_argument("--instances", type=int, help="engine instances in the cluster")
-    h.add_argument("--router", help="round-robin, random, least-outstanding, least-kv")
+    if cluster:
+        h.add_argument("--instances", type=int, help="engine instances in the cluster")
+        h.add_argument("--router", help="round-robin, random, least-outstanding, least-kv")
     h.add_argument(
         "--policy-param",
         action="append",
@@ -122,6 +124,12 @@ def _run_flags() -> argparse.ArgumentParser:
         help="what the serving stack outside the engine adds to each TTFT and E2E latency "
         "(default: the --latency file's measure, else 0)",
     )
+    return p
+
+
+def _run_flags() -> argparse.ArgumentParser:
+    """Flags shared by simulate, compare and capacity: the workload's, the engine's, output."""
+    p = argparse.ArgumentParser(add_help=False, parents=[_workload_flags(), engine_flags()])
     o = p.add_argument_group("output")
     _goodput_flag(o)
     o.add_argument("--out", metavar="DIR", help="write summary.json, requests.csv, config.yaml")
@@ -172,11 +180,12 @@ CONFIG_FLAGS = [
 ]
 
 
-def _config(args, **extra):
+def config_from_flags(args, **extra):
+    """The run's SimulationConfig: the config file's settings, then the flags given."""
     overrides = {name: getattr(args, name, None) for name in CONFIG_FLAGS}
-    overrides["goodput"] = parse_goodput(args.goodput)
+    overrides["goodput"] = parse_goodput(getattr(args, "goodput", None))
     overrides["policy_params"] = parse_params(getattr(args, "policy_param", None))
-    return load_config(args.config, **overrides, **extra)
+    return load_config(getattr(args, "config", None), **(overrides | extra))
 
 
 def _progress(args) -> bool:
@@ -187,7 +196,7 @@ def cmd_simulate(args) -> int:
     from llmsched.experiment import save, simulate
     from llmsched.metrics.report import format_summary
 
-    cfg = _config(args, policy=args.policy)
+    cfg = config_from_flags(args, policy=args.policy)
     result = simulate(cfg, progress=_progress(args))
     print(format_summary(result.summary))
     _report_run(result)
@@ -203,7 +212,7 @@ def cmd_bench(args) -> int:
     from llmsched.experiment import load_workload
     from llmsched.metrics.report import format_summary
 
-    cfg = _config(args)
+    cfg = config_from_flags(args)
     if not args.out:
         raise ValueError("bench needs --out FILE.json (vllm bench serve's result format)")
     out = Path(args.out)
@@ -266,7 +275,7 @@ def cmd_compare(args, policies: list[str] | None = None, out: str | None = None)
     from llmsched.experiment import load_workload, save, simulate
     from llmsched.metrics.report import format_comparison, plot_distributions
 
-    base = _config(args)
+    base = config_from_flags(args)
     if policies is None and args.policies:
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     policies = policies or list(base.runs or {})
@@ -319,7 +328,7 @@ def cmd_capacity(args) -> int:
     workers = args.workers or os.cpu_count() or 1
     results = {}
     for name in policies:
-        cfg = _config(args, policy=name)
+        cfg = config_from_flags(args, policy=name)
         print(
             f"{name}: searching the highest rate with {', '.join(map(str, conditions))} "
             f"({cfg.num_requests or 'all'} requests, {args.seeds} seed(s), {workers} workers)",
@@ -588,6 +597,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # `llmsched profile ARGS` and `llmsched calibrate ARGS` go to their own parsers (see main).
     sub.add_parser(
+        "serve",
+        add_help=False,
+        help="HTTP surfaces: llmsched serve engine --model NAME --gpu GPU --policy P (an emulated "
+        "vLLM server), llmsched serve gateway --backends URL,URL --router NAME (an OpenAI proxy)",
+    )
+    sub.add_parser(
         "profile",
         help="measure operator and layer times on the GPU (or a tiny CPU "
         "shape): llmsched profile --model NAME --tp 1 --out DIR",
@@ -611,6 +626,10 @@ def main(argv: list[str] | None = None) -> int:
         from llmsched.hardware import calibration
 
         return calibration.main(argv[1:])
+    if argv[:2] in (["serve", "engine"], ["serve", "gateway"]):
+        import importlib
+
+        return importlib.import_module(f"llmsched.integrations.serve.{argv[1]}").main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

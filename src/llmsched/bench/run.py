@@ -56,6 +56,10 @@ def request_specs(workload: Workload, seed: int, prompts: str = "ids") -> list[R
             xargs["tbt"] = tbt
         if not math.isnan(ttft := float(c["ttft_slo"][i])):
             xargs["ttft"] = ttft
+        if reasoning := int(c["reasoning_tokens"][i]):
+            # The true lengths, for servers that emulate them (llmsched serve engine) and
+            # gateways that resume a stream; vLLM hands them to its scheduler untouched.
+            xargs |= {"output_tokens": int(c["output_tokens"][i]), "reasoning_tokens": reasoning}
         priority = int(c["priority"][i])
         specs.append(
             RequestSpec(

@@ -146,6 +146,7 @@ class Cluster:
         self._events: list = []
         self._seq = 0
         self._version = [0] * num_instances
+        self._aborted: set[RequestState] = set()  # running requests whose client went away
 
     # --- admission control ----------------------------------------------------------------------
     def rejection_reason(self, state: RequestState) -> str | None:
@@ -195,22 +196,7 @@ class Cluster:
             if slots is not None and i < n:
                 t_next = max(t_next, slots[0]) if slots else np.inf
             if self._events and self._events[0][0] < t_next:
-                t, _, kind, payload = heapq.heappop(self._events)
-                self.now = t
-                if kind == 0:
-                    index, version = payload
-                    if version != self._version[index]:
-                        continue  # superseded by an interrupt
-                    inst = self.instances[index]
-                    inst.finish_span()
-                    self._schedule_instance(inst, inst.start_step(t))
-                    self.stats.steps += 1
-                else:
-                    state, dst = payload
-                    self.inbound[dst] -= 1
-                    inst = self.instances[dst]
-                    inst.enqueue(state)
-                    self._wake(inst, t)
+                self._next_event()
             else:
                 self.now = float(t_next)
                 state = RequestState(workload[i])
@@ -234,6 +220,77 @@ class Cluster:
             self.stats.swap_bytes += inst.swap_bytes
             self.stats.busy_fraction.append(inst.busy_time / self.now if self.now > 0 else 0.0)
         return self.collector
+
+    def _next_event(self) -> None:
+        """Handle the earliest event: a span's end, or a migrated request's arrival."""
+        t, _, kind, payload = heapq.heappop(self._events)
+        self.now = t
+        if kind == 0:
+            index, version = payload
+            if version != self._version[index]:
+                return  # superseded by an interrupt
+            inst = self.instances[index]
+            inst.finish_span()
+            if self._aborted:
+                self._drop_aborted(inst)
+            self._schedule_instance(inst, inst.start_step(t))
+            self.stats.steps += 1
+        else:
+            state, dst = payload
+            self.inbound[dst] -= 1
+            inst = self.instances[dst]
+            inst.enqueue(state)
+            self._wake(inst, t)
+
+    # --- online use: requests arrive as the run goes (llmsched's emulated engine) ---------------
+    def advance_to(self, t: float) -> None:
+        """Handle every event up to time `t`, and bring each instance's requests to `t`."""
+        while self._events and self._events[0][0] <= t:
+            self._next_event()
+        self.now = max(self.now, t)
+        for inst in self.instances:
+            inst.sync(t)
+
+    def next_event_time(self) -> float:
+        """When something next happens: an event, or the end of an iteration in progress
+        (tokens appear at each iteration's end); inf when idle."""
+        t = self._events[0][0] if self._events else np.inf
+        for inst in self.instances:
+            span = inst.span
+            if span is not None:
+                j = int(np.searchsorted(span.ends, self.now, side="right"))
+                if j < span.k:
+                    t = min(t, float(span.ends[j]))
+        return t
+
+    def submit(self, state: RequestState, now: float) -> str | None:
+        """A request arrives at `now` (after `advance_to(now)`): routed and queued; or refused,
+        with the reason, and then not recorded (an API server answers it with an error)."""
+        reason = self.rejection_reason(state)
+        if reason:
+            state.status = Status.REJECTED
+            return reason
+        self._arrive(state, now)
+        return None
+
+    def abort(self, state: RequestState, now: float) -> None:
+        """The client went away: a waiting request leaves at once; a running one after the
+        iteration in progress (its KV is freed then, as vLLM frees an aborted request's)."""
+        if state.status is Status.WAITING:
+            self.instances[state.instance].remove(state)
+            state.status = Status.FINISHED
+        elif state.status is Status.RUNNING:
+            self._aborted.add(state)
+            inst = self.instances[state.instance]
+            self._wake(inst, now)
+
+    def _drop_aborted(self, inst: Instance) -> None:
+        for state in list(self._aborted):
+            if state.status is Status.RUNNING and state.instance == inst.index:
+                inst.remove(state)
+                state.status = Status.FINISHED
+            if state.status is not Status.RUNNING:
+                self._aborted.discard(state)  # removed now, or it finished first
 
     def _arrive(self, state: RequestState, now: float) -> None:
         reason = self.rejection_reason(state)

@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from llmsched.integrations.vllm.settings import RequestArgs, RequestDataError, request_args
+
 THINK_END = "</think>"
 #: Token ids the emulated engine gives output tokens (``return_token_ids``): token k is
 #: OUTPUT_ID_BASE + k, ``</think>`` is THINK_END_ID. Prompts drawn by ``llmsched bench`` use ids
@@ -76,7 +78,7 @@ class Completion:
     stream: bool
     include_usage: bool
     priority: int
-    xargs: dict[str, Any]
+    args: RequestArgs  # vllm_xargs, checked
     return_token_ids: bool
     already: int  # output tokens the context already holds (a continuation)
     body: dict[str, Any] = field(repr=False, default_factory=dict)
@@ -86,39 +88,24 @@ class Completion:
         return len(self.context)
 
     def lengths(self, max_model_len: int) -> tuple[int, int]:
-        """(tokens this response generates, reasoning tokens among the request's whole output)."""
-        total = _int_xarg(self.xargs, XARG_OUTPUT, None)
-        reasoning = _int_xarg(self.xargs, XARG_REASONING, 0)
+        """(tokens this response generates, reasoning tokens of the request's whole output)."""
+        args = self.args
+        total, reasoning = args.output_tokens, args.reasoning_tokens or 0
         cap = self.max_tokens
         if total is None:
-            if cap is None:
-                cap = max_model_len - self.prompt_tokens
-            total = self.already + cap
+            total = self.already + (max_model_len - self.prompt_tokens if cap is None else cap)
         if reasoning and reasoning >= total:
             raise BadRequest(
                 f"vllm_xargs.{XARG_REASONING}={reasoning} leaves no answer token in "
                 f"{XARG_OUTPUT}={total}"
             )
-        left = total - self.already
-        if cap is not None:
-            left = min(left, cap)
+        left = total - self.already if cap is None else min(total - self.already, cap)
         if left < 1:
             raise BadRequest(
                 f"nothing left to generate: the context holds {self.already} of the request's "
                 f"{total} output tokens"
             )
         return left, reasoning
-
-
-def _int_xarg(xargs: dict[str, Any], key: str, default: int | None) -> int | None:
-    value = xargs.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-        raise BadRequest(f"vllm_xargs.{key} must be a whole number, got {value!r}")
-    if value < 0:
-        raise BadRequest(f"vllm_xargs.{key} must be >= 0, got {value}")
-    return int(value)
 
 
 def _words(text: str) -> list[str]:
@@ -177,6 +164,10 @@ def parse_completion(body: Any, *, chat: bool) -> Completion:
     xargs = body.get("vllm_xargs") or {}
     if not isinstance(xargs, dict):
         raise BadRequest("'vllm_xargs' must be an object")
+    try:
+        args = request_args(xargs)
+    except RequestDataError as e:
+        raise BadRequest(str(e)) from None
     options = body.get("stream_options") or {}
     return Completion(
         chat=chat,
@@ -186,7 +177,7 @@ def parse_completion(body: Any, *, chat: bool) -> Completion:
         stream=bool(body.get("stream", False)),
         include_usage=bool(options.get("include_usage", False)),
         priority=priority,
-        xargs=xargs,
+        args=args,
         return_token_ids=bool(body.get("return_token_ids", False)),
         already=trailing_output(already_text),
         body=body,

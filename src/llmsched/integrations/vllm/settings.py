@@ -13,7 +13,7 @@ import inspect
 import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 
 def _problems(error: ValidationError, where: str) -> str:
@@ -104,6 +104,10 @@ class RequestArgs(BaseModel):
     tbt: float | None = Field(default=None, gt=0)  # seconds between tokens (SLAI's deadline)
     ttft: float | None = Field(default=None, gt=0)  # seconds
     reasoning: bool | None = None  # starts in a reasoning phase (PASCAL)
+    # The true output of the request (llmsched's emulated engine generates exactly this, and
+    # its gateway resumes from it): all tokens, and those up to and including `</think>`.
+    output_tokens: StrictInt | None = Field(default=None, ge=1)
+    reasoning_tokens: StrictInt | None = Field(default=None, ge=0)
 
     @field_validator("score", "tbt", "ttft", mode="before")
     @classmethod
