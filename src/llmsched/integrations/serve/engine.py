@@ -151,8 +151,10 @@ def create_app(engine: RealtimeEngine, settings: EngineSettings, faults: FaultPl
         if isinstance(live, str):
             return error(live, 400)  # longer than the context: vLLM's 400
         metrics.arrived(req.prompt_tokens)
-        true_left = (req.args.output_tokens or req.already + left) - req.already
-        reply = _Reply(req, rid, reasoning, "length" if left < true_left else "stop")
+        # "stop" when the request's true output ends here (its EOS), "length" when the cap did.
+        total = req.args.output_tokens
+        ends = total is not None and req.already + left == total
+        reply = _Reply(req, rid, reasoning, "stop" if ends else "length")
         finish_reasons[rid] = reply.finish_reason
         if not req.stream:
             return await _whole(engine, live, reply, metrics)
