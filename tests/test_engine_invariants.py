@@ -243,3 +243,55 @@ def test_a_client_keeps_at_most_k_requests_in_flight(scenario, k, frontend):
     assert np.all(gap < 1e-9), "a waiting request went without a completion"
     for t in sent:  # in flight when each is sent: itself and those sent before, not yet done
         assert np.sum((sent <= t) & (done > t + 1e-9)) <= k
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.lists(st.tuples(st.integers(0, 59), st.floats(0, 0.5)), max_size=30))
+def test_online_use_with_aborts_loses_nothing_and_frees_every_block(scenario, aborts):
+    """The online API of the emulated engine (submit at arrival, abort when a client goes
+    away): every request is recorded exactly once when it generated all its tokens, or was
+    aborted before it had (a running request's abort takes effect after the iteration in
+    progress, which may be its last); the KV of aborted requests comes back."""
+    from llmsched.engine.state import RequestState, Status
+
+    workload, policy, config, instances, router = scenario
+    last_end: dict = {}
+    cls = policy_class(policy)
+    cluster = CheckedCluster(
+        instances, config, lambda: cls(preemption=config.preemption), make_router(router),
+        LinearLatency(), observer=span_observer(last_end),
+    )  # fmt: skip
+    states = [RequestState(workload[i]) for i in range(len(workload))]
+    # Each abort strikes `delay` seconds after its request's arrival, in time order.
+    events = [(s.arrival, 0, i) for i, s in enumerate(states)]
+    events += [(states[i].arrival + delay, 1, i) for i, delay in aborts if i < len(states)]
+    refused: set[int] = set()
+    dropped: dict[int, float] = {}  # aborted request -> when
+    for t, kind, i in sorted(events):
+        cluster.advance_to(t)
+        state = states[i]
+        if kind == 0:
+            if cluster.submit(state, t):
+                refused.add(i)
+        elif state.status in (Status.WAITING, Status.RUNNING):
+            cluster.abort(state, t)
+            dropped[i] = t
+    cluster.advance_to(np.inf)
+    recorded = cluster.collector.column("request_id").tolist()
+    assert len(recorded) == len(set(recorded)), "a request recorded twice"
+    for i, state in enumerate(states):
+        whole = state.generated == state.output_tokens
+        if i in refused:
+            assert state.request_id not in recorded
+        elif state.request_id in recorded:
+            assert whole, "recorded before its last token"
+            if i in dropped:  # it finished in the iteration in progress at its abort
+                log = cluster.logs[state.instance]
+                ends = log.data[: log.size]
+                in_progress = ends[np.searchsorted(ends, dropped[i], side="right")]
+                assert token_times(state, cluster.logs)[-1] <= in_progress, "abort ignored"
+        else:
+            assert i in dropped and not whole, "request lost"
+    for inst in cluster.instances:
+        assert inst.kv.used == 0 and inst.kv.cpu_used == 0, "KV blocks not all freed"
+        assert not inst.running and not inst.waiting
