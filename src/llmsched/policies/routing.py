@@ -40,7 +40,12 @@ class RandomRouter(Router):
 
 @register
 class LeastOutstandingRouter(Router):
-    """Fewest outstanding (running + waiting) requests; ties to the lowest index."""
+    """Fewest outstanding (running + waiting) requests; ties to the lowest index.
+
+    Behind the gateway (`llmsched serve gateway`) this is also "least loaded from scraped
+    /metrics": there `outstanding` is the larger of the gateway's own requests in flight on a
+    backend and its scraped ``vllm:num_requests_running + vllm:num_requests_waiting``.
+    """
 
     name = "least-outstanding"
 
@@ -60,3 +65,40 @@ class LeastKVRouter(Router):
             range(cluster.num_instances),
             key=lambda i: (cluster.kv_footprint(i), cluster.outstanding(i), i),
         )
+
+
+@register
+class PrefixAffinityRouter(Router):
+    """Prefix cache hits traded against load: score_i = matched_i / prompt_tokens
+    − beta · (load_i − mean_load) / max(1, mean_load); the highest score wins, ties to the
+    lowest index.
+
+    matched_i is `cluster.prefix_match(i, state)` (prompt tokens whose KV instance i is believed
+    to hold) and load_i is `cluster.outstanding(i)`. Routing by cache hits alone sends every
+    request with a hot prefix (a shared system prompt, a long conversation) to the one worker
+    that holds it until it drowns (production-stack's `kvaware`, SGLang's cache-aware "death
+    spiral"); the load term, relative to the mean, is the single exchange rate between a full
+    prefix hit and being one mean load above the others. beta = 1.0 as production-stack's
+    `loadaware` (PR #1035); beta = 0 is cache affinity alone.
+    """
+
+    name = "prefix-affinity"
+
+    def __init__(self, seed: int = 0, beta: float = 1.0) -> None:
+        super().__init__(seed)
+        if not beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        self.beta = float(beta)
+
+    def route(self, state: RequestState, cluster) -> int:
+        n = cluster.num_instances
+        loads = [cluster.outstanding(i) for i in range(n)]
+        mean = sum(loads) / n
+        scale = max(1.0, mean)
+        prompt = max(1, state.prompt_tokens)
+
+        def score(i: int) -> float:
+            hit = cluster.prefix_match(i, state) / prompt
+            return hit - self.beta * (loads[i] - mean) / scale
+
+        return max(range(n), key=lambda i: (score(i), -i))
