@@ -46,7 +46,7 @@ from llmsched.integrations.serve.view import (
     ProxiedState,
     block_hashes,
 )
-from llmsched.policies import router_class
+from llmsched.policies import ROUTERS, router_class
 from llmsched.workload.request import Request
 
 MODEL = "llama-3-8b"
@@ -165,6 +165,18 @@ def metric(url: str, name: str, **labels: str) -> float:
         if line.startswith(head + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def idle(gateway_url: str, *backends: str) -> bool:
+    """The gateway has nothing in flight on these backends, and their last scrape says they
+    run nothing and hold no KV (a router reads both)."""
+    _, health = get_json(gateway_url + "/health")
+    for url in backends:
+        b = health["backends"][url]
+        scraped = b["scraped"]
+        if b["in_flight"] or scraped["running"] or scraped["waiting"] or scraped["kv_usage"]:
+            return False
+    return True
 
 
 def wait_for(predicate, what: str, timeout: float = LONG) -> None:
@@ -335,12 +347,12 @@ def test_a_stream_nothing_can_continue_ends_with_an_error_event(engines, logs):
 
 # --- an engine dies mid-run ---------------------------------------------------------------------
 def test_killing_an_engine_mid_run_loses_nothing(logs):
-    """Nine long streams over three engines (at 4x real time each lasts several seconds);
+    """Nine long streams over three engines (at 3x real time each lasts at least 5 s);
     once every client has its first tokens one engine is killed. Its three streams continue
     on the others: every client gets its whole output."""
-    n = 1500
+    n = 2000
     with contextlib.ExitStack() as stack:
-        es = [start_engine(stack, logs, f"mortal{i}", "--time-scale", "4") for i in range(3)]
+        es = [start_engine(stack, logs, f"mortal{i}", "--time-scale", "3") for i in range(3)]
         gw = start_gateway(stack, logs, "gateway-mortal", [e.url for e in es])
 
         async def go():
@@ -427,6 +439,7 @@ def test_pascal_migrates_the_answer_and_the_stream_stays_whole(pascal_gateway, e
     """PASCAL (migration=always) moves a request to the other engine at `</think>` (chat: at
     its first content, `</think>` being in no chunk); the client sees one stream."""
     gw = pascal_gateway
+    wait_for(lambda: idle(gw.url, engines[0].url, engines[1].url), "idle engines")
     sent = [metric(gw.url, "llmsched_gateway_backend_requests_total", backend=e.url)
             for e in engines[:2]]  # fmt: skip
     migrations = metric(gw.url, "llmsched_gateway_migrations_total")
@@ -467,10 +480,8 @@ def test_prefix_affinity_follows_the_prefix_unless_the_load_is_much_higher(prefi
     def sent(url):
         return metric(gw.url, "llmsched_gateway_backend_requests_total", backend=url)
 
-    def idle(url):
-        status, health = get_json(gw.url + "/health")
-        s = health["backends"][url]
-        return s["in_flight"] == 0 and not s["scraped"]["running"] and not s["scraped"]["waiting"]
+    def settle():
+        wait_for(lambda: idle(gw.url, a, b), "idle engines")
 
     async def hold(session, prompt):
         """A stream that stays open (the engine stalls it after one token) until closed."""
@@ -481,7 +492,7 @@ def test_prefix_affinity_follows_the_prefix_unless_the_load_is_much_higher(prefi
 
     async def go():
         async with aiohttp.ClientSession() as session:
-            wait_for(lambda: idle(a) and idle(b), "idle engines")
+            settle()
             # The prefix lands on b: a is busy (a held stream) and nobody has it yet.
             held = await hold(session, "something else entirely")
             assert (sent(a), sent(b)) == (1, 0)
@@ -490,12 +501,13 @@ def test_prefix_affinity_follows_the_prefix_unless_the_load_is_much_higher(prefi
             assert_whole(reply, 3, 4 * BLOCK + 1)
             assert (sent(a), sent(b)) == (1, 1)
             held.close()
-            await asyncio.to_thread(wait_for, lambda: idle(a), "a idle")
+            await asyncio.to_thread(settle)
             # Equal loads: the prefix wins over the lower index.
             reply = await call(session, gw.url + "/v1/completions",
                                completion(shared + " second", 3, stream=False))  # fmt: skip
             assert_whole(reply, 3, 4 * BLOCK + 1)
             assert (sent(a), sent(b)) == (1, 2)
+            await asyncio.to_thread(settle)
             # b is one request above the mean (1 against 0): load outweighs the prefix.
             held = await hold(session, shared + " third")
             assert (sent(a), sent(b)) == (1, 3)
@@ -507,7 +519,7 @@ def test_prefix_affinity_follows_the_prefix_unless_the_load_is_much_higher(prefi
 
     asyncio.run(go())
     # The client that hung up ended as cancelled, and its engine request was aborted.
-    wait_for(lambda: idle(a) and idle(b), "every request gone")
+    settle()  # every request gone from the engines
     assert metric(gw.url, "llmsched_gateway_requests_total", outcome="cancelled") == 2
 
 
@@ -672,6 +684,8 @@ def test_retry_after_is_honoured_by_routing_around_the_backend(engines, logs):
          "--router-param: router 'pascal': migration must be one of"),
         (["--backends", "http://h:1", "--router-param", "beta"], "expected NAME=VALUE"),
         (["--backends", "http://h:1", "--scores", "noisy-oracle,tau=0.5"], "--scores:"),
+        (["--backends", "http://h:1", "--scores", "model:/no/such/dir"],
+         "--scores: /no/such/dir is not a saved predictor"),
         (["--backends", "http://h:1", "--retries", "-1"], "--retries: expected an integer >= 0"),
         (["--backends", "http://h:1", "--stall-timeout", "0"], "--stall-timeout: expected"),
         (["--backends", "http://h:1,http://h:1"], "--backends: a URL is listed twice"),
@@ -817,6 +831,21 @@ def test_gateway_view_shows_routable_backends_renumbered():
     assert inst.view.index == 1 and inst.backend is backends[2]
     assert list(inst.view.running) == [s] and s.generated == 3
     assert list(inst.view.token_times(s)) == [2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS))
+def test_every_router_decides_on_the_gateway_view(name):
+    backends = [Backend(i, f"http://h:{i + 1}") for i in range(3)]
+    mirrors, prefixes = Mirrors(3), PrefixIndex(3)
+    busy = _state("busy", ["w"] * 40, output=20, reasoning=5)
+    mirrors.add(busy, 1, now=0.0)
+    mirrors.tokens(busy, 6, now=0.5)
+    backends[1].in_flight = 1
+    router = router_class(name)()
+    view = GatewayView([backends[1], backends[2]], mirrors, prefixes, now=0.6)
+    new = _state("new", ["w"] * 40)
+    assert all(0 <= router.route(new, view) < 2 for _ in range(4))
+    assert router.on_phase_change(busy, 0, view) in (0, 1)
 
 
 def test_pascal_reads_the_mirror_like_an_engine():

@@ -104,6 +104,7 @@ class Settings:
     cooldown: float = 10.0
     prefix_blocks: int = 1 << 16
     log_level: str = "info"
+    predictor: Any = None  # the loaded model of --scores model:DIR
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -239,7 +240,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         router(seed=args.seed, **params)
     except (TypeError, ValueError) as e:
         raise ValueError(f"--router-param: router {args.router!r}: {e}") from None
-    scores = None
+    scores = predictor = None
     if args.scores:
         try:
             scores = ScoreSpec.parse(args.scores)
@@ -250,6 +251,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                 f"--scores: {scores.source} needs a whole workload; the gateway scores one "
                 "request at a time: prompt-length, oracle or model:DIR"
             )
+        if scores.source == "model":
+            from llmsched.predict import load_predictor
+
+            try:
+                predictor = load_predictor(scores.model_dir)
+            except (OSError, ValueError, ImportError) as e:
+                raise ValueError(f"--scores: {e}") from None
     checks = [
         ("--retries", args.retries, args.retries >= 0, "an integer >= 0"),
         ("--port", args.port, 0 <= args.port <= 65535, "a port number 0-65535"),
@@ -289,6 +297,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         cooldown=args.cooldown,
         prefix_blocks=args.prefix_blocks,
         log_level=args.log_level,
+        predictor=predictor,
     )
 
 
@@ -402,18 +411,13 @@ class Gateway:
         self.prefixes = PrefixIndex(len(self.backends), settings.prefix_blocks)
         self.metrics = GatewayMetrics(self)
         self.session: aiohttp.ClientSession | None = None
-        self.predictor = None
+        self.predictor = settings.predictor
         self._checks: asyncio.Task | None = None
 
     async def start(self) -> None:
         # No limit on pooled connections: every in-flight stream holds one.
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
         self.session = aiohttp.ClientSession(connector=connector)
-        spec = self.settings.scores
-        if spec is not None and spec.source == "model":
-            from llmsched.predict import load_predictor
-
-            self.predictor = load_predictor(spec.model_dir)
         await self.check_backends()
         self._checks = asyncio.create_task(self._check_forever())
 
@@ -769,7 +773,7 @@ class Relay:
         """A non-200 answer: 429 and 5xx are the backend's (retry elsewhere, honouring
         Retry-After); any other is the client's error and goes back to it."""
         status = response.status
-        text = (await response.read())[:2000]
+        text = await response.read()
         if status == 429 or status >= 500:
             after = _retry_after(response.headers.get("Retry-After"))
             if after:
@@ -790,9 +794,12 @@ class Relay:
             return
         raise PassThrough(status, text, response.content_type or "application/json")
 
-    async def dispatch(self, prefer: Backend | None = None, allowed=None) -> bool:
-        """Connect to a backend (`prefer` first, if given): the router's choice, then others
-        while the retry budget lasts. False when none streams."""
+    async def dispatch(
+        self, prefer: Backend | None = None, allowed: list[Backend] | None = None
+    ) -> bool:
+        """Connect to a backend (`prefer` first, if given): the router's choice (among
+        `allowed` for the first try, if given), then others while the retry budget lasts.
+        False when none streams."""
         if prefer is not None:
             if await self.connect(prefer):
                 return True
@@ -800,6 +807,7 @@ class Relay:
                 return False
         while True:
             backend = self.gw.choose(self.state, self.avoid, allowed)
+            allowed = None  # admission's filter decides the first try only
             if backend is None:
                 self.errors.append("no backend is routable (all unhealthy or circuit open)")
                 return False
