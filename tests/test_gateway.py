@@ -848,6 +848,17 @@ def test_every_router_decides_on_the_gateway_view(name):
     assert router.on_phase_change(busy, 0, view) in (0, 1)
 
 
+def test_prefix_affinity_runs_in_the_simulator():
+    """The simulator has no prefix cache (prefix_match is 0): the router balances load."""
+    from llmsched.config import load_config
+    from llmsched.experiment import simulate
+
+    cfg = load_config(None, num_requests=40, rate=8.0, seed=1, model=MODEL, gpu="a100-80gb")
+    cfg.instances, cfg.router = 2, "prefix-affinity"
+    summary = simulate(cfg).summary
+    assert summary["completed"] == 40
+
+
 def test_pascal_reads_the_mirror_like_an_engine():
     """PASCAL's router on the gateway's view: a request that just produced `</think>` on
     backend 0 goes to backend 1 (fewer reasoning requests there, smaller KV footprint); its

@@ -69,9 +69,10 @@ class LeastKVRouter(Router):
 
 @register
 class PrefixAffinityRouter(Router):
-    """Prefix cache hits traded against load: score_i = matched_i / prompt_tokens
-    − beta · (load_i − mean_load) / max(1, mean_load); the highest score wins, ties to the
-    lowest index.
+    """Prefix cache hits traded against load, with one exchange rate (beta).
+
+    score_i = matched_i / prompt_tokens − beta · (load_i − mean_load) / max(1, mean_load); the
+    highest score wins, ties to the lowest index.
 
     matched_i is `cluster.prefix_match(i, state)` (prompt tokens whose KV instance i is believed
     to hold) and load_i is `cluster.outstanding(i)`. Routing by cache hits alone sends every
