@@ -77,14 +77,15 @@ def test_bench_through_the_gateway_completes_every_request_on_both_servers(stack
 
 def test_a_vllm_server_killed_mid_stream_is_survived_on_the_other(stack):
     """The stream's first tokens come from one server; it is killed; the rest come from the
-    other, which continues from the token ids received: the client gets exactly max_tokens
-    tokens and one [DONE]."""
+    other, which continues from the token ids received (the prompt is ids, so the gateway
+    asks vLLM for `return_token_ids` and appends them): the client gets exactly max_tokens
+    tokens, one chunk each, and one [DONE]."""
     servers, gateway = stack
     max_tokens = 200
 
     async def go():
         texts, usage, done = [], None, False
-        body = {"model": "tiny-llama", "prompt": "t5 t6 t7 t8", "max_tokens": max_tokens,
+        body = {"model": "tiny-llama", "prompt": [105, 106, 107, 108], "max_tokens": max_tokens,
                 "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}  # fmt: skip
         killed = threading.Event()
