@@ -11,7 +11,7 @@ engine is killed (SIGKILL) and started again on its port. Each stream's text mus
 `t0 t1 ... t{n-1}` exactly (protocol.py): a lost request, a lost token or a duplicated one is
 counted. The gateway's failovers and retries come from its /metrics.
 
-    .venv/bin/python benchmarks/gateway.py                     # overhead, ~3 min
+    .venv/bin/python benchmarks/gateway.py                     # overhead, ~5 min
     .venv/bin/python benchmarks/gateway.py --soak 600 --skip-overhead   # the 10-minute soak
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import re
 import sys
@@ -105,32 +106,60 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(targets, streams, args, watch: ServerProcess | None) -> dict:
+    asyncio.run(closed_loop(targets, streams, 2, args.prompt, args.output))  # warm
+    cpu = cpu_seconds(watch.process.pid) if watch else 0.0
+    ttft, tokens, done, problems = asyncio.run(
+        closed_loop(targets, streams, args.seconds, args.prompt, args.output)
+    )
+    cell = {
+        "requests": done,
+        "p50_ttft_ms": float(np.percentile(ttft, 50) * 1e3) if done else None,
+        "p99_ttft_ms": float(np.percentile(ttft, 99) * 1e3) if done else None,
+        "tokens_per_s": tokens / args.seconds,
+        "problems": len(problems),
+        "first_problem": problems[0] if problems else None,
+    }
+    if watch is not None and tokens:
+        cell["gateway_cpu_us_per_token"] = (cpu_seconds(watch.process.pid) - cpu) / tokens * 1e6
+    return cell
+
+
 def overhead(args, folder: Path) -> list[dict]:
+    """Each concurrency `repeats` times, direct and through the gateway alternately (which goes
+    first alternates too); the medians over repeats, and their differences."""
     rows = []
     engines = [ServerProcess(ENGINE, log=folder / f"engine{i}.log") for i in range(args.engines)]
     for e in engines:
         e.start()
     urls = [e.url for e in engines]
     gateway = ServerProcess(
-        [*GATEWAY, "--backends", ",".join(urls), "--router", "round-robin"],
+        [*GATEWAY, "--backends", ",".join(urls), "--router", "round-robin",
+         "--log-level", "warning"],
         log=folder / "gateway.log",
-    ).start()
+    ).start()  # fmt: skip
+    ways = {"direct": (urls, None), "gateway": ([gateway.url], gateway)}
     try:
         for streams in args.streams:
-            row = {"streams": streams}
-            for way, targets in (("direct", urls), ("gateway", [gateway.url])):
-                asyncio.run(closed_loop(targets, streams, 2, args.prompt, args.output))  # warm
-                ttft, tokens, done, problems = asyncio.run(
-                    closed_loop(targets, streams, args.seconds, args.prompt, args.output)
-                )
+            cells: dict[str, list[dict]] = {"direct": [], "gateway": []}
+            for rep in range(args.repeats):
+                for way in sorted(ways, reverse=rep % 2 == 1):
+                    cells[way].append(measure(*ways[way][:1], streams, args, ways[way][1]))
+            row: dict = {"streams": streams, "repeats": cells}
+            for way, runs in cells.items():
                 row[way] = {
-                    "requests": done,
-                    "p50_ttft_ms": float(np.percentile(ttft, 50) * 1e3) if done else None,
-                    "p99_ttft_ms": float(np.percentile(ttft, 99) * 1e3) if done else None,
-                    "tokens_per_s": tokens / args.seconds,
-                    "problems": len(problems),
-                    "first_problem": problems[0] if problems else None,
-                }
+                    key: float(np.median([r[key] for r in runs]))
+                    for key in ("p50_ttft_ms", "p99_ttft_ms", "tokens_per_s",
+                                "gateway_cpu_us_per_token")
+                    if all(r.get(key) is not None for r in runs)
+                }  # fmt: skip
+                row[way]["problems"] = sum(r["problems"] for r in runs)
             d, g = row["direct"], row["gateway"]
             row["added_p50_ttft_ms"] = g["p50_ttft_ms"] - d["p50_ttft_ms"]
             row["added_p99_ttft_ms"] = g["p99_ttft_ms"] - d["p99_ttft_ms"]
@@ -138,10 +167,12 @@ def overhead(args, folder: Path) -> list[dict]:
             rows.append(row)
             print(
                 f"{streams:4d} streams: TTFT p50 {d['p50_ttft_ms']:.1f} -> {g['p50_ttft_ms']:.1f} "
-                f"ms (+{row['added_p50_ttft_ms']:.1f}), p99 {d['p99_ttft_ms']:.1f} -> "
-                f"{g['p99_ttft_ms']:.1f} ms (+{row['added_p99_ttft_ms']:.1f}); tokens/s "
+                f"ms ({row['added_p50_ttft_ms']:+.1f}), p99 {d['p99_ttft_ms']:.1f} -> "
+                f"{g['p99_ttft_ms']:.1f} ms ({row['added_p99_ttft_ms']:+.1f}); tokens/s "
                 f"{d['tokens_per_s']:.0f} -> {g['tokens_per_s']:.0f} "
-                f"({row['throughput_ratio']:.2f}x); problems {d['problems']}/{g['problems']}",
+                f"({row['throughput_ratio']:.2f}x); gateway CPU "
+                f"{g['gateway_cpu_us_per_token']:.0f} us/token; problems "
+                f"{d['problems']}/{g['problems']}",
                 flush=True,
             )
     finally:
@@ -196,7 +227,9 @@ def soak(args, folder: Path) -> dict:
         "tokens": tokens,
         "problems": len(problems),
         "first_problems": problems[:5],
-        "gateway_metrics": {k: v for k, v in m.items() if k.startswith("llmsched_gateway")},
+        "gateway_metrics": {
+            k: v for k, v in m.items() if k.startswith("llmsched_gateway") and "_created" not in k
+        },
     }
     print(json.dumps(result, indent=1))
     return result
@@ -207,7 +240,8 @@ def main() -> int:
     p.add_argument(
         "--streams", type=lambda s: [int(x) for x in s.split(",")], default=[10, 100, 500]
     )
-    p.add_argument("--seconds", type=float, default=15.0, help="measured seconds per cell")
+    p.add_argument("--seconds", type=float, default=10.0, help="measured seconds per cell")
+    p.add_argument("--repeats", type=int, default=3, help="cells per way and concurrency")
     p.add_argument("--engines", type=int, default=2)
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     p.add_argument("--output", type=int, default=64, help="output tokens")
@@ -219,7 +253,8 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out)
     results: dict = {
-        "machine": f"{platform.processor() or platform.machine()}, {platform.python_version()}",
+        "machine": f"{os.cpu_count()} cores {platform.machine()}, "
+        f"Python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }

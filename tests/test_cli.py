@@ -259,3 +259,11 @@ def test_compare_runs_the_configs_named_runs_with_their_routers(tmp_path, capsys
     bad = load_config(config, runs={"bad": {"router": "pascal", "router_params": {"mig": 1}}})
     with pytest.raises(ValueError, match="router 'pascal' takes no parameter"):
         simulate(bad.variant("bad"))
+
+
+def test_router_help_names_every_registered_router():
+    from llmsched.cli import ROUTER_HELP
+    from llmsched.policies import ROUTERS
+
+    named = {name.strip() for name in ROUTER_HELP.split("(")[0].split(",")}
+    assert named == set(ROUTERS)

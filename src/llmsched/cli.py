@@ -85,6 +85,12 @@ def _progress_flag(group) -> None:
     )
 
 
+# Written out rather than read from the registry: building the parser imports no policy.
+ROUTER_HELP = (
+    "round-robin, random, least-outstanding, least-kv, prefix-affinity, pascal (llmsched list)"
+)
+
+
 def engine_flags(cluster: bool = True) -> argparse.ArgumentParser:
     """The hardware's and the engine's flags (simulate, compare, capacity; `serve engine`, one
     engine, without the cluster's --instances and --router)."""
@@ -95,7 +101,7 @@ def engine_flags(cluster: bool = True) -> argparse.ArgumentParser:
     h.add_argument("--tp", type=int, help="tensor-parallel GPUs per instance")
     if cluster:
         h.add_argument("--instances", type=int, help="engine instances in the cluster")
-        h.add_argument("--router", help="round-robin, random, least-outstanding, least-kv")
+        h.add_argument("--router", help=ROUTER_HELP)
     h.add_argument(
         "--policy-param",
         action="append",

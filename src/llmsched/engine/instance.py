@@ -38,6 +38,14 @@ class IterationLog:
         self.data = np.empty(1024)
         self.size = 0
 
+    def append(self, t: float) -> int:
+        """Append one time; returns its index."""
+        if self.size == len(self.data):
+            self.data = np.concatenate([self.data, np.empty(len(self.data))])
+        self.data[self.size] = t
+        self.size += 1
+        return self.size - 1
+
     def extend(self, times: np.ndarray) -> int:
         """Append times; returns the index of the first one."""
         first, n = self.size, len(times)

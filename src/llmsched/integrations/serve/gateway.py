@@ -305,10 +305,13 @@ def create_app(settings: Settings) -> FastAPI:
         r = Relay(gw, c, request.headers.get(FAULT_HEADER))
         try:
             refusal = await r.start()
-        except Exception:
+        except Exception as e:  # a bug: logged with its traceback, and an OpenAI error body
+            logger.exception("request %s failed before its first byte", r.rid)
             r.end("failed")
             r.close()
-            raise
+            return error_response(
+                f"the gateway failed: {type(e).__name__}: {e}", 500, "server_error"
+            )
         except BaseException:
             r.close()
             raise

@@ -19,11 +19,12 @@ what one response generates, as in vLLM.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from llmsched.integrations.vllm.settings import RequestArgs, RequestDataError, request_args
 
@@ -186,9 +187,9 @@ def parse_completion(body: Any, *, chat: bool) -> Completion:
 
 # --- what the servers write ------------------------------------------------------------------
 def sse(payload: dict[str, Any] | str) -> bytes:
-    """One server-sent event."""
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n".encode()
+    """One server-sent event (orjson: the gateway writes one per token it relays)."""
+    data = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
+    return b"data: " + data + b"\n\n"
 
 
 DONE = sse("[DONE]")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import time
@@ -19,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import orjson
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from llmsched.integrations.serve import protocol
@@ -79,6 +79,10 @@ class SSE:
         self.response = response
         self.buffer = b""
 
+    def ready(self) -> bool:
+        """A whole event is buffered: the next `next()` returns without waiting."""
+        return b"\n\n" in self.buffer
+
     async def next(self) -> bytes | None:
         """The next event's data (None at the end of the body)."""
         while True:
@@ -132,6 +136,9 @@ class Relay:
         self.attempts = 0
         self.pending: dict | None = None  # its first event, read when it was connected
         self.pending_done = False
+        self.watchdog: asyncio.TimerHandle | None = None  # the stall watchdog (_watch)
+        self.deadline = 0.0  # when the stream counts as stalled, unless an event comes first
+        self.stalled = False
         self.sent_at = 0.0
         self.ahead = 0
         self.awaiting = False
@@ -186,9 +193,32 @@ class Relay:
             b.awaiting_first -= 1
             b.ttft.add(now - self.sent_at, self.ahead)
 
+    def _watch(self) -> None:
+        """Watch the attempt's stream for a stall. One timer per stall period, not one per
+        event: each event only moves `deadline`; when the timer fires before it, it waits on;
+        after it, the connection is closed, and the read in progress fails as a stall."""
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        self.stalled = False
+        self.deadline = time.monotonic() + self.gw.settings.stall_timeout
+        loop = asyncio.get_running_loop()
+
+        def check() -> None:
+            now = time.monotonic()
+            if now < self.deadline:
+                self.watchdog = loop.call_at(loop.time() + self.deadline - now, check)
+            elif self.response is not None:
+                self.stalled = True
+                self.response.close()
+
+        self.watchdog = loop.call_at(loop.time() + self.gw.settings.stall_timeout, check)
+
     def _end_attempt(self, *, abort: bool, finished: bool) -> None:
         b = self.backend
         assert b is not None
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
         if self.awaiting:
             self.awaiting = False
             b.awaiting_first -= 1
@@ -286,7 +316,7 @@ class Relay:
                     await self._refused(backend, self.response)
                     return False
                 self.reader = SSE(self.response)
-                event = await self._next_event(None)
+                event = await self._next_event()
         except TimeoutError:
             message = f"no first event within {s.first_byte_timeout:g} s"
             self._end_attempt(abort=True, finished=False)
@@ -309,6 +339,7 @@ class Relay:
             raise
         backend.breaker.success()
         self.pending, self.pending_done = event, event is None
+        self._watch()
         return True
 
     async def _refused(self, backend: Backend, response: aiohttp.ClientResponse) -> None:
@@ -373,23 +404,24 @@ class Relay:
         counter.labels(self.last_reason).inc()
         return True
 
-    async def _next_event(self, timeout: float | None) -> dict | None:
+    async def _next_event(self) -> dict | None:
         """The next streamed event (None for `[DONE]`); raises Broken when the stream is."""
         assert self.reader is not None
+        self.deadline = time.monotonic() + self.gw.settings.stall_timeout
         try:
-            async with asyncio.timeout(timeout):
-                payload = await self.reader.next()
-        except TimeoutError:
-            raise Broken("stall", f"the stream stalled (no event for {timeout:g} s)") from None
+            payload = await self.reader.next()
         except aiohttp.ClientError as e:
+            if self.stalled:
+                stall = self.gw.settings.stall_timeout
+                raise Broken("stall", f"the stream stalled (no event for {stall:g} s)") from None
             raise Broken("cut", f"the stream broke: {type(e).__name__}: {e}") from None
         if payload is None:
             raise Broken("cut", "the stream ended before [DONE]")
         if payload == b"[DONE]":
             return None
         try:
-            event = json.loads(payload)
-        except ValueError:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
             raise Broken("malformed", f"a malformed chunk: {payload[:80]!r}") from None
         if not isinstance(event, dict):
             raise Broken("malformed", f"a chunk that is not an object: {payload[:80]!r}")
@@ -448,13 +480,12 @@ class Relay:
     async def chunks(self) -> AsyncIterator[dict]:
         """The client's chunks, across attempts; the request has ended (outcome set) when the
         iteration stops. Failures after the first byte continue elsewhere."""
-        stall = self.gw.settings.stall_timeout
         while True:
             try:
                 if self.pending is not None or self.pending_done:
                     event, self.pending, self.pending_done = self.pending, None, False
                 else:
-                    event = await self._next_event(stall)
+                    event = await self._next_event()
                 if event is None:  # [DONE]
                     self._finish()
                     return
@@ -592,14 +623,20 @@ class Relay:
     async def sse(self) -> AsyncIterator[bytes]:
         """The streamed response: the chunks, then the usage chunk (if asked) and `[DONE]`, or
         an error event (and `[DONE]`, as vLLM ends a failed stream)."""
+        batch: list[bytes] = []
         try:
             try:
                 async for chunk in self.chunks():
-                    yield protocol.sse(chunk)
+                    batch.append(protocol.sse(chunk))
+                    if not (self.reader is not None and self.reader.ready()):
+                        yield b"".join(batch)  # one write for the events that came together
+                        batch.clear()
             except Exception as e:  # a bug must still end the client's stream explicitly
                 logger.exception("request %s", self.rid)
                 self.errors.append(f"the gateway failed: {type(e).__name__}: {e}")
                 self.end("failed")
+            if batch:  # what was relayed reaches the client, whatever follows
+                yield b"".join(batch)
             if self.outcome == "completed":
                 if self.c.include_usage:
                     final = self._chunk_with()

@@ -125,7 +125,8 @@ class Mirrors:
             state.status = Status.RUNNING
             state.first_scheduled = now
             mirror.running.append(state)
-        first = mirror.log.extend(np.full(count, now))
+        log = mirror.log
+        first = log.append(now) if count == 1 else log.extend(np.full(count, now))
         mirror.record_tokens(state, first, count)
         state.generated += count
         state.computed = state.prompt_tokens + state.generated - 1
