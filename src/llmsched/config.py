@@ -3,197 +3,361 @@
 Every field has a default, so an empty config runs the embedded synthetic workload. The
 resolved config (defaults, file and flags merged, engine limits filled in) is saved beside the
 results, so any run can be repeated from its output folder.
+
+pydantic checks every value when a config is made or changed, strictly: a number is written as
+a number (`rate: 5`, not `rate: "5"`), in YAML, TOML, flags and a run's overrides alike. A
+wrong value is a ConfigError with one line per key, naming the value and what is expected.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
+import math
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+    with_config,
+)
+from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
 ARRIVALS = ("auto", "trace", "poisson", "gamma")
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 
+# Values are checked as given: no quoted numbers, no 1 for true, no 2.0 for an integer.
+STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
-@dataclass
-class SimulationConfig:
+
+class ConfigError(ValueError):
+    """Wrong values in a config: one line per problem, each starting with the key it is about."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@with_config(STRICT)
+class Tier(TypedDict):
+    share: Annotated[float, Field(ge=0, le=1)]  # probability that a request is of this tier
+    tbt: Annotated[float, Field(gt=0)]  # seconds
+
+
+@with_config(STRICT)
+class AnswerSLOSpec(TypedDict, total=False):
+    ttfat: Annotated[float, Field(ge=0)]
+    tpot: Annotated[float, Field(gt=0)]
+    min_qoe: Annotated[float, Field(gt=0, le=1)]
+
+
+@with_config(STRICT)
+class ReasoningSpec(TypedDict, total=False):
+    split: Literal["equal", "servegen", "heavy"]
+    max_tokens: Annotated[int, Field(ge=1)]
+    sigma: Annotated[float, Field(ge=0)]
+    low: Annotated[float, Field(gt=0)]
+    high: Annotated[float, Field(gt=0)]
+    servegen_dir: str
+
+
+PARAMS = "a mapping of parameter names to values, e.g. {quantum: 300}"
+
+
+class SimulationConfig(BaseModel):
+    model_config = STRICT | ConfigDict(validate_assignment=True)
+
     # --- workload ---
     # A trace file, or a path inside the shared data folder ($LLMSCHED_DATA), e.g.
     # traces/azure2023/AzureLLMInferenceTrace_conv.csv; None = the embedded synthetic workload.
     trace: str | None = None
-    trace_format: str | None = None  # azure | lengths | mooncake | sharegpt | llmsched (auto)
+    # azure | lengths | mooncake | sharegpt | llmsched (None: detected) | alpaca_eval
+    trace_format: str | None = None
     # alpaca_eval: a folder of AlpacaEval prompts; `generator` picks whose answer lengths.
     generator: str | None = None
     # A hidden reasoning phase before each answer (workload/reasoning.py), e.g.
     # {split: servegen, max_tokens: 16384}; None = the trace's own reasoning lengths (if any).
-    reasoning: dict[str, Any] | None = None
-    num_requests: int | None = None  # None = the whole trace (synthetic: 1000)
-    arrival: str = "auto"  # auto: the trace's timestamps if it has them and no rate is given
-    rate: float | None = None  # requests/s for poisson or gamma arrivals
-    cv: float = 1.0  # burstiness of gamma arrivals (coefficient of variation of the gaps)
-    time_scale: float = 1.0  # trace replay: multiply the gaps (0.5 = twice as fast)
+    reasoning: ReasoningSpec | None = Field(
+        None,
+        description="a mapping {split: equal|servegen|heavy, max_tokens: N, sigma: S, low: L, "
+        "high: H, servegen_dir: DIR}",
+    )
+    num_requests: int | None = Field(None, ge=1)  # None = the whole trace (synthetic: 1000)
+    # auto: the trace's timestamps if it has them and no rate is given
+    arrival: Literal["auto", "trace", "poisson", "gamma"] = "auto"
+    rate: float | None = Field(None, gt=0)  # requests/s for poisson or gamma arrivals
+    cv: float = Field(1.0, gt=0)  # burstiness of gamma arrivals (coefficient of variation)
+    time_scale: float = Field(1.0, gt=0)  # trace replay: multiply the gaps (0.5 = 2x as fast)
     # A client that keeps at most this many requests in flight (vllm bench serve's
     # --max-concurrency): a request waits for a free slot and is timed from its sending.
-    max_concurrency: int | None = None
-    sample: str = "head"  # head: the first N requests; random: N drawn with replacement
+    max_concurrency: int | None = Field(None, ge=1)
+    # head: the first N requests; random: N drawn with replacement
+    sample: Literal["head", "random"] = "head"
     skip_invalid: bool = False  # skip trace rows that are not servable (reported)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     # Per-request predictor scores for PARS-style policies (llmsched.workload.scores), e.g.
     # {source: noisy-oracle, tau: 0.6, seed: 0}, "oracle", "prompt-length", "model:DIR".
-    scores: str | dict | None = None
-    # Keep only one split (train | val | test) of the length predictor's hash split by
-    # conversation (llmsched.predict.data): schedule prompts the predictor never trained on.
-    split: str | None = None
+    scores: Any = None
+    # Keep only one split of the length predictor's hash split by conversation
+    # (llmsched.predict.data): schedule prompts the predictor never trained on.
+    split: Literal["train", "val", "test"] | None = None
     # --- hardware ---
     model: str = "llama-3-8b"
     gpu: str = "a100-80gb"
-    tp: int = 1
-    gpu_memory_utilization: float = 0.9
-    kv_fraction: float = 1.0  # cap the KV cache at this share of what memory allows
-    num_blocks: int | None = None  # KV blocks per instance; None = from memory arithmetic
+    tp: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    kv_fraction: float = Field(1.0, gt=0, le=1)  # cap the KV cache at this share of memory's
+    num_blocks: int | None = Field(None, ge=1)  # KV blocks per instance; None: from memory
     # roofline: the roofline's default efficiencies; calibrated: fitted on measured profiles
     # (docs/calibration.md; other GPUs use the A100 fit); or a calibration file
     # (`llmsched calibrate ... --out CAL.json`), whose device replaces `gpu` when it names one.
     latency: str = "roofline"
-    dtype: str | None = None  # the served dtype (vLLM's --dtype); None: the model's own
+    # the served dtype (vLLM's --dtype); None: the model's own
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
     # Seconds the serving stack outside the engine (HTTP, API server, IPC) adds to every
     # request's TTFT and E2E latency; None: the calibration file's measure, else 0.
-    frontend_latency: float | None = None
+    frontend_latency: float | None = Field(None, ge=0)
     # --- engine and policies ---
-    instances: int = 1
+    instances: int = Field(1, ge=1)
     policy: str = "fcfs"
-    policy_params: dict[str, Any] = field(default_factory=dict)
+    policy_params: dict[str, Any] = Field(
+        default_factory=dict, description=PARAMS + ", or 'quantum=300' as the flag takes it"
+    )
     router: str = "round-robin"
-    router_params: dict[str, Any] = field(default_factory=dict)
-    max_num_batched_tokens: int | None = None  # None = the policy's default (vLLM: 2048)
-    max_num_seqs: int | None = None  # None = the policy's default (vLLM: 256)
-    max_model_len: int | None = None  # None = the model's context length
-    preemption: str = "recompute"
-    block_size: int = 16
-    watermark: float | None = None  # None = the policy's default
-    link_gbps: float = 100.0  # inter-instance link for migrations, Gb/s
+    router_params: dict[str, Any] = Field(default_factory=dict, description=PARAMS)
+    # None = the policy's default (vLLM: 2048 tokens, 256 sequences)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_model_len: int | None = Field(None, ge=1)  # None = the model's context length
+    preemption: Literal["recompute", "swap"] = "recompute"
+    block_size: int = Field(16, ge=1)
+    # share of the KV blocks new admissions must leave free; None = the policy's default
+    watermark: float | None = Field(None, ge=0, lt=1)
+    link_gbps: float = Field(100.0, gt=0)  # inter-instance link for migrations, Gb/s
     # --- SLOs ---
-    tbt: float | None = None  # every request's time-between-tokens target, seconds (SLAI: 0.2)
-    tiers: dict[str, dict] | None = None  # {name: {share, tbt}}: tiers drawn per request
+    # every request's time-between-tokens target, seconds (SLAI: 0.2)
+    tbt: float | None = Field(None, gt=0)
+    tiers: dict[str, Tier] | None = Field(
+        None,
+        min_length=1,
+        description="a mapping of tier names to {share: 0..1, tbt: SECONDS > 0}, e.g. "
+        "{paying: {share: 0.05, tbt: 0.1}, free: {share: 0.95, tbt: 0.5}}",
+    )
     # --- metrics ---
-    goodput: dict[str, float] | None = None  # SLOs in ms, e.g. {"ttft": 500, "tpot": 50}
+    goodput: dict[Literal["ttft", "tpot", "e2el"], Annotated[float, Field(gt=0)]] | None = Field(
+        None,
+        description="a mapping of ttft, tpot or e2el to milliseconds > 0, e.g. "
+        "{ttft: 500, tpot: 50}, or 'ttft:500 tpot:50' as the flag takes it",
+    )
     # Reasoning requests' answering-phase SLO (seconds): {ttfat: 0.25, tpot: 0.1, min_qoe: 0.95}
-    answer_slo: dict[str, float] | None = None
+    answer_slo: AnswerSLOSpec | None = Field(
+        None, description="a mapping {ttfat: SECONDS >= 0, tpot: SECONDS > 0, min_qoe: 0..1}"
+    )
     # --- comparisons ---
     # Named variants that `llmsched compare` runs on the same workload when no --policies are
     # given: {name: {policy: ..., router: ..., policy_params: ..., router_params: ...}}.
-    runs: dict[str, dict[str, Any]] | None = None
+    runs: dict[str, dict[str, Any]] | None = Field(
+        None,
+        description="a mapping of run names to the keys they change, e.g. "
+        "{fast: {policy: sarathi}}",
+    )
 
-    def validate(self) -> SimulationConfig:
-        problems = []
-        if self.latency not in ("roofline", "calibrated") and not Path(self.latency).is_file():
-            problems.append(
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as err:
+            raise ConfigError(_problems(err, values)) from None
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        from llmsched.policies import policy_class
+
+        policy_class(name)  # the registry's error names the known ones and the closest
+        return name
+
+    @field_validator("router")
+    @classmethod
+    def _known_router(cls, name: str) -> str:
+        from llmsched.policies import router_class
+
+        router_class(name)
+        return name
+
+    @field_validator("trace_format")
+    @classmethod
+    def _known_format(cls, fmt: str | None) -> str | None:
+        from llmsched.workload.readers import FORMATS
+
+        known = (*FORMATS, "alpaca_eval")
+        if fmt is not None and fmt not in known:
+            raise ValueError(f"unknown trace format {fmt!r}; known: {', '.join(known)}")
+        return fmt
+
+    @field_validator("latency")
+    @classmethod
+    def _latency_model(cls, latency: str) -> str:
+        if latency not in ("roofline", "calibrated") and not Path(latency).is_file():
+            raise ValueError(
                 f"latency must be roofline, calibrated or a calibration file (.json), got "
-                f"{self.latency!r}" + (" (no such file)" if self.latency.endswith(".json") else "")
+                f"{latency!r}" + (" (no such file)" if latency.endswith(".json") else "")
             )
-        if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
-            problems.append(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.frontend_latency is not None and not self.frontend_latency >= 0:
-            problems.append(f"frontend_latency must be >= 0 s, got {self.frontend_latency}")
-        if self.block_size < 1:
-            problems.append(f"block_size must be >= 1 token, got {self.block_size}")
-        if self.arrival not in ARRIVALS:
-            problems.append(f"arrival must be one of {ARRIVALS}, got {self.arrival!r}")
-        if self.arrival in ("poisson", "gamma") and self.rate is None:
-            problems.append(f"arrival={self.arrival} needs a rate (--rate REQ_PER_S)")
-        if self.rate is not None and self.rate <= 0:
-            problems.append(f"rate must be > 0 requests/s, got {self.rate}")
-        if self.num_requests is not None and self.num_requests < 1:
-            problems.append(f"num_requests must be >= 1, got {self.num_requests}")
-        if self.max_concurrency is not None and self.max_concurrency < 1:
-            problems.append(f"max_concurrency must be >= 1 request, got {self.max_concurrency}")
-        if self.instances < 1:
-            problems.append(f"instances must be >= 1, got {self.instances}")
-        if self.tp < 1:
-            problems.append(f"tp must be >= 1, got {self.tp}")
-        if not 0 < self.kv_fraction <= 1:
-            problems.append(f"kv_fraction must be in (0, 1], got {self.kv_fraction}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            problems.append(
-                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
-            )
-        if self.cv <= 0:
-            problems.append(f"cv must be > 0, got {self.cv}")
-        if self.time_scale <= 0:
-            problems.append(f"time_scale must be > 0, got {self.time_scale}")
-        for name, value in (self.goodput or {}).items():
-            if name not in GOODPUT_METRICS:
-                problems.append(f"goodput metric must be one of {GOODPUT_METRICS}, got {name!r}")
-            elif value <= 0:
-                problems.append(f"goodput {name} SLO must be > 0 ms, got {value}")
-        known = {f.name for f in dataclasses.fields(self)} - {"runs"}
-        for name, changes in (self.runs or {}).items():
-            if not isinstance(changes, dict) or set(changes) - known:
-                problems.append(
-                    f"run {name!r} must map config keys to values, got {changes!r}"
-                    if not isinstance(changes, dict)
-                    else f"run {name!r} has unknown key(s) {sorted(set(changes) - known)}"
-                )
-        if self.scores is not None:
+        return latency
+
+    @field_validator("scores")
+    @classmethod
+    def _score_spec(cls, spec: Any) -> Any:
+        if spec is not None:
             from llmsched.workload.scores import ScoreSpec
 
+            ScoreSpec.parse(spec)
+        return spec
+
+    # A file may use the flags' mini-languages: `goodput: ttft:500 tpot:50`,
+    # `policy_params: quantum=300`.
+    @field_validator("goodput", mode="before")
+    @classmethod
+    def _goodput_text(cls, value: Any) -> Any:
+        return parse_goodput(value.split()) if isinstance(value, str) else value
+
+    @field_validator("policy_params", mode="before")
+    @classmethod
+    def _params_text(cls, value: Any) -> Any:
+        return parse_params(value.split()) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SimulationConfig:
+        """Checks across keys; each line names the key it is about."""
+        problems = []
+        if self.arrival in ("poisson", "gamma") and self.rate is None:
+            problems.append(f"arrival: {self.arrival} needs a rate (rate: REQ_PER_S, --rate)")
+        if self.arrival == "trace" and self.rate is not None:
+            problems.append(
+                f"rate: {self.rate:g} is not used with arrival: trace, which replays the "
+                "trace's timestamps (time_scale speeds them up)"
+            )
+        if self.tiers and not math.isclose(sum(t["share"] for t in self.tiers.values()), 1):
+            total = sum(t["share"] for t in self.tiers.values())
+            problems.append(f"tiers: the shares must sum to 1, got {total:g}")
+        for name in self.runs or {}:
             try:
-                ScoreSpec.parse(self.scores)
-            except ValueError as err:
-                problems.append(str(err))
+                self.variant(name)
+            except ConfigError as err:
+                problems += [f"runs.{name}.{line}" for line in err.problems]
         if problems:
-            raise ValueError("invalid configuration: " + "; ".join(problems))
+            raise ValueError("\n".join(problems))
         return self
+
+    def validate(self) -> SimulationConfig:
+        """Check again: a nested value (a goodput entry, say) may have been changed in place."""
+        return SimulationConfig(**self.to_dict())
 
     def variant(self, name: str) -> SimulationConfig:
         """The config of one named run of `runs` (its keys override this config's)."""
         if not self.runs or name not in self.runs:
             known = ", ".join(self.runs or {}) or "none"
-            raise ValueError(f"no run named {name!r} in the config; runs: {known}")
-        return self.replace(runs=None, **self.runs[name]).validate()
+            raise ConfigError([f"runs: no run named {name!r}; runs: {known}"])
+        return self.replace(**{"runs": None} | self.runs[name])
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def replace(self, **changes: Any) -> SimulationConfig:
-        return dataclasses.replace(self, **changes)
+        return SimulationConfig(**self.to_dict() | changes)
 
 
+# --- error messages -------------------------------------------------------------------------
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+_KINDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _expected(key: str) -> str:
+    """What a key takes, in words: its description, or its type and bounds."""
+    info = SimulationConfig.model_fields[key]
+    if info.description:
+        return info.description
+    kind = next(t for t in get_args(info.annotation) or (info.annotation,) if t is not type(None))
+    if get_origin(kind) is Literal:
+        return "one of " + ", ".join(get_args(kind))
+    bounds = [
+        f"{op} {getattr(m, name):g}" for m in info.metadata for name, op in _BOUNDS
+        if getattr(m, name, None) is not None
+    ]  # fmt: skip
+    return " ".join([_KINDS.get(kind, "a value"), " and ".join(bounds)]).strip()
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _hint(value: Any) -> str:
+    """Why a value that looks right is refused: a quoted number (YAML and TOML read it as a
+    string), or an infinite one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return " (a finite one)"
+    if isinstance(value, str):
+        try:
+            plain = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return ""
+        if isinstance(plain, int | float | bool):
+            return " (a quoted value is a string: write it without quotes)"
+    return ""
+
+
+def _problems(err: ValidationError, values: dict[str, Any]) -> list[str]:
+    """pydantic's errors as one line per key: the key, the value given, what is expected."""
+    problems = []
+    for e in err.errors(include_url=False):
+        if not e["loc"]:  # a cross-key check's own lines
+            problems += str(e["ctx"]["error"]).splitlines()
+            continue
+        key = str(e["loc"][0])
+        if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:
+            close = difflib.get_close_matches(key, SimulationConfig.model_fields, 1)
+            problems.append(
+                f"{key}: unknown key"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+                + ("" if close else "; known keys: " + ", ".join(SimulationConfig.model_fields))
+            )
+        elif e["type"] == "value_error":  # a validator's own words
+            problems.append(f"{key}: {e['ctx']['error']}")
+        else:  # a nested value is shown whole: the expectation describes its form
+            value = values.get(key)
+            problems.append(f"{key}: got {_show(value)}, expected {_expected(key)}{_hint(value)}")
+    return list(dict.fromkeys(problems))  # several errors inside one value: one line
+
+
+def _key(problem: str) -> str:
+    return problem.split(":", 1)[0].split(".", 1)[0]
+
+
+# --- reading -----------------------------------------------------------------------------------
 def load_config(path: str | Path | None = None, **overrides: Any) -> SimulationConfig:
     """Defaults, then the file's values, then `overrides` (flags; None means "not given")."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        values.update(read_config_file(path))
+    values: dict[str, Any] = read_config_file(path) if path is not None else {}
+    from_file = set(values)
     for key, value in overrides.items():
         if value is None:
             continue
         if isinstance(value, dict) and isinstance(values.get(key), dict):
             value = values[key] | value  # flags add to (or override) the file's entries
+        else:
+            from_file.discard(key)
         values[key] = value
-    known = {f.name for f in dataclasses.fields(SimulationConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        import difflib
-
-        hints = [
-            f"{u!r}"
-            + (
-                f" (did you mean {m[0]!r}?)"
-                if (m := difflib.get_close_matches(u, known, 1))
-                else ""
-            )
-            for u in unknown
-        ]
-        raise ValueError(
-            f"unknown config key(s) {', '.join(hints)}"
-            + (f" in {path}" if path else "")
-            + f"; known keys: {', '.join(sorted(known))}"
-        )
-    return SimulationConfig(**values).validate()
+    try:
+        return SimulationConfig(**values)
+    except ConfigError as err:  # name the file in the lines about its values
+        raise ConfigError(
+            [f"{path}: {p}" if _key(p) in from_file else p for p in err.problems]
+        ) from None
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -215,8 +379,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def _parse_pairs(items: list[str] | None, sep: str, flag: str, example: str, value) -> dict | None:
-    """`NAME<sep>VALUE` command-line items → {name: value(text)}, with a clear error."""
+def _parse_pairs(items: list[str] | None, sep: str, form: str, value) -> dict | None:
+    """`NAME<sep>VALUE` items → {name: value(text)}, with a clear error."""
     if not items:
         return None
     out = {}
@@ -226,19 +390,19 @@ def _parse_pairs(items: list[str] | None, sep: str, flag: str, example: str, val
             if not found or not name.strip():
                 raise ValueError
             out[name.strip()] = value(text)
-        except ValueError:
-            raise ValueError(f"{flag} takes NAME{sep}VALUE like {example}, got {item!r}") from None
+        except (ValueError, yaml.YAMLError):
+            raise ValueError(f"{item!r} is not {form}") from None
     return out
 
 
 def parse_goodput(items: list[str] | None) -> dict[str, float] | None:
     """`["ttft:500", "tpot:50"]` (as `vllm bench serve --goodput`) → {"ttft": 500.0, ...}."""
-    return _parse_pairs(items, ":", "--goodput", "ttft:500 (METRIC:MS)", float)
+    return _parse_pairs(items, ":", "METRIC:MS like ttft:500", float)
 
 
 def parse_params(items: list[str] | None) -> dict[str, Any] | None:
     """`["quantum=300"]` → {"quantum": 300}; values are read as YAML scalars (numbers, bools)."""
-    return _parse_pairs(items, "=", "--policy-param", "quantum=300", yaml.safe_load)
+    return _parse_pairs(items, "=", "NAME=VALUE like quantum=300", yaml.safe_load)
 
 
 def save_config(config: SimulationConfig, path: Path, resolved: dict[str, Any]) -> None:
