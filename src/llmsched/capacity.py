@@ -4,7 +4,8 @@ An SLO is a list of conditions on a run's summary, written as people say them:
 ``"median_ttft<0.5s, p99_tbt<=tier"`` (TBT is the time between tokens, vLLM's ITL; ``tier``
 means every tier's own TBT target). A rate is feasible when every seed's run meets every
 condition. Capacity is found by growing the rate until it fails, then narrowing the bracket,
-several rates at a time on the local cores; it assumes the SLO metrics worsen with load.
+several rates at a time (on the local cores, or a Ray cluster: llmsched.parallel); it assumes
+the SLO metrics worsen with load.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from llmsched.config import SimulationConfig
+from llmsched.parallel import Executor, LocalExecutor
 
 STATS = ("mean", "median", "p50", "p90", "p95", "p99")
 METRICS = {"ttft": "ttft", "tpot": "tpot", "itl": "itl", "tbt": "itl", "e2el": "e2el"}
@@ -146,31 +149,34 @@ def search_capacity(
     tolerance: float = 0.02,
     max_rate: float = 1e4,
     on_evaluation: Callable[[Evaluation], None] | None = None,
+    executor: Executor | None = None,
 ) -> CapacityResult:
     """The highest rate (within `tolerance`, relative) at which every seed meets `conditions`.
 
-    Rates are tried `workers` at a time: first growing geometrically from `start_rate` until one
-    fails, then splitting the (feasible, infeasible) bracket evenly.
+    Rates are tried `workers` at a time (`executor.workers` when an executor is given; without
+    one, local processes): first growing geometrically from `start_rate` until one fails, then
+    splitting the (feasible, infeasible) bracket evenly.
     """
     if tiers_needed(conditions) and not cfg.tiers:
         raise ValueError("an SLO with 'tier' limits needs tiers in the config (tiers: {...})")
     result = CapacityResult(cfg.policy, 0.0, (0.0, math.inf))
     lo, hi = 0.0, math.inf
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # A caller's executor is the caller's to close; one made here is closed here.
+    with nullcontext(executor) if executor else LocalExecutor(workers) as pool:
+        workers = pool.workers
+        run = partial(evaluate, conditions=conditions)
 
         def feasible(rates: list[float]) -> dict[float, bool]:
-            jobs = {
-                (r, s): pool.submit(evaluate, cfg.replace(rate=r, seed=cfg.seed + s), conditions)
-                for r in rates
-                for s in range(seeds)
-            }
-            ok = dict.fromkeys(rates, True)
-            for (r, _), job in jobs.items():
-                e = job.result()
-                result.evaluations.append(e)
-                ok[r] &= e.ok
+            runs = [cfg.replace(rate=r, seed=cfg.seed + s) for r in rates for s in range(seeds)]
+            done: dict[int, Evaluation] = {}
+            for i, e in pool.map_unordered(run, runs):
+                done[i] = e
                 if on_evaluation:
                     on_evaluation(e)
+            ok = dict.fromkeys(rates, True)
+            for i in sorted(done):  # in the order asked, not as finished: the same result
+                result.evaluations.append(done[i])
+                ok[done[i].rate] &= done[i].ok
             return ok
 
         def update(verdict: dict[float, bool]) -> None:
