@@ -19,7 +19,14 @@ from llmsched.bench.run import bench, request_specs, send_all  # noqa: E402
 from llmsched.cli import main  # noqa: E402
 from llmsched.config import load_config  # noqa: E402
 from llmsched.experiment import load_workload  # noqa: E402
-from llmsched.metrics.vllm_bench import Outcomes, bench_metrics  # noqa: E402
+from llmsched.metrics.fidelity import FIELDS, field_errors  # noqa: E402
+from llmsched.metrics.vllm_bench import (  # noqa: E402
+    DETAILED_FIELDS,
+    Outcomes,
+    bench_metrics,
+    outcomes_from_result,
+    read_result,
+)
 
 from .openai_stub import FAULT_IDS, StubServer  # noqa: E402
 
@@ -113,14 +120,17 @@ def test_bench_refuses_a_bad_out_path_before_sending(stub, capsys):
     assert "FILE.json" in capsys.readouterr().err
 
 
-def test_simulate_and_bench_generate_the_same_requests(stub, tmp_path):
+def test_simulate_and_bench_generate_the_same_requests(stub, tmp_path, capsys):
     """One seed, one set of flags: the requests `simulate` simulates are those `bench` sends
     (lengths and arrival order), and their per-request arrays line up."""
     flags = ["--num-requests", "20", "--rate", "30", "--seed", "7", "--cv", "2"]
     assert main(["simulate", *flags, "--out", str(tmp_path / "sim"), "--save-detailed"]) == 0
-    sim = json.loads((tmp_path / "sim" / "summary.json").read_text())
     assert main(["bench", "--url", stub.url, *flags, "--out", str(tmp_path / "real.json")]) == 0
-    real = json.loads((tmp_path / "real.json").read_text())
+    # One reader for both: a simulate folder and a bench file.
+    sim, real = read_result(tmp_path / "sim"), read_result(tmp_path / "real.json")
+    for result in (sim, real):
+        assert set(DETAILED_FIELDS) <= set(result)
+        assert len(outcomes_from_result(result)) == 20
     assert sim["input_lens"] == real["input_lens"]
     assert sim["output_lens"] == real["output_lens"]
     assert sim["burstiness"] == real["burstiness"] == 0.25  # cv 2
@@ -129,20 +139,11 @@ def test_simulate_and_bench_generate_the_same_requests(stub, tmp_path):
     assert np.all(gaps_sim >= 0)  # arrival order
     shared = set(sim) & set(real)
     assert {"mean_ttft_ms", "p99_e2el_ms", "max_concurrent_requests", "itls"} <= shared
-
-
-def outcomes_from(result: dict) -> Outcomes:
-    ok = np.array([not e for e in result["errors"]])
-    return Outcomes(
-        success=ok,
-        input_lens=np.array(result["input_lens"]),
-        output_lens=np.array(result["output_lens"]),
-        ttfts=np.where(ok, result["ttfts"], np.nan),
-        latencies=np.where(ok, result["latencies"], np.nan),
-        start_times=np.array(result["start_times"]),
-        itls=[np.array(x) for x in result["itls"]],
-        errors=result["errors"],
-    )
+    # ... and `llmsched fidelity` compares them on every field it knows
+    assert {e.field for e in field_errors([real], sim)} == set(FIELDS)
+    real_json, sim_dir = str(tmp_path / "real.json"), str(tmp_path / "sim")
+    assert main(["fidelity", "--real", real_json, "--sim", sim_dir]) == 0
+    assert "median_ttft_ms" in capsys.readouterr().out
 
 
 def test_metrics_equal_vllms_own_benchmark_code():
@@ -202,4 +203,6 @@ def test_metrics_equal_vllms_own_benchmark_code():
             key = f"{stat}_{name}_ms"
             assert ours[key] == pytest.approx(getattr(metrics, key), rel=1e-9), key
         for p, value in getattr(metrics, f"percentiles_{name}_ms"):
-            assert ours[f"p{p}_{name}_ms"] == pytest.approx(value, rel=1e-9), (name, p)
+            key = f"median_{name}_ms" if p == 50 else f"p{p}_{name}_ms"  # one spelling
+            assert ours[key] == pytest.approx(value, rel=1e-9), (name, p)
+        assert f"p50_{name}_ms" not in ours

@@ -26,6 +26,8 @@ def test_parse_slo_reads_stats_metrics_units_and_strictness():
         Condition("p99", "itl", False, None),
     ]
     assert parse_slo("p99_ttft<=300ms") == [Condition("p99", "ttft", False, 300.0)]
+    # p50 as people write it; the summary's key is median_ttft_ms (one spelling, as vLLM)
+    assert parse_slo("p50_ttft<1s") == [Condition("median", "ttft", True, 1000.0)]
     assert parse_slo(" mean_e2el < 2 , p90_tpot<=40ms,") == [
         Condition("mean", "e2el", True, 2000.0),  # no unit: seconds
         Condition("p90", "tpot", False, 40.0),

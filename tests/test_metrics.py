@@ -27,6 +27,7 @@ from llmsched.metrics.report import (
 )
 from llmsched.metrics.summary import (
     CSV_COLUMNS,
+    CSV_HEADER,
     EXTRA_LATENCY_METRICS,
     PERCENTILES,
     VLLM_LATENCY_METRICS,
@@ -198,7 +199,6 @@ def test_summary_hand_computed():
     # TTFT 0.25, 0.5, 1.75 s
     assert s["mean_ttft_ms"] == pytest.approx(2500 / 3)
     assert s["median_ttft_ms"] == pytest.approx(500)
-    assert s["p50_ttft_ms"] == pytest.approx(500)
     assert s["p90_ttft_ms"] == pytest.approx(500 + 0.8 * 1250)  # linear interpolation
     assert s["std_ttft_ms"] == pytest.approx(np.std([250, 500, 1750]))
     # TPOT: the one-token request has none → mean of 1/3 and 0.375
@@ -239,8 +239,19 @@ def test_summary_has_vllm_field_names():
     ):
         assert key in s
     for m in (*VLLM_LATENCY_METRICS, *EXTRA_LATENCY_METRICS):
-        for stat in ("mean", "median", "std", "p50", "p90", "p95", "p99"):
+        for stat in ("mean", "median", "std", "p90", "p95", "p99"):
             assert f"{stat}_{m}_ms" in s
+
+
+def test_one_spelling_per_percentile_the_median_is_median():
+    """vLLM writes both median_ and p50_ when asked for the 50th percentile; a summary has
+    median_ only, whatever percentiles are asked for, and nowhere a p50_ key."""
+    c = three_collector()  # "four" is in tier gold: by_tier has statistics too
+    for s in (c.summary(), c.summary(percentiles=(50, 99))):
+        keys = set(s) | {k for tier in s["by_tier"].values() for k in tier}
+        assert not [k for k in keys if k.startswith("p50_")]
+        assert s["median_ttft_ms"] == pytest.approx(500)
+    assert "p99_ttft_ms" in c.summary(percentiles=(50, 99))
 
 
 def test_itl_pooling_weights_long_requests():
@@ -382,6 +393,17 @@ def test_slo_attainment_uses_own_slos():
     assert s["slo_attainment"] == pytest.approx(2 / 3)
 
 
+def test_slo_attainment_with_goodput_judges_the_requests_without_slos_of_their_own():
+    """--goodput gives every finished request an SLO (TTFT 0.25, 0.5, 1.75 s against 500 ms:
+    2 of 3 met); a request carrying its own SLO is judged by it (TTFT 5 s, its SLO 10 s)."""
+    s = three_collector().summary(goodput={"ttft": 500})
+    assert s["slo_requests"] == 3 and s["slo_attainment"] == pytest.approx(2 / 3)
+    own = RequestRecord("own", 0.0, 1, 1, token_times=np.array([5.0]), ttft_slo=10.0)
+    s = summarize([one_token(), four_tokens(), reasoning(), own], goodput={"ttft": 500})
+    assert s["slo_requests"] == 4 and s["slo_attainment"] == pytest.approx(3 / 4)
+    assert "SLO attainment (%): 75.00" in " ".join(format_summary(s).split())
+
+
 @pytest.mark.parametrize("with_rejected", [False, True])
 def test_empty_run(with_rejected, tmp_path):
     c = MetricsCollector()
@@ -461,8 +483,11 @@ def test_csv_round_trip(tmp_path):
     write_requests_csv(c, path)
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
-        assert tuple(reader.fieldnames) == CSV_COLUMNS
-        rows = list(reader)
+        assert tuple(reader.fieldnames) == CSV_HEADER
+        # every time and duration says its unit; counts say theirs already
+        assert {"arrival_s", "ttft_s", "tpot_s", "e2el_s", "prompt_tokens"} <= set(CSV_HEADER)
+        assert "ttft" not in CSV_HEADER
+        rows = [dict(zip(CSV_COLUMNS, row.values())) for row in reader]
     assert len(rows) == 4
     for rec, row in zip(recs, rows):
         expected = per_request_metrics(rec)
@@ -632,6 +657,13 @@ def _direct_summary(recs, goodput):
             slo_n += 1
             slo_hits += (r.ttft_slo is None or f <= r.ttft_slo) and (
                 r.tpot_slo is None or tpot0[-1] <= r.tpot_slo
+            )
+        elif goodput:  # no SLOs of its own: the run's goodput SLOs
+            slo_n += 1
+            slo_hits += all(
+                v <= goodput[k] / 1000
+                for k, v in (("ttft", f), ("tpot", tpot0[-1]), ("e2el", e))
+                if k in goodput
             )
     if recs:
         ends = [r.token_times[-1] for r in fin] + [r.arrival for r in recs if not r.finished]
@@ -834,3 +866,77 @@ def test_token_times_keep_a_first_token_far_smaller_than_the_gaps_before_it():
     ):
         c.add(r)
     assert c.summary()["max_output_tokens_per_s"] == 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# Whole runs: rejections, summary.json, skipped trace rows
+# --------------------------------------------------------------------------------------------
+
+
+def test_rejections_group_by_reason_with_a_few_examples():
+    """A context of 2048 tokens against synthetic prompts of up to 6144: many over-long requests,
+    nearly every one of a different length, make one reason, one console line, and the first
+    three rejected as examples with the lengths they asked for."""
+    from llmsched.config import load_config
+    from llmsched.experiment import load_workload, simulate
+
+    cfg = load_config(None, num_requests=300, rate=5.0, max_model_len=2048)
+    c = load_workload(cfg).columns
+    total = c["prompt_tokens"] + c["output_tokens"]
+    too_long = np.flatnonzero(total > 2048)
+    assert len(np.unique(total[too_long])) > 20  # one line per length, before
+    s = simulate(cfg).summary
+    reason = "prompt + output exceeds max_model_len (2048 tokens)"
+    assert s["rejected_reasons"] == {reason: len(too_long)}
+    examples = s["rejected_examples"][reason]
+    assert [e["request_id"] for e in examples] == [str(c["request_id"][i]) for i in too_long[:3]]
+    assert all(e["prompt_tokens"] + e["output_tokens"] > 2048 for e in examples)
+    lines = [line for line in format_summary(s).splitlines() if line.startswith("Rejected")]
+    assert lines == [lines[0]] and f"{reason}: {len(too_long)}; e.g. " in lines[0]
+
+
+def test_summary_json_is_read_back_as_a_vllm_bench_result(tmp_path):
+    """What `simulate --out` writes is what `llmsched bench` writes: one reader reads it, its
+    per-request arrays give back the summary's vLLM fields through the client's own
+    computation (bench_metrics), rejected requests are failed with their reason as error; and
+    without --save-detailed only vLLM's brief arrays are written."""
+    from llmsched.config import load_config
+    from llmsched.experiment import save, simulate
+    from llmsched.metrics.vllm_bench import (
+        BRIEF_FIELDS,
+        DETAILED_FIELDS,
+        bench_metrics,
+        outcomes_from_result,
+        read_result,
+    )
+
+    result = simulate(load_config(None, num_requests=120, rate=8.0, max_model_len=4096, seed=2))
+    save(result, tmp_path / "full", detailed=True)
+    save(result, tmp_path / "brief")
+    full = read_result(tmp_path / "full")  # the folder, as `llmsched fidelity --sim` takes it
+    assert full == json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert full["backend"] == "llmsched-simulator" and full["num_prompts"] == 120
+    outcomes = outcomes_from_result(full)
+    assert int(np.count_nonzero(~outcomes.success)) == full["failed"] > 0
+    assert set(full["rejected_reasons"]) == {e for e in outcomes.errors if e}
+    again = bench_metrics(outcomes, full["duration"], percentiles=PERCENTILES)
+    for key, value in again.items():
+        assert value == (None if full[key] is None else pytest.approx(full[key], rel=1e-6)), key
+    brief = read_result(tmp_path / "brief")
+    assert set(brief) & set(DETAILED_FIELDS) == set(BRIEF_FIELDS)  # vLLM's, without detail
+    assert brief["latencies"] == full["latencies"]
+    with pytest.raises(ValueError, match="--save-detailed"):
+        outcomes_from_result(brief)
+    assert not [k for k in full if k.startswith("p50_")]
+
+
+def test_skipped_trace_rows_are_counted_in_the_summary(tmp_path):
+    from llmsched.config import load_config
+    from llmsched.experiment import simulate
+
+    trace = tmp_path / "lengths.csv"
+    trace.write_text("num_prefill_tokens,num_decode_tokens\n10,5\n20,0\n30,7\n40,0\n")
+    cfg = load_config(None, trace=str(trace), rate=2.0, skip_invalid=True)
+    s = simulate(cfg).summary
+    assert s["skipped_trace_rows"] == 2 and s["completed"] == 2
+    assert "Skipped trace rows (unservable): 2" in " ".join(format_summary(s).split())

@@ -537,7 +537,9 @@ def test_request_longer_than_the_kv_cache_is_rejected_with_a_reason():
     reason = dict(zip(cols["request_id"], cols["reject_reason"]))
     assert run.metrics.num_rejected == 1 and run.metrics.num_finished == 2
     assert status == {"X": "rejected", "Y": "finished", "Z": "finished"}
-    assert "69" in reason["X"] and "64" in reason["X"] and "KV cache" in reason["X"]
+    # The reason names the limit; the record keeps the lengths the request asked for.
+    assert "64 tokens" in reason["X"] and "KV cache" in reason["X"]
+    assert dict(zip(cols["request_id"], cols["output_tokens"]))["X"] == 10
     assert reason["Y"] == reason["Z"] == ""
 
 

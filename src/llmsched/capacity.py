@@ -85,6 +85,8 @@ def parse_slo(text: str) -> list[Condition]:
                 raise ValueError(f"SLO term {term!r}: {value!r} is not a number") from None
             if not limit > 0 or math.isinf(limit):
                 raise ValueError(f"SLO term {term!r}: the limit must be a positive number")
+        # p50 is accepted as people write it; summaries spell it median (as vLLM does).
+        stat = "median" if stat == "p50" else stat
         conditions.append(Condition(stat, METRICS[metric], op == "<", limit))
     if not conditions:
         raise ValueError("empty SLO: give conditions like 'median_ttft<0.5s, p99_tbt<=tier'")

@@ -217,6 +217,7 @@ def cmd_bench(args) -> int:
     from llmsched.bench.run import bench
     from llmsched.experiment import load_workload
     from llmsched.metrics.report import format_summary
+    from llmsched.metrics.vllm_bench import write_result
 
     cfg = config_from_flags(args)
     if not args.out:
@@ -251,7 +252,7 @@ def cmd_bench(args) -> int:
     if failed:
         print(f"{len(failed)} request(s) failed; first: {failed[0]}", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result) + "\n")
+    write_result(result, out)
     print(f"wrote {out}")
     return 0
 
@@ -434,18 +435,11 @@ def cmd_fidelity(args) -> int:
 def _fidelity_runs(args) -> int:
     """A simulated run against measured ones (vllm bench serve results on both sides)."""
     from llmsched.metrics.fidelity import field_errors, format_errors
+    from llmsched.metrics.vllm_bench import read_result
 
     if not (args.real and args.sim):
         raise ValueError("compare runs with both --real RUN.json [...] and --sim RUN.json")
-
-    def read(path: str) -> dict:
-        p = Path(path)
-        p = p / "summary.json" if p.is_dir() else p
-        if not p.is_file():
-            raise FileNotFoundError(f"{p} does not exist")
-        return json.loads(p.read_text())
-
-    errors = field_errors([read(r) for r in args.real], read(args.sim))
+    errors = field_errors([read_result(r) for r in args.real], read_result(args.sim))
     if not errors:
         raise ValueError("the runs share no latency or throughput field: are both results?")
     print(format_errors(errors))

@@ -7,7 +7,6 @@ workload (same requests, same arrival times).
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from llmsched.hardware.steplog import device_spec
 from llmsched.metrics.qoe import AnswerSLO
 from llmsched.metrics.report import write_requests_csv
 from llmsched.metrics.summary import MetricsCollector
-from llmsched.metrics.vllm_bench import outcome_arrays, run_metadata
+from llmsched.metrics.vllm_bench import result_json, run_metadata, write_result
 from llmsched.policies import policy_class, router_class
 from llmsched.workload.generators import assign_tiers, build_workload, synthetic_workload
 from llmsched.workload.readers import read_trace
@@ -249,10 +248,11 @@ def simulate(
     summary = collector.summary(goodput=cfg.goodput)
     summary |= {"policy": cfg.policy, "router": cfg.router, "instances": cfg.instances}
     summary |= cluster.stats.as_dict()
+    summary["skipped_trace_rows"] = getattr(workload, "skipped", 0)
     resolved |= {
         "workload": workload.describe(),
         "workload_source": workload.source or "synthetic",
-        "skipped_trace_rows": getattr(workload, "skipped", 0),
+        "skipped_trace_rows": summary["skipped_trace_rows"],
     }
     return RunResult(cfg, collector, summary, resolved)
 
@@ -274,23 +274,21 @@ def run_description(result: RunResult) -> dict[str, Any]:
 
 
 def save(result: RunResult, out: str | Path, *, gaps: bool = False, detailed: bool = False) -> Path:
-    """Write summary.json (`vllm bench serve`'s result: run metadata, metrics, and with
-    `detailed` its per-request arrays; then llmsched's extensions), requests.csv and
-    config.yaml (the resolved config) to `out`; with `gaps`, also itl.npz: every request's
-    inter-token gaps (MetricsCollector.gaps_by_request)."""
+    """Write summary.json (`vllm bench serve`'s result, as `llmsched bench` writes it: run
+    metadata, metrics with llmsched's extensions, and the per-request arrays, all of them with
+    `detailed`), requests.csv and config.yaml (the resolved config) to `out`; with `gaps`,
+    also itl.npz: every request's inter-token gaps (MetricsCollector.gaps_by_request)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if gaps:
         offsets, values = result.collector.gaps_by_request()
         ids = result.collector.column("request_id")
         np.savez_compressed(out / "itl.npz", request_id=ids, offsets=offsets, gaps_s=values)
-    summary = run_description(result)
-    summary |= {k: v for k, v in result.summary.items() if k != "sim_wall_seconds"}
-    if detailed:
-        summary |= outcome_arrays(result.collector.outcomes())
-    # Per-request arrays (every gap of every request) are written compactly.
-    text = json.dumps(summary) if detailed else json.dumps(summary, indent=2)
-    (out / "summary.json").write_text(text + "\n")
+    # The wall time differs from run to run: left out, the same config gives the same bytes.
+    metrics = {k: v for k, v in result.summary.items() if k != "sim_wall_seconds"}
+    outcomes = result.collector.outcomes()
+    summary = result_json(run_description(result), metrics, outcomes, detailed=detailed)
+    write_result(summary, out / "summary.json")
     write_requests_csv(result.collector, out / "requests.csv")
     save_config(result.config, out / "config.yaml", result.resolved)
     return out

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from llmsched.bench.client import Outcome, RequestSpec, request_body, send
-from llmsched.metrics.vllm_bench import Outcomes, bench_metrics, outcome_arrays, run_metadata
+from llmsched.metrics.summary import PERCENTILES
+from llmsched.metrics.vllm_bench import Outcomes, bench_metrics, result_json, run_metadata
 from llmsched.workload.request import Workload
 
 PROMPT_IDS = (1000, 10000)  # token ids drawn for prompts: plain words in any large vocabulary
@@ -162,13 +163,14 @@ def bench(
     timeout: float = 600.0,
     ignore_eos: bool = True,
     goodput: dict[str, float] | None = None,
-    percentiles: Sequence[float] = (50, 90, 95, 99),
+    percentiles: Sequence[float] = PERCENTILES,
     request_rate: float | None = None,
     burstiness: float = 1.0,
     label: str | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Send the workload, return `vllm bench serve`'s result (metadata, metrics, arrays)."""
+    """Send the workload, return `vllm bench serve`'s result (metadata, metrics, and every
+    per-request array: they are the measurement, which calibration and fidelity read)."""
     if prompts not in ("ids", "text"):
         raise ValueError(f"prompts must be 'ids' or 'text', got {prompts!r}")
     if chat and prompts == "ids":
@@ -215,6 +217,8 @@ def bench(
         max_concurrency=max_concurrency,
         label=label,
     )
-    result = meta | bench_metrics(table, duration, goodput, percentiles) | outcome_arrays(table)
+    metrics = bench_metrics(table, duration, goodput, percentiles)
+    result = result_json(meta, metrics, table, detailed=True)
     result["request_ids"] = [o.request_id for o in outcomes]  # llmsched's: the X-Request-Id sent
+    result["skipped_trace_rows"] = getattr(workload, "skipped", 0)
     return result

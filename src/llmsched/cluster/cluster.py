@@ -150,14 +150,16 @@ class Cluster:
 
     # --- admission control ----------------------------------------------------------------------
     def rejection_reason(self, state: RequestState) -> str | None:
+        """Why the request can never run, or None. The reason names the limit, not the
+        request's own lengths (its record has them), so that rejections group by reason."""
         cfg = self.config
         total = state.prompt_tokens + state.output_tokens
         if total > cfg.max_model_len:
-            return f"prompt + output = {total} tokens exceeds max_model_len={cfg.max_model_len}"
+            return f"prompt + output exceeds max_model_len ({cfg.max_model_len} tokens)"
         if total - 1 > cfg.max_tokens_per_request:
             return (
-                f"needs KV for {total - 1} tokens but an instance holds at most "
-                f"{cfg.max_tokens_per_request} (the KV cache is too small for it)"
+                f"needs more KV than an instance holds ({cfg.max_tokens_per_request} tokens: "
+                "the KV cache is too small for it)"
             )
         return None
 
@@ -354,7 +356,7 @@ def _record(state: RequestState, times: np.ndarray, reject_reason: str = "") -> 
         request_id=state.request_id,
         arrival=state.arrival,
         prompt_tokens=state.prompt_tokens,
-        output_tokens=state.output_tokens if not reject_reason else 0,
+        output_tokens=state.output_tokens,  # a rejected request's: what it asked for
         reasoning_tokens=state.reasoning_tokens,
         token_times=times,
         first_scheduled=state.first_scheduled,

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 LATENCIES = ("ttft", "tpot", "itl", "e2el")
-STATISTICS = ("mean", "p50", "p90", "p99")
+STATISTICS = ("mean", "median", "p90", "p99")
 THROUGHPUTS = ("request_throughput", "output_throughput")
 #: Every compared field, in table order.
 FIELDS: tuple[str, ...] = (

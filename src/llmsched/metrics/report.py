@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from llmsched.metrics.summary import CSV_COLUMNS, MetricsCollector
+from llmsched.metrics.summary import CSV_COLUMNS, CSV_HEADER, MetricsCollector
 
 # --------------------------------------------------------------------------------------------
 # Per-request CSV
@@ -28,17 +28,18 @@ def _csv_cells(column: np.ndarray) -> list[str]:
 
 
 def write_requests_csv(collector: MetricsCollector, path: str | os.PathLike[str]) -> None:
-    """Write one row per request (finished and rejected), columns :data:`CSV_COLUMNS`.
+    """Write one row per request (finished and rejected), columns :data:`CSV_COLUMNS` under the
+    header :data:`CSV_HEADER` (a time's name ends in `_s`).
 
     Times are in seconds since the run's start, written with full float precision; an undefined
     value (NaN: e.g. the TPOT of a one-token request, every time of a rejected request) and a
-    missing tier are empty cells.
+    missing tier are empty cells. A rejected request's token counts are those it asked for.
     """
     cols = collector.columns()
     data = [_csv_cells(cols[name]) for name in CSV_COLUMNS]
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(CSV_HEADER)
         writer.writerows(zip(*data))
 
 
@@ -114,13 +115,27 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         ext.append(_line("Migrations:", s.get("total_migrations")))
     if s.get("slo_attainment") is not None:
         ext.append(_line("SLO attainment (%):", 100.0 * s["slo_attainment"]))
+    if s.get("skipped_trace_rows"):
+        ext.append(_line("Skipped trace rows (unservable):", s["skipped_trace_rows"]))
+    examples = s.get("rejected_examples") or {}
     for reason, count in (s.get("rejected_reasons") or {}).items():
-        ext.append(_line(f"Rejected ({reason}):", count))
+        ext.append(_rejected_line(reason, count, examples.get(reason, [])))
     if ext:
         lines.append(_rule("llmsched extensions"))
         lines += ext
     lines.append("=" * _WIDTH)
     return "\n".join(lines)
+
+
+def _rejected_line(reason: str, count: int, examples: Sequence[Mapping[str, Any]]) -> str:
+    """One line per reason, however many requests it rejected, with a few of them."""
+    line = f"Rejected, {reason}: {count}"
+    if examples:
+        shown = ", ".join(
+            f"{e['request_id']} ({e['prompt_tokens']} + {e['output_tokens']})" for e in examples
+        )
+        line += f"; e.g. {shown} tokens"
+    return line
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +149,7 @@ DEFAULT_COMPARISON_METRICS: tuple[str, ...] = (
     "request_throughput",
     "output_throughput",
     "mean_ttft_ms",
-    "p50_ttft_ms",
+    "median_ttft_ms",
     "p90_ttft_ms",
     "p99_ttft_ms",
     "mean_tpot_ms",

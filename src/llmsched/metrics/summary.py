@@ -30,14 +30,19 @@ from llmsched.metrics.vllm_bench import (
     GOODPUT_METRICS,
     VLLM_LATENCY_METRICS,
     Outcomes,
+    good_mask,
+    goodput_slos_seconds,
     latency_stats_ms,
     peaks,
     serving_metrics,
     token_times_of,
 )
 
-#: Percentiles reported for every latency metric (vLLM: ``--metric-percentiles 50,90,95,99``).
-PERCENTILES: tuple[float, ...] = (50, 90, 95, 99)
+#: Percentiles reported for every latency metric besides the median (``median_*``), as
+#: ``vllm bench serve --metric-percentiles 90,95,99``.
+PERCENTILES: tuple[float, ...] = (90, 95, 99)
+#: Rejected requests listed per rejection reason in the summary (`rejected_examples`).
+REJECTED_EXAMPLES = 3
 #: Latency metrics llmsched adds (same statistics, same naming pattern).
 EXTRA_LATENCY_METRICS: tuple[str, ...] = ("ttft_any", "queue_time")
 __all__ = ["GOODPUT_METRICS", "VLLM_LATENCY_METRICS", "latency_stats_ms"]  # re-exported
@@ -68,6 +73,27 @@ CSV_COLUMNS: tuple[str, ...] = (
     "instance",
     "priority",
     "tier",
+)
+#: Columns in seconds (times since the run's start, or durations).
+SECONDS_COLUMNS: frozenset[str] = frozenset(
+    {
+        "arrival",
+        "first_scheduled",
+        "first_token",
+        "first_answer_token",
+        "finish",
+        "queue_time",
+        "ttft",
+        "ttft_any",
+        "tpot",
+        "e2el",
+        "max_gap",
+        "answer_gap",
+    }
+)
+#: The per-request CSV's header: the columns with their unit where they have one (`ttft_s`).
+CSV_HEADER: tuple[str, ...] = tuple(
+    f"{name}_s" if name in SECONDS_COLUMNS else name for name in CSV_COLUMNS
 )
 
 # Numeric per-request scalars kept by the collector, one structured row per request.
@@ -446,6 +472,25 @@ class MetricsCollector:
             rows["arrival"][fin], rows["e2el"][fin], token_times_of(first, fin_offsets, gaps)
         )
 
+    def _rejected_examples(self) -> dict[str, list[dict[str, Any]]]:
+        """The first few requests rejected for each reason, with the lengths they asked for:
+        a reason names the limit, these show which requests ran into it."""
+        rows = self._rows.view()
+        rejected = ~rows["finished"]
+        ids = self._ids.view()
+        out = {}
+        for code in np.unique(rows["reject_code"][rejected]).tolist():
+            first = np.flatnonzero(rejected & (rows["reject_code"] == code))[:REJECTED_EXAMPLES]
+            out[self._reasons.values[code]] = [
+                {
+                    "request_id": str(ids[i]),
+                    "prompt_tokens": int(rows["prompt_tokens"][i]),
+                    "output_tokens": int(rows["output_tokens"][i]),
+                }
+                for i in first
+            ]
+        return out
+
     def outcomes(self) -> Outcomes:
         """The run as `vllm bench serve`'s client would have seen it, one entry per request in
         arrival order: a finished request's TTFT, E2E latency and gaps between visible tokens;
@@ -560,13 +605,18 @@ class MetricsCollector:
         out["rejected_reasons"] = {
             self._reasons.values[c]: int(k) for c, k in zip(codes.tolist(), counts.tolist())
         }
+        out["rejected_examples"] = self._rejected_examples()
         out["by_tier"] = self.tier_summary(percentiles) if len(self._tiers.values) else None
-        with_slo = fin["slo_met"] >= 0
-        n_slo = int(np.count_nonzero(with_slo))
+        # A request is judged by its own SLOs (tiers, TBT targets) where it carries any, else
+        # by the run's goodput SLOs: then every finished request has an SLO to meet.
+        met = fin["slo_met"].astype(np.int8)
+        slos = goodput_slos_seconds(goodput)
+        if slos is not None:
+            good = good_mask(fin["ttft"], fin["tpot"], fin["e2el"], slos)
+            met = np.where(met < 0, good.astype(np.int8), met)
+        n_slo = int(np.count_nonzero(met >= 0))
         out["slo_requests"] = n_slo
-        out["slo_attainment"] = (
-            float(np.count_nonzero(fin["slo_met"] == 1)) / n_slo if n_slo else None
-        )
+        out["slo_attainment"] = float(np.count_nonzero(met == 1)) / n_slo if n_slo else None
         # Reasoning requests' answering phase (PASCAL): QoE below the SLO's floor, and the wait
         # between `</think>` and the first answer token (migration, queueing, swap-in).
         qoe = fin["qoe"][~np.isnan(fin["qoe"])]

@@ -12,7 +12,11 @@ field by field, and both compare with ``vllm bench serve``'s own JSON.
 - :func:`outcome_arrays`: the per-request arrays (``input_lens``, ``output_lens``, ``ttfts``,
   ``itls``, ``latencies``, ``start_times``, ``queue_times``, ``generated_texts``, ``errors``);
 - :func:`run_metadata`: ``date``, ``backend``, ``model_id``, ``num_prompts``, ``request_rate``,
-  ``burstiness``, ``max_concurrency``, ...
+  ``burstiness``, ``max_concurrency``, ...;
+- :func:`result_json`, :func:`write_result`, :func:`read_result`: the whole result, as both
+  ``llmsched simulate --out`` (summary.json) and ``llmsched bench --out`` write it and as
+  ``llmsched fidelity`` reads it; :func:`outcomes_from_result` turns its arrays back into
+  :class:`Outcomes`.
 
 Where llmsched departs from vLLM it says so in docs/metrics.md: a statistic with no data is None
 (vLLM writes 0).
@@ -20,10 +24,13 @@ Where llmsched departs from vLLM it says so in docs/metrics.md: a statistic with
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,6 +52,9 @@ DETAILED_FIELDS: tuple[str, ...] = (
     "generated_texts",
     "errors",
 )
+
+#: The arrays vLLM keeps without `--save-detailed`: a few numbers per request.
+BRIEF_FIELDS: tuple[str, ...] = ("latencies", "queue_times")
 
 
 @dataclass
@@ -73,8 +83,10 @@ def latency_stats_ms(
 ) -> dict[str, float | None]:
     """``mean_/median_/std_/p{P}_{name}_ms`` of values in seconds, as vLLM computes them:
     mean, median, population std (``np.std``) and ``np.percentile`` (linear), times 1000.
-    With no values every statistic is None.
+    The 50th percentile is ``median_`` only: vLLM writes it twice when asked for 50, llmsched
+    keeps one spelling per statistic. With no values every statistic is None.
     """
+    percentiles = [p for p in percentiles if float(p) != 50]
     keys = [f"mean_{name}_ms", f"median_{name}_ms", f"std_{name}_ms"]
     keys += [f"p{_pct_key(p)}_{name}_ms" for p in percentiles]
     v = np.asarray(values_s)
@@ -331,3 +343,60 @@ def run_metadata(
         "burstiness": burstiness,
         "max_concurrency": max_concurrency,
     }
+
+
+def result_json(
+    metadata: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    outcomes: Outcomes,
+    *,
+    detailed: bool,
+) -> dict[str, Any]:
+    """`vllm bench serve`'s result: the run's metadata, its metrics, then the per-request
+    arrays: every one of :data:`DETAILED_FIELDS` when `detailed` (vLLM's `--save-detailed`),
+    else only :data:`BRIEF_FIELDS`, as vLLM does (a long run's `itls` hold every gap)."""
+    arrays = outcome_arrays(outcomes)
+    if not detailed:
+        arrays = {name: arrays[name] for name in BRIEF_FIELDS}
+    return {**metadata, **metrics, **arrays}
+
+
+def write_result(result: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """The result as JSON, one top-level field per line: the figures read at a glance, and an
+    array stays on one line (indented JSON would give every number a line of its own)."""
+    fields = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in result.items()]
+    Path(path).write_text("{\n" + ",\n".join(fields) + "\n}\n")
+
+
+def read_result(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A result of `llmsched bench --out FILE.json`, of `llmsched simulate --out DIR` (the
+    folder or its summary.json) or of `vllm bench serve --save-result`."""
+    p = Path(path)
+    p = p / "summary.json" if p.is_dir() else p
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} does not exist (a bench JSON or a simulate --out folder)")
+    result = json.loads(p.read_text())
+    if not isinstance(result, dict) or "completed" not in result:
+        raise ValueError(f"{p} is not a vllm bench serve result (it has no 'completed' field)")
+    return result
+
+
+def outcomes_from_result(result: Mapping[str, Any]) -> Outcomes:
+    """The per-request arrays of a detailed result back as :class:`Outcomes` (a request with an
+    error failed; its times are NaN again)."""
+    missing = [name for name in DETAILED_FIELDS if name not in result]
+    if missing:
+        raise ValueError(f"the result has no {', '.join(missing)}: write it with --save-detailed")
+    ok = np.array([not e for e in result["errors"]], dtype=bool)
+    return Outcomes(
+        success=ok,
+        input_lens=np.asarray(result["input_lens"], dtype=np.int64),
+        output_lens=np.asarray(result["output_lens"], dtype=np.int64),
+        ttfts=np.where(ok, np.asarray(result["ttfts"], dtype=np.float64), np.nan),
+        latencies=np.where(ok, np.asarray(result["latencies"], dtype=np.float64), np.nan),
+        start_times=np.asarray(result["start_times"], dtype=np.float64),
+        itls=[np.asarray(g, dtype=np.float64) for g in result["itls"]],
+        errors=list(result["errors"]),
+        queue_times=np.asarray(result["queue_times"], dtype=np.float64),
+        generated_texts=list(result["generated_texts"]),
+    )
