@@ -269,3 +269,25 @@ def test_router_help_names_every_registered_router():
 
     named = {name.strip() for name in ROUTER_HELP.split("(")[0].split(",")}
     assert named == set(ROUTERS)
+
+
+def test_trace_info_gives_length_percentiles_span_and_rate(tmp_path, capsys):
+    """Eleven requests 2 s apart, prompts 100..1100 tokens: a span of 20 s, 0.5 req/s, evenly
+    spaced (CV 0), and the prompt lengths' mean, median and maximum."""
+    trace = tmp_path / "t.jsonl"
+    rows = [
+        {
+            "request_id": str(i),
+            "arrival": 2.0 * i,
+            "prompt_tokens": 100 * (i + 1),
+            "output_tokens": 7,
+        }
+        for i in range(11)
+    ]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["trace", "info", str(trace)]) == 0
+    out = capsys.readouterr().out
+    prompt = next(line for line in out.splitlines() if line.startswith("prompt_tokens"))
+    mean, median, p90, p99, most = map(float, prompt.split()[1:])
+    assert (mean, median, p90, most) == (600, 600, 1000, 1100)
+    assert "20.0 s from the first to the last, 0.5 req/s on average (CV of the gaps 0.00" in out

@@ -403,12 +403,41 @@ def cmd_trace(args) -> int:
             else ""
         )
     )
+    if args.action == "info":
+        print(trace_info(workload))
     if args.action == "convert":
         if not args.output:
             raise ValueError("trace convert needs an output path: llmsched trace convert IN OUT")
         write_jsonl(workload, args.output)
         print(f"wrote {args.output} (llmsched JSONL, see docs/workload-format.md)")
     return 0
+
+
+def trace_info(workload) -> str:
+    """`trace info`'s figures: the lengths' percentiles and, for a timed trace, the time it
+    spans and its arrival rate (what --rate and --time-scale are chosen against)."""
+    import numpy as np
+
+    c = workload.columns
+    names = ["prompt_tokens", "output_tokens"]
+    if (c["reasoning_tokens"] > 0).any():
+        names.append("reasoning_tokens")
+    lines = [f"{'tokens':<18}{'mean':>8}{'median':>8}{'p90':>8}{'p99':>8}{'max':>8}"]
+    for name in names if len(workload) else []:
+        v = c[name]
+        stats = [v.mean(), *np.percentile(v, [50, 90, 99]), v.max()]
+        lines.append(f"{name:<18}" + "".join(f"{x:8.0f}" for x in stats))
+    arrival = c["arrival"]
+    if workload.timed and len(workload) > 1:
+        span = float(arrival[-1] - arrival[0])
+        gaps = np.diff(arrival)
+        cv = float(gaps.std() / gaps.mean()) if gaps.mean() > 0 else float("nan")
+        rate = f"{(len(workload) - 1) / span:.3g} req/s" if span > 0 else "all at once"
+        lines.append(
+            f"arrivals: {span:.1f} s from the first to the last, {rate} on average "
+            f"(CV of the gaps {cv:.2f}; Poisson: 1)"
+        )
+    return "\n".join(lines)
 
 
 def cmd_fidelity(args) -> int:
