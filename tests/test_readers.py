@@ -330,6 +330,22 @@ def test_missing_file_names_the_path(tmp_path):
         read_trace(missing, "azure")
 
 
+def test_a_relative_path_is_found_in_the_data_folder_or_the_error_says_where_it_looked(
+    tmp_path, monkeypatch
+):
+    data = tmp_path / "data"
+    (data / "traces").mkdir(parents=True)
+    (data / "traces" / "az.csv").write_text(AZURE)
+    monkeypatch.setenv("LLMSCHED_DATA", str(data))
+    monkeypatch.chdir(tmp_path)
+    assert len(read_trace("traces/az.csv")) == len(read_trace(data / "traces" / "az.csv"))
+    with pytest.raises(FileNotFoundError) as err:
+        read_trace("traces/nope.csv")
+    message = str(err.value)
+    assert str(tmp_path / "traces/nope.csv") in message
+    assert str(data / "traces/nope.csv") in message and "$LLMSCHED_DATA" in message
+
+
 # --- malformed rows ---------------------------------------------------------------------------
 
 AZ = "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n"

@@ -189,8 +189,14 @@ CONFIG_FLAGS = [
 def config_from_flags(args, **extra):
     """The run's SimulationConfig: the config file's settings, then the flags given."""
     overrides = {name: getattr(args, name, None) for name in CONFIG_FLAGS}
-    overrides["goodput"] = parse_goodput(getattr(args, "goodput", None))
-    overrides["policy_params"] = parse_params(getattr(args, "policy_param", None))
+    for key, flag, parse in (
+        ("goodput", "goodput", parse_goodput),
+        ("policy_params", "policy_param", parse_params),
+    ):
+        try:
+            overrides[key] = parse(getattr(args, flag, None))
+        except ValueError as err:
+            raise ValueError(f"--{flag.replace('_', '-')}: {err}") from None
     return load_config(getattr(args, "config", None), **(overrides | extra))
 
 
@@ -199,11 +205,14 @@ def _progress(args) -> bool:
 
 
 def cmd_simulate(args) -> int:
-    from llmsched.experiment import save, simulate
+    from llmsched.experiment import check, load_workload, save, simulate
     from llmsched.metrics.report import format_summary
 
     cfg = config_from_flags(args, policy=args.policy)
-    result = simulate(cfg, progress=_progress(args))
+    check(cfg)  # the model, GPU and engine before a trace is read
+    workload = load_workload(cfg)
+    _note(workload)
+    result = simulate(cfg, workload, progress=_progress(args))
     print(format_summary(result.summary))
     _report_run(result)
     if args.out:
@@ -227,6 +236,7 @@ def cmd_bench(args) -> int:
         raise ValueError(f"--out {out}: bench writes one JSON file, name it FILE.json")
     workload = load_workload(cfg)
     print(f"workload: {workload.describe()}", file=sys.stderr)
+    _note(workload)
     percentiles = [float(p) for p in args.metric_percentiles.split(",")]
     result = bench(
         workload,
@@ -278,8 +288,14 @@ def _report_run(result) -> None:
     )
 
 
+def _note(workload) -> None:
+    """What reading the workload decided that the user did not say, told once."""
+    if workload.note:
+        print(f"note: {workload.note}", file=sys.stderr)
+
+
 def cmd_compare(args, policies: list[str] | None = None, out: str | None = None) -> int:
-    from llmsched.experiment import load_workload, save, simulate
+    from llmsched.experiment import check, load_workload, save, simulate
     from llmsched.metrics.report import format_comparison, plot_distributions
 
     base = config_from_flags(args)
@@ -288,12 +304,19 @@ def cmd_compare(args, policies: list[str] | None = None, out: str | None = None)
     policies = policies or list(base.runs or {})
     if not policies:
         raise ValueError("compare needs --policies, or a config file with named `runs`")
+    # Every run's config, engine and parameters are checked before anything is read or run.
+    configs = {
+        name: base.variant(name) if name in (base.runs or {}) else base.replace(policy=name)
+        for name in policies
+    }
+    for cfg in configs.values():
+        check(cfg)
     workload = load_workload(base)  # identical requests and arrival times for every policy
     print(f"workload: {workload.describe()}")
+    _note(workload)
     summaries, collectors = {}, {}
-    for name in policies:
+    for name, cfg in configs.items():
         start = time.perf_counter()
-        cfg = base.variant(name) if name in (base.runs or {}) else base.replace(policy=name)
         result = simulate(cfg, workload, progress=_progress(args))
         summaries[name], collectors[name] = result.summary, result.collector
         print(f"  {name}: {time.perf_counter() - start:.2f} s", file=sys.stderr)
@@ -327,15 +350,31 @@ def cmd_demo(args) -> int:
 def cmd_capacity(args) -> int:
     import os
 
-    from llmsched.capacity import parse_slo, search_capacity, tier_limits_ms
+    from llmsched.capacity import parse_slo, search_capacity, tier_limits_ms, tiers_needed
+    from llmsched.experiment import check
     from llmsched.metrics.report import plot_capacity
 
     conditions = parse_slo(args.slo)
     policies = [p.strip() for p in (args.policies or args.policy or "fcfs").split(",") if p.strip()]
+    # Everything that can be refused is refused before a search (or a Ray cluster) starts.
+    if args.seeds < 1 or not args.start_rate > 0 or not 0 < args.tolerance < 1:
+        raise ValueError(
+            f"capacity needs --seeds >= 1, --start-rate > 0 and 0 < --tolerance < 1; got "
+            f"{args.seeds}, {args.start_rate:g} and {args.tolerance:g}"
+        )
+    configs = {name: config_from_flags(args, policy=name) for name in policies}
+    for cfg in configs.values():
+        if cfg.arrival == "trace":
+            raise ValueError("capacity tries rates of generated arrivals: not arrival: trace")
+        if tiers_needed(conditions) and not cfg.tiers:
+            raise ValueError(
+                f"--slo {args.slo!r} has 'tier' limits: the config needs tiers, e.g. "
+                "tiers: {paying: {share: 0.05, tbt: 0.1}, free: {share: 0.95, tbt: 0.5}}"
+            )
+        check(cfg.replace(rate=args.start_rate))
     workers = args.workers or os.cpu_count() or 1
     results = {}
-    for name in policies:
-        cfg = config_from_flags(args, policy=name)
+    for name, cfg in configs.items():
         print(
             f"{name}: searching the highest rate with {', '.join(map(str, conditions))} "
             f"({cfg.num_requests or 'all'} requests, {args.seeds} seed(s), {workers} workers)",
@@ -393,7 +432,21 @@ def cmd_trace(args) -> int:
     from llmsched.data import resolve
     from llmsched.workload.readers import read_trace, write_jsonl
 
-    workload = read_trace(resolve(args.input), args.format, skip_invalid=args.skip_invalid)
+    # The arguments first: a large trace takes a while to read.
+    source = resolve(args.input, "trace file")
+    if args.action == "convert":
+        if not args.output:
+            raise ValueError("trace convert needs an output path: llmsched trace convert IN OUT")
+        output = Path(args.output)
+        if output.exists() and output.resolve() == source.resolve():
+            raise ValueError(f"{output} is the input: convert it into another file")
+        if output.exists() and not args.force:
+            raise ValueError(f"{output} exists: give --force to overwrite it")
+        if not output.parent.is_dir():
+            raise ValueError(f"no folder {output.parent} to write {output.name} in")
+    elif args.output:
+        raise ValueError(f"trace info takes one trace, got a second path {args.output!r}")
+    workload = read_trace(source, args.format, skip_invalid=args.skip_invalid)
     print(
         f"{args.input}: {workload.describe()}"
         + ("" if workload.timed else " (no timestamps)")
@@ -406,9 +459,7 @@ def cmd_trace(args) -> int:
     if args.action == "info":
         print(trace_info(workload))
     if args.action == "convert":
-        if not args.output:
-            raise ValueError("trace convert needs an output path: llmsched trace convert IN OUT")
-        write_jsonl(workload, args.output)
+        write_jsonl(workload, output)
         print(f"wrote {args.output} (llmsched JSONL, see docs/workload-format.md)")
     return 0
 
@@ -600,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("output", nargs="?")
     t.add_argument("--format", choices=["azure", "lengths", "mooncake", "sharegpt", "llmsched"])
     t.add_argument("--skip-invalid", action="store_true")
+    t.add_argument("--force", action="store_true", help="convert: overwrite an existing output")
     t.set_defaults(func=cmd_trace)
     fid = sub.add_parser(
         "fidelity",

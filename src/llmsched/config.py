@@ -15,7 +15,8 @@ import difflib
 import math
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -282,7 +283,9 @@ def _expected(key: str) -> str:
     info = SimulationConfig.model_fields[key]
     if info.description:
         return info.description
-    kind = next(t for t in get_args(info.annotation) or (info.annotation,) if t is not type(None))
+    kind = info.annotation
+    if get_origin(kind) in (Union, UnionType):  # X | None: what X takes
+        kind = next(t for t in get_args(kind) if t is not type(None))
     if get_origin(kind) is Literal:
         return "one of " + ", ".join(get_args(kind))
     bounds = [
@@ -376,7 +379,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {path} does not parse: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"config file {path} must hold a mapping of keys to values")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    values = {str(k).replace("-", "_"): v for k, v in data.items()}
+    # A saved run's config.yaml (save_config) ends with what the engine derived from it.
+    values.pop("resolved", None)
+    return values
 
 
 def _parse_pairs(items: list[str] | None, sep: str, form: str, value) -> dict | None:

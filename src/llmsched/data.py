@@ -39,13 +39,38 @@ def data_path(relative: str) -> Path:
     return path
 
 
-def resolve(path: str | Path) -> Path:
+def resolve(path: str | Path, what: str | None = None) -> Path:
     """A user-given data path: as given when it exists, else relative to the shared data
-    folder (so configs can say `traces/azure2023/...` wherever they run from)."""
+    folder (so configs can say `traces/azure2023/...` wherever they run from). With `what`
+    (say "trace file"), a path found in neither place is an error that says where it looked."""
     given = Path(path).expanduser()
-    if given.exists() or given.is_absolute():
+    if given.exists():
         return given
     root = data_dir()
-    if root is not None and (root / given).exists():
+    if not given.is_absolute() and root is not None and (root / given).exists():
         return root / given
+    if what is not None:
+        raise not_found(given, what)
     return given
+
+
+def not_found(path: str | Path, what: str = "file") -> FileNotFoundError:
+    """The error for a data path that is neither where it was given nor in the data folder."""
+    given = Path(path).expanduser()
+    looked = [str(given.absolute())]
+    root = data_dir()
+    if root is not None and not given.is_absolute():
+        looked.append(str(root / given))
+    if root is not None:
+        origin = f"set by ${ENV_VAR}" if os.environ.get(ENV_VAR) else f"set ${ENV_VAR} for another"
+        folder = f"relative paths are also looked up in the data folder {root} ({origin})"
+    elif os.environ.get(ENV_VAR):
+        folder = f"${ENV_VAR} is {os.environ[ENV_VAR]}, which is not a folder"
+    else:
+        folder = (
+            f"relative paths are also looked up in ${ENV_VAR}, which is not set (nor is there "
+            "a ../shared/data beside the checkout)"
+        )
+    return FileNotFoundError(
+        f"{what} not found: {path}; looked at {' and '.join(looked)}; {folder}"
+    )

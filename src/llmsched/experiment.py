@@ -47,7 +47,7 @@ def load_workload(cfg: SimulationConfig) -> Workload:
     """The run's requests (a trace, arrivals replayed or generated, or the synthetic default),
     with the configured TBT targets or tiers."""
     workload = _requests(cfg)
-    skipped = getattr(workload, "skipped", 0)
+    skipped, note = getattr(workload, "skipped", 0), getattr(workload, "note", None)
     if cfg.reasoning:
         workload = add_reasoning(workload, cfg.reasoning, cfg.seed)
     if cfg.tbt is not None:
@@ -59,6 +59,7 @@ def load_workload(cfg: SimulationConfig) -> Workload:
 
         workload = attach_scores(workload, cfg.scores)
     workload.skipped = skipped  # unservable trace rows skipped on reading, for the report
+    workload.note = note  # for the user, once (the command line prints it)
     return workload
 
 
@@ -73,9 +74,10 @@ def _requests(cfg: SimulationConfig) -> Workload:
             max_output=2048,
         )
     if cfg.trace_format == "alpaca_eval":
-        source = read_alpaca_eval(resolve(cfg.trace), cfg.generator or DEFAULT_GENERATOR)
+        folder = resolve(cfg.trace, "AlpacaEval folder")
+        source = read_alpaca_eval(folder, cfg.generator or DEFAULT_GENERATOR)
     else:
-        source = read_trace(resolve(cfg.trace), cfg.trace_format, skip_invalid=cfg.skip_invalid)
+        source = read_trace(cfg.trace, cfg.trace_format, skip_invalid=cfg.skip_invalid)
     if cfg.split is not None:
         from llmsched.workload.scores import held_out
 
@@ -107,6 +109,11 @@ def _requests(cfg: SimulationConfig) -> Workload:
         **options,
     )
     workload.skipped = getattr(source, "skipped", 0)
+    if source.timed and arrival != "trace" and cfg.arrival == "auto":
+        workload.note = (
+            f"{cfg.trace} has timestamps of its own: rate {cfg.rate:g} req/s replaces them with "
+            f"{arrival} arrivals (without a rate, or with arrival: trace, they are replayed)"
+        )
     return workload
 
 
@@ -238,12 +245,19 @@ def _checked_params(cls, name: str, kind: str, params: dict[str, Any]) -> dict[s
     return dict(params)
 
 
+def check(cfg: SimulationConfig) -> None:
+    """Refuse what the config alone shows to be wrong, before any workload is read or run: an
+    unknown model or GPU, a model that does not fit, engine limits or policy and router
+    parameters that do not go together."""
+    build_cluster(cfg)
+
+
 def simulate(
     cfg: SimulationConfig, workload: Workload | None = None, *, progress: bool = False
 ) -> RunResult:
     cfg.validate()
+    cluster, resolved = build_cluster(cfg)  # an unknown model or GPU before reading a trace
     workload = load_workload(cfg) if workload is None else workload
-    cluster, resolved = build_cluster(cfg)
     collector = cluster.run(workload, progress=progress)
     summary = collector.summary(goodput=cfg.goodput)
     summary |= {"policy": cfg.policy, "router": cfg.router, "instances": cfg.instances}

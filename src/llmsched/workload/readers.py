@@ -34,6 +34,7 @@ from typing import IO
 
 import numpy as np
 
+from llmsched.data import resolve
 from llmsched.workload.request import FIELDS, Workload, request_problem
 
 FORMATS = ("azure", "lengths", "mooncake", "sharegpt", "llmsched")
@@ -65,9 +66,9 @@ def read_trace(
     servable request (e.g. 0 output tokens) are skipped; their number is ``workload.skipped``
     (always set: 0 when nothing was skipped).
     """
-    path = Path(path)
+    path = resolve(path, "trace file")  # as given, or inside $LLMSCHED_DATA
     if not path.is_file():
-        raise FileNotFoundError(f"trace file not found: {path}")
+        raise FileNotFoundError(f"trace file {path} is a folder, not a file")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
     if fmt is None:
@@ -108,9 +109,9 @@ def read_trace(
 
 def detect_format(path: str | Path) -> str:
     """The format of a trace file, from its first non-empty line (header or first object)."""
-    path = Path(path)
+    path = resolve(path, "trace file")  # as given, or inside $LLMSCHED_DATA
     if not path.is_file():
-        raise FileNotFoundError(f"trace file not found: {path}")
+        raise FileNotFoundError(f"trace file {path} is a folder, not a file")
     try:
         with _open_text(path) as fh:
             first = next((line for line in fh if line.strip()), "")
