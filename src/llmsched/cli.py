@@ -91,6 +91,40 @@ ROUTER_HELP = (
 )
 
 
+def _backend_flags(parser) -> None:
+    """Where the simulations of `sweep` and `capacity` run."""
+    g = parser.add_argument_group("parallel runs")
+    g.add_argument(
+        "--backend",
+        choices=["local", "ray"],
+        default="local",
+        help="local processes, or a Ray cluster (pip install 'llmsched[ray]')",
+    )
+    g.add_argument(
+        "--address",
+        metavar="auto|URL",
+        help="with --backend ray: the cluster, auto (the one this machine belongs to), "
+        "ray://HOST:PORT or HOST:PORT (default: a Ray started here)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="simulations at once (default: all local cores, or the Ray cluster's CPUs)",
+    )
+
+
+def _executor(args):
+    """The executor --backend names; a missing Ray or an unreachable cluster is an error of
+    the command line, with its fix."""
+    from llmsched.parallel import make_executor
+
+    try:
+        return make_executor(args.backend, args.workers, args.address)
+    except (ImportError, ConnectionError) as err:
+        raise ValueError(str(err)) from None
+
+
 def engine_flags(cluster: bool = True) -> argparse.ArgumentParser:
     """The hardware's and the engine's flags (simulate, compare, capacity; `serve engine`, one
     engine, without the cluster's --instances and --router)."""
@@ -348,8 +382,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_capacity(args) -> int:
-    import os
-
     from llmsched.capacity import parse_slo, search_capacity, tier_limits_ms, tiers_needed
     from llmsched.experiment import check
     from llmsched.metrics.report import plot_capacity
@@ -372,44 +404,47 @@ def cmd_capacity(args) -> int:
                 "tiers: {paying: {share: 0.05, tbt: 0.1}, free: {share: 0.95, tbt: 0.5}}"
             )
         check(cfg.replace(rate=args.start_rate))
-    workers = args.workers or os.cpu_count() or 1
     results = {}
-    for name, cfg in configs.items():
-        print(
-            f"{name}: searching the highest rate with {', '.join(map(str, conditions))} "
-            f"({cfg.num_requests or 'all'} requests, {args.seeds} seed(s), {workers} workers)",
-            file=sys.stderr,
-        )
-
-        def show(e, name=name):
-            values = "; ".join(
-                f"{c} "
-                + ",".join(f"{t}={v:.0f}" if v is not None else f"{t}=-" for t, v in vals.items())
-                for c, vals in e.values.items()
-            )
+    with _executor(args) as executor:  # one for every policy: a Ray cluster is joined once
+        for name, cfg in configs.items():
             print(
-                f"  {name} {e.rate:8.3f} req/s seed {e.seed}: {'ok  ' if e.ok else 'FAIL'} "
-                f"{values}",
+                f"{name}: searching the highest rate with {', '.join(map(str, conditions))} "
+                f"({cfg.num_requests or 'all'} requests, {args.seeds} seed(s), "
+                f"{executor.workers} workers, {args.backend} backend)",
                 file=sys.stderr,
-                flush=True,
             )
 
-        result = search_capacity(
-            cfg,
-            conditions,
-            seeds=args.seeds,
-            workers=workers,
-            start_rate=args.start_rate,
-            tolerance=args.tolerance,
-            on_evaluation=show,
-        )
-        limits = tier_limits_ms(cfg)
-        results[name] = result.as_dict() | {
-            "limits_ms": {
-                str(c): ({"all": c.limit_ms} if c.limit_ms is not None else limits)
-                for c in conditions
+            def show(e, name=name):
+                values = "; ".join(
+                    f"{c} "
+                    + ",".join(
+                        f"{t}={v:.0f}" if v is not None else f"{t}=-" for t, v in vals.items()
+                    )
+                    for c, vals in e.values.items()
+                )
+                print(
+                    f"  {name} {e.rate:8.3f} req/s seed {e.seed}: {'ok  ' if e.ok else 'FAIL'} "
+                    f"{values}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+            result = search_capacity(
+                cfg,
+                conditions,
+                seeds=args.seeds,
+                executor=executor,
+                start_rate=args.start_rate,
+                tolerance=args.tolerance,
+                on_evaluation=show,
+            )
+            limits = tier_limits_ms(cfg)
+            results[name] = result.as_dict() | {
+                "limits_ms": {
+                    str(c): ({"all": c.limit_ms} if c.limit_ms is not None else limits)
+                    for c in conditions
+                }
             }
-        }
     print(f"{'policy':12s} {'capacity (req/s)':>16s}  bracket")
     base = next(iter(results.values()))["capacity_rps"]
     for name, r in results.items():
@@ -425,6 +460,48 @@ def cmd_capacity(args) -> int:
         except ImportError as err:
             print(f"no plot: {err}", file=sys.stderr)
         print(f"wrote {out}/capacity.json and capacity.png")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from llmsched.parallel import check_backend
+    from llmsched.sweep import plan, read_sweep, rows, run, write_results
+    from llmsched.sweep.plot import plot_sweep
+    from llmsched.sweep.run import format_rows
+    from llmsched.sweep.spec import describe
+
+    check_backend(args.backend, args.address)
+    sweep = read_sweep(args.config)  # every cell's config is checked before any runs
+    out = Path(args.out or Path("runs") / f"sweep-{sweep.path.stem}")
+    todo = plan(sweep, out)
+    for path in todo.corrupt:
+        print(f"unreadable result {path}: its cell runs again", file=sys.stderr)
+    print(
+        f"sweep {sweep.path}: {len(sweep.cells)} cells, {len(todo.done)} done before "
+        f"(skipped), {len(todo.todo)} to run",
+        file=sys.stderr,
+    )
+    if todo.todo:
+        with _executor(args) as executor:
+            print(f"{executor.workers} workers, {args.backend} backend", file=sys.stderr)
+            run(todo, out, executor, progress=_progress(args))
+    table = rows(sweep, todo)
+    print(format_rows(table, sweep.keys))
+    written = write_results(table, out)
+    try:
+        plot_sweep(table, sweep.keys, out / "sweep.png")
+        written.append(out / "sweep.png")
+    except (ImportError, ValueError) as err:
+        print(f"no plot: {err}", file=sys.stderr)
+    print("wrote " + ", ".join(map(str, written)))
+    if todo.errors:
+        cell = next(c for c in sweep.cells if c.id in todo.errors)
+        print(
+            f"{len(todo.errors)} cell(s) failed (the table's error column; a rerun tries them "
+            f"again), e.g. {describe(cell.number, cell.overrides)}: {todo.errors[cell.id]}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -578,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[run_flags],
         help="highest rate that meets SLOs",
         description="Find the highest Poisson arrival rate at which each policy meets the SLOs "
-        "(every seed must), simulating several rates at once on the local cores.",
+        "(every seed must), simulating several rates at once on the local cores or a Ray cluster.",
     )
     cap.add_argument("--policy", help="one policy")
     cap.add_argument("--policies", help="several, comma-separated (the first is the baseline)")
@@ -588,7 +665,6 @@ def build_parser() -> argparse.ArgumentParser:
         help='conditions, e.g. "median_ttft<0.5s, p99_tbt<=tier" (tbt = ITL)',
     )
     cap.add_argument("--seeds", type=int, default=1, help="seeds per rate (all must meet SLOs)")
-    cap.add_argument("--workers", type=int, help="parallel simulations (default: all cores)")
     cap.add_argument("--start-rate", type=float, default=1.0, help="first rate tried, req/s")
     cap.add_argument(
         "--tolerance",
@@ -596,7 +672,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.02,
         help="stop when the bracket is this narrow, relative (default 0.02)",
     )
+    _backend_flags(cap)
     cap.set_defaults(func=cmd_capacity)
+    sw = sub.add_parser(
+        "sweep",
+        help="many simulations from one sweep file, in parallel, resumable",
+        description="Run every cell of a sweep file (a base config crossed with a grid of "
+        "values and/or a list of cells; docs/sweep.md) on local processes or a Ray cluster; "
+        "cells with a stored result are skipped. Writes DIR/results.csv, results.json (one row "
+        "per cell), sweep.png and cells/ (each cell's result).",
+    )
+    sw.add_argument("--config", metavar="SWEEP.yaml", required=True, help="the sweep file")
+    sw.add_argument("--out", metavar="DIR", help="results folder (default: runs/sweep-NAME)")
+    _progress_flag(sw)
+    _backend_flags(sw)
+    sw.set_defaults(func=cmd_sweep)
     b = sub.add_parser(
         "bench",
         parents=[_workload_flags()],
