@@ -271,6 +271,46 @@ def test_router_help_names_every_registered_router():
     assert named == set(ROUTERS)
 
 
+@pytest.mark.parametrize("command", ["simulate", "compare", "capacity"])
+def test_only_the_demo_writes_to_runs_demo_by_default(command):
+    from llmsched.cli import build_parser
+
+    extra = ["--slo", "median_ttft<1s"] if command == "capacity" else []
+    assert build_parser().parse_args([command, *extra]).out is None
+
+
+def test_trace_formats_offered_are_the_readers_and_alpaca_eval():
+    from llmsched.cli import TRACE_FORMATS
+    from llmsched.workload.readers import FORMATS
+
+    assert TRACE_FORMATS == (*FORMATS, "alpaca_eval")
+
+
+def test_list_shows_each_description_whole():
+    from llmsched.policies import INSTANCE_POLICIES, ROUTERS
+    from llmsched.policies.base import describe
+
+    for cls in [*INSTANCE_POLICIES.values(), *ROUTERS.values()]:
+        assert describe(cls).endswith((".", ")")), cls
+
+
+def test_version_and_defaults_in_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("llmsched ")
+    with pytest.raises(SystemExit):
+        main(["simulate", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: llama-3-8b)" in out and "default: 0" in out  # from the config's defaults
+
+
+@pytest.mark.parametrize("flag", [["--rate", "5"], ["--save-gaps"], ["--goodput", "ttft:500"]])
+def test_capacity_refuses_flags_that_would_do_nothing(flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["capacity", "--slo", "median_ttft<1s", *flag])
+    assert e.value.code == 2 and flag[0] in capsys.readouterr().err
+
+
 def test_trace_info_gives_length_percentiles_span_and_rate(tmp_path, capsys):
     """Eleven requests 2 s apart, prompts 100..1100 tokens: a span of 20 s, 0.5 req/s, evenly
     spaced (CV 0), and the prompt lengths' mean, median and maximum."""

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmsched.config import load_config, parse_goodput, parse_params
+from llmsched.config import SimulationConfig, load_config, parse_goodput, parse_params
 
 EXAMPLES = """examples:
   llmsched demo
@@ -29,18 +29,45 @@ EXAMPLES = """examples:
 """
 
 
-def _workload_flags() -> argparse.ArgumentParser:
+# Written out rather than read from the registry and the readers (tests check they agree):
+# building the parser imports no policy and no numpy.
+TRACE_FORMATS = ("azure", "lengths", "mooncake", "sharegpt", "llmsched", "alpaca_eval")
+ROUTER_HELP = (
+    "round-robin, random, least-outstanding, least-kv, prefix-affinity, pascal (llmsched list)"
+)
+
+
+def _show_config_defaults(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags that set config fields default to None (a config file may set them first); their
+    help shows the config's own default instead."""
+    defaults = SimulationConfig()
+    for action in parser._actions:
+        value = getattr(defaults, action.dest, None) if action.dest in CONFIG_FLAGS else None
+        if value is not None and value is not False and "default" not in (action.help or ""):
+            shown = str(value).replace("%", "%%")
+            action.help = (
+                f"{action.help} (default: {shown})" if action.help else f"default: {shown}"
+            )
+    return parser
+
+
+def _workload_flags(rate: bool = True) -> argparse.ArgumentParser:
     """The workload's flags: simulate, compare, capacity and bench generate the same requests
-    from them. Each maps to a SimulationConfig field."""
+    from them. Each maps to a SimulationConfig field. Without `rate` (capacity, which searches
+    the rate itself), no --rate: a flag that did nothing would mislead."""
     p = argparse.ArgumentParser(add_help=False)
     w = p.add_argument_group("workload")
     w.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings (flags win)")
     w.add_argument("--trace", metavar="PATH", help="trace file (default: embedded synthetic one)")
     w.add_argument(
-        "--trace-format", choices=["azure", "lengths", "mooncake", "sharegpt", "llmsched"]
+        "--trace-format",
+        choices=TRACE_FORMATS,
+        help="the trace's format (default: detected; alpaca_eval: a folder of AlpacaEval "
+        "prompts, see --config's `generator`)",
     )
     w.add_argument("--num-requests", type=int, metavar="N", help="first N requests of the trace")
-    w.add_argument("--rate", type=float, metavar="R", help="Poisson arrivals, requests/s")
+    if rate:
+        w.add_argument("--rate", type=float, metavar="R", help="Poisson arrivals, requests/s")
     w.add_argument("--cv", type=float, help="burstiness: Gamma arrivals with this CV of gaps")
     w.add_argument("--arrival", choices=["auto", "trace", "poisson", "gamma"])
     w.add_argument("--time-scale", type=float, help="replay: multiply the trace's gaps")
@@ -64,7 +91,7 @@ def _workload_flags() -> argparse.ArgumentParser:
         help="predictor scores for pars/ltr: oracle, prompt-length, model:DIR, or "
         "noisy-oracle,tau=0.6,seed=0",
     )
-    return p
+    return _show_config_defaults(p)
 
 
 def _goodput_flag(group) -> None:
@@ -83,12 +110,6 @@ def _progress_flag(group) -> None:
         default=None,
         help="progress bar (default: on when stderr is a terminal)",
     )
-
-
-# Written out rather than read from the registry: building the parser imports no policy.
-ROUTER_HELP = (
-    "round-robin, random, least-outstanding, least-kv, prefix-affinity, pascal (llmsched list)"
-)
 
 
 def _backend_flags(parser) -> None:
@@ -164,13 +185,21 @@ def engine_flags(cluster: bool = True) -> argparse.ArgumentParser:
         help="what the serving stack outside the engine adds to each TTFT and E2E latency "
         "(default: the --latency file's measure, else 0)",
     )
-    return p
+    return _show_config_defaults(p)
 
 
-def _run_flags() -> argparse.ArgumentParser:
-    """Flags shared by simulate, compare and capacity: the workload's, the engine's, output."""
-    p = argparse.ArgumentParser(add_help=False, parents=[_workload_flags(), engine_flags()])
+def _run_flags(search: bool = False) -> argparse.ArgumentParser:
+    """Flags shared by simulate, compare and capacity: the workload's, the engine's, output. A
+    search (capacity) sets the rate itself and keeps no run's files: no --rate, --goodput,
+    --save-gaps or --save-detailed there."""
+    p = argparse.ArgumentParser(
+        add_help=False, parents=[_workload_flags(rate=not search), engine_flags()]
+    )
     o = p.add_argument_group("output")
+    if search:
+        o.add_argument("--out", metavar="DIR", help="write capacity.json and capacity.png")
+        _progress_flag(o)
+        return p
     _goodput_flag(o)
     o.add_argument("--out", metavar="DIR", help="write summary.json, requests.csv, config.yaml")
     o.add_argument(
@@ -374,6 +403,7 @@ def cmd_demo(args) -> int:
     # A load at which the policies differ: about 90 % of this engine's capacity.
     args.rate = args.rate or 7.0
     args.num_requests = args.num_requests or 1500
+    args.out = args.out or "runs/demo"
     print(
         "llmsched demo: baseline schedulers on an embedded workload shaped like the Azure 2023\n"
         "conversation trace (synthetic lengths, Poisson arrivals), Llama-3-8B on one A100-80GB.\n"
@@ -604,29 +634,73 @@ def _fidelity_runs(args) -> int:
 
 
 def cmd_list(args) -> int:
+    import shutil
+    import textwrap
+
     from llmsched.hardware.specs import list_gpus, list_models
     from llmsched.policies import INSTANCE_POLICIES, ROUTERS
     from llmsched.policies.base import describe
 
-    print("policies (--policy):")
-    for name, cls in sorted(INSTANCE_POLICIES.items()):
-        print(f"  {name:12s} {describe(cls)}")
-    print("routers (--router):")
-    for name, cls in sorted(ROUTERS.items()):
-        print(f"  {name:18s} {describe(cls)}")
-    print("models (--model):", ", ".join(list_models()))
-    print("gpus (--gpu):", ", ".join(list_gpus()))
+    width = min(shutil.get_terminal_size().columns, 100)
+    for title, registry in (
+        ("policies (--policy)", INSTANCE_POLICIES),
+        ("routers (--router)", ROUTERS),
+    ):
+        print(f"{title}:")
+        column = max(map(len, registry)) + 3
+        for name, cls in sorted(registry.items()):
+            print(
+                textwrap.fill(
+                    describe(cls),
+                    width,
+                    initial_indent=f"  {name:{column - 3}s} ",
+                    subsequent_indent=" " * column,
+                )
+            )
+    for title, names in (("models (--model)", list_models()), ("gpus (--gpu)", list_gpus())):
+        print(
+            textwrap.fill(
+                ", ".join(names), width, initial_indent=f"{title}: ", subsequent_indent="  "
+            )
+        )
     return 0
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and each flag's default where it has one (not None or off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in help
+            or "default" in help
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return help
+        return f"{help} (default: %(default)s)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """llmsched's parsers and subparsers all show defaults (subparsers take the parent's class)."""
+
+    def __init__(self, *args, formatter_class=_HelpFormatter, **kwargs) -> None:
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from llmsched import __version__
+
+    parser = _Parser(
         prog="llmsched",
         description="Simulate and compare LLM-serving schedulers (vLLM FCFS and priority, "
         "Sarathi-Serve, round-robin, oracle SJF/SRPT, ...) on real traces.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"llmsched {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run_flags = _run_flags()
     s = sub.add_parser(
@@ -652,7 +726,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
     cap = sub.add_parser(
         "capacity",
-        parents=[run_flags],
+        parents=[_run_flags(search=True)],
         help="highest rate that meets SLOs",
         description="Find the highest Poisson arrival rate at which each policy meets the SLOs "
         "(every seed must), simulating several rates at once on the local cores or a Ray cluster.",
@@ -733,14 +807,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _progress_flag(o)
     b.set_defaults(func=cmd_bench)
-    d = sub.add_parser("demo", parents=[run_flags], help="compare baselines on built-in data")
-    d.set_defaults(func=cmd_demo, out="runs/demo")
-    t = sub.add_parser("trace", help="inspect or convert a trace to llmsched JSONL")
-    t.add_argument("action", choices=["info", "convert"])
-    t.add_argument("input")
-    t.add_argument("output", nargs="?")
-    t.add_argument("--format", choices=["azure", "lengths", "mooncake", "sharegpt", "llmsched"])
-    t.add_argument("--skip-invalid", action="store_true")
+    d = sub.add_parser(
+        "demo",
+        parents=[run_flags],
+        help="compare baselines on built-in data",
+        description="Compare six baseline schedulers (fcfs, sarathi, vllm-v0, rr, sjf, srpt) on "
+        "an embedded workload shaped like the Azure 2023 conversation trace: 1,500 requests, "
+        "Poisson at 7 req/s, Llama-3-8B on one A100-80GB (about 90 %% of its capacity). Writes "
+        "runs/demo (or --out): one folder per policy and latency_cdf.png.",
+    )
+    # Not a parser default: the run flags' actions are shared with simulate, compare and
+    # capacity, so a default set here would become theirs too.
+    d.set_defaults(func=cmd_demo)
+    t = sub.add_parser(
+        "trace",
+        help="inspect or convert a trace to llmsched JSONL",
+        description="info: a trace's requests, lengths and arrivals. convert: the trace as "
+        "llmsched JSONL (docs/formats.md), the format every reader round-trips.",
+    )
+    t.add_argument("action", choices=["info", "convert"], help="what to do with the trace")
+    t.add_argument("input", help="trace file, or a path under $LLMSCHED_DATA")
+    t.add_argument("output", nargs="?", help="convert: the JSONL file to write")
+    t.add_argument(
+        "--format", choices=TRACE_FORMATS[:-1], help="the input's format (default: detected)"
+    )
+    t.add_argument(
+        "--skip-invalid", action="store_true", help="skip unservable rows and report them"
+    )
     t.add_argument("--force", action="store_true", help="convert: overwrite an existing output")
     t.set_defaults(func=cmd_trace)
     fid = sub.add_parser(
@@ -807,6 +900,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"llmsched: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `llmsched list | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -176,4 +176,7 @@ def router_class(name: str) -> type[Router]:
 
 
 def describe(cls) -> str:
-    return (cls.__doc__ or "").strip().splitlines()[0]
+    """The first sentence of a class's docstring, on one line (`llmsched list`)."""
+    paragraph = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
