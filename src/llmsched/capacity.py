@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from tqdm import tqdm
+
 from llmsched.config import SimulationConfig
 from llmsched.parallel import Executor, LocalExecutor
 
@@ -152,19 +154,24 @@ def search_capacity(
     max_rate: float = 1e4,
     on_evaluation: Callable[[Evaluation], None] | None = None,
     executor: Executor | None = None,
+    progress: bool = False,
 ) -> CapacityResult:
     """The highest rate (within `tolerance`, relative) at which every seed meets `conditions`.
 
     Rates are tried `workers` at a time (`executor.workers` when an executor is given; without
     one, local processes): first growing geometrically from `start_rate` until one fails, then
-    splitting the (feasible, infeasible) bracket evenly.
+    splitting the (feasible, infeasible) bracket evenly. With `progress`, a bar of the
+    simulations run and (estimate_rounds) those still to come, with the time left.
     """
     if tiers_needed(conditions) and not cfg.tiers:
         raise ValueError("an SLO with 'tier' limits needs tiers in the config (tiers: {...})")
     result = CapacityResult(cfg.policy, 0.0, (0.0, math.inf))
     lo, hi = 0.0, math.inf
     # A caller's executor is the caller's to close; one made here is closed here.
-    with nullcontext(executor) if executor else LocalExecutor(workers) as pool:
+    with (
+        nullcontext(executor) if executor else LocalExecutor(workers) as pool,
+        tqdm(desc=cfg.policy, unit="run", disable=not progress, leave=False) as bar,
+    ):
         workers = pool.workers
         run = partial(evaluate, conditions=conditions)
 
@@ -175,6 +182,7 @@ def search_capacity(
                 done[i] = e
                 if on_evaluation:
                     on_evaluation(e)
+                bar.update()
             ok = dict.fromkeys(rates, True)
             for i in sorted(done):  # in the order asked, not as finished: the same result
                 result.evaluations.append(done[i])
@@ -188,6 +196,8 @@ def search_capacity(
             lo = max([lo, *(r for r, good in verdict.items() if good)])
             failures = [r for r, good in result_rates.items() if not good and r > lo]
             hi = min(failures, default=math.inf)
+            bar.total = bar.n + estimate_rounds(lo, hi, tolerance, width) * width * seeds
+            bar.refresh()
 
         result_rates: dict[float, bool] = {}
         rate, width = start_rate, max(1, workers)
@@ -215,6 +225,15 @@ def search_capacity(
             update(verdict)
     result.capacity, result.bracket = lo, (lo, hi)
     return result
+
+
+def estimate_rounds(lo: float, hi: float, tolerance: float, width: int) -> int:
+    """Rounds of `width` rates still to run: each splits the bracket into width + 1 parts until
+    it is `tolerance` narrow. Before a rate has failed (hi infinite) or passed (lo 0), one more
+    round is assumed to find the bracket, as wide as one doubling."""
+    if hi == math.inf or lo == 0.0:
+        return 1 + estimate_rounds(0.5, 1.0, tolerance, width)
+    return max(0, math.ceil(math.log((hi - lo) / (tolerance * hi)) / math.log(width + 1)))
 
 
 def tiers_needed(conditions: list[Condition]) -> bool:
