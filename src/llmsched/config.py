@@ -30,9 +30,6 @@ from pydantic import (
 )
 from typing_extensions import TypedDict  # pydantic needs it on Python < 3.12
 
-ARRIVALS = ("auto", "trace", "poisson", "gamma")
-GOODPUT_METRICS = ("ttft", "tpot", "e2el")
-
 # Values are checked as given: no quoted numbers, no 1 for true, no 2.0 for an integer.
 STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
@@ -243,8 +240,8 @@ class SimulationConfig(BaseModel):
                 f"rate: {self.rate:g} is not used with arrival: trace, which replays the "
                 "trace's timestamps (time_scale speeds them up)"
             )
-        if self.tiers and not math.isclose(sum(t["share"] for t in self.tiers.values()), 1):
-            total = sum(t["share"] for t in self.tiers.values())
+        total = sum(t["share"] for t in (self.tiers or {}).values())
+        if self.tiers and not math.isclose(total, 1):
             problems.append(f"tiers: the shares must sum to 1, got {total:g}")
         for name in self.runs or {}:
             try:
@@ -325,10 +322,9 @@ def _problems(err: ValidationError, values: dict[str, Any]) -> list[str]:
         key = str(e["loc"][0])
         if e["type"] == "extra_forbidden" and len(e["loc"]) == 1:
             close = difflib.get_close_matches(key, SimulationConfig.model_fields, 1)
+            known = "; known keys: " + ", ".join(SimulationConfig.model_fields)
             problems.append(
-                f"{key}: unknown key"
-                + (f" (did you mean {close[0]!r}?)" if close else "")
-                + ("" if close else "; known keys: " + ", ".join(SimulationConfig.model_fields))
+                f"{key}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else known)
             )
         elif e["type"] == "value_error":  # a validator's own words
             problems.append(f"{key}: {e['ctx']['error']}")
