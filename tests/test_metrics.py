@@ -20,8 +20,10 @@ from llmsched.metrics.record import RequestRecord
 from llmsched.metrics.report import (
     ANSWER_METRICS,
     DEFAULT_COMPARISON_METRICS,
+    coinciding,
     format_comparison,
     format_summary,
+    plot_capacity,
     plot_distributions,
     write_requests_csv,
 )
@@ -563,6 +565,68 @@ def test_plot_is_png(tmp_path):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 5000
+
+
+def test_coinciding_curves_are_grouped_and_named_together():
+    base = np.array([10.0, 20.0, 40.0])
+    groups = coinciding({"fcfs": base, "rr": base.copy(), "sjf": base * 1.02, "srpt": base * 1.2})
+    assert groups == [(["fcfs", "rr", "sjf"], False), (["srpt"], True)]
+    assert coinciding({"a": base, "b": base.copy()}) == [(["a", "b"], True)]
+
+
+def test_plot_names_identical_policies_together_under_the_runs_title(tmp_path):
+    """Two policies with the same finished requests are one line, "fcfs = rr (identical)", in
+    both panels; a third stays apart; the title names the run."""
+    same, other = three_collector(), MetricsCollector()
+    other.add(four_tokens())
+    fig = plot_distributions(
+        {"fcfs": three_collector(), "rr": same, "sjf": other}, tmp_path / "p.png", title="RUN"
+    )
+    for ax in fig.axes:
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels == ["fcfs = rr (identical)", "sjf"]
+    assert "RUN" in fig.get_suptitle()
+
+
+def test_capacity_plot_labels_limits_and_legend(tmp_path):
+    """The y label names the statistic (not the condition), every limit lies inside its panel,
+    a policy's tiers that coincide are one legend entry, and the capacities are explained."""
+    evaluations = [
+        {"rate": r, "values": {"p99_itl<=tier": {"free": v, "paying": v * 1.01}}}
+        for r, v in ((1.0, 40.0), (2.0, 60.0), (4.0, 90.0))
+    ]
+    results = {
+        "sarathi": {
+            "capacity_rps": 2.0,
+            "evaluations": evaluations,
+            "limits_ms": {"p99_itl<=tier": {"free": 500.0, "paying": 100.0}},
+        }
+    }
+    fig = plot_capacity(results, tmp_path / "c.png", title="mistral-7b on l40s")
+    (ax,) = fig.axes
+    assert ax.get_ylabel() == "p99 ITL (ms)"
+    low, high = ax.get_ylim()
+    assert low < 40 and high > 500  # the highest limit and its label fit
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == [
+        "sarathi (free) ≈ sarathi (paying) (within 3 %)",
+        "each policy's capacity",
+    ]
+    assert "mistral-7b on l40s" in fig.get_suptitle()
+
+
+def test_titles_name_model_gpu_load_and_workload():
+    from llmsched.config import load_config
+    from llmsched.experiment import run_title
+
+    cfg = load_config(None, model="llama-2-70b", tp=2, instances=4, rate=3.5, num_requests=80)
+    title = run_title(cfg, 80)
+    for part in ("llama-2-70b", "a100-80gb", "TP 2", "4 instances", "Poisson 3.5 req/s", "80"):
+        assert part in title
+    assert "req/s" not in run_title(cfg, 80, load=False)
+    summary = summarize([one_token()])
+    assert format_summary(summary, title=title).splitlines()[0] == title
+    assert format_comparison({"fcfs": summary}, title=title).splitlines()[0] == title
 
 
 def test_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):

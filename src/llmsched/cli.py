@@ -268,7 +268,7 @@ def _progress(args) -> bool:
 
 
 def cmd_simulate(args) -> int:
-    from llmsched.experiment import check, load_workload, save, simulate
+    from llmsched.experiment import check, load_workload, run_title, save, simulate
     from llmsched.metrics.report import format_summary
 
     cfg = config_from_flags(args, policy=args.policy)
@@ -276,7 +276,7 @@ def cmd_simulate(args) -> int:
     workload = load_workload(cfg)
     _note(workload)
     result = simulate(cfg, workload, progress=_progress(args))
-    print(format_summary(result.summary))
+    print(format_summary(result.summary, title=run_title(cfg, len(workload))))
     _report_run(result)
     if args.out:
         folder = save(result, args.out, gaps=args.save_gaps, detailed=args.save_detailed)
@@ -358,7 +358,7 @@ def _note(workload) -> None:
 
 
 def cmd_compare(args, policies: list[str] | None = None, out: str | None = None) -> int:
-    from llmsched.experiment import check, load_workload, save, simulate
+    from llmsched.experiment import check, load_workload, run_title, save, simulate
     from llmsched.metrics.report import format_comparison, plot_distributions
 
     base = config_from_flags(args)
@@ -385,12 +385,13 @@ def cmd_compare(args, policies: list[str] | None = None, out: str | None = None)
         print(f"  {name}: {time.perf_counter() - start:.2f} s", file=sys.stderr)
         if out or args.out:
             save(result, Path(out or args.out) / name, gaps=args.save_gaps)
-    print(format_comparison(summaries))
+    title = run_title(base, len(workload))
+    print(format_comparison(summaries, title=title))
     out = out or args.out
     if out:
         plot = Path(out) / "latency_cdf.png"
         try:
-            plot_distributions(collectors, plot)
+            plot_distributions(collectors, plot, title=title)
             print(f"wrote {plot}")
         except ImportError as err:
             print(f"no plot: {err}", file=sys.stderr)
@@ -413,7 +414,7 @@ def cmd_demo(args) -> int:
 
 def cmd_capacity(args) -> int:
     from llmsched.capacity import parse_slo, search_capacity, tier_limits_ms, tiers_needed
-    from llmsched.experiment import check
+    from llmsched.experiment import check, run_title
     from llmsched.metrics.report import plot_capacity
 
     conditions = parse_slo(args.slo)
@@ -475,6 +476,9 @@ def cmd_capacity(args) -> int:
                     for c in conditions
                 }
             }
+    first = next(iter(configs.values()))
+    title = run_title(first, first.num_requests, load=False) + " per rate"
+    print(title)
     print(f"{'policy':12s} {'capacity (req/s)':>16s}  bracket")
     base = next(iter(results.values()))["capacity_rps"]
     for name, r in results.items():
@@ -486,7 +490,7 @@ def cmd_capacity(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "capacity.json").write_text(json.dumps(results, indent=2) + "\n")
         try:
-            plot_capacity(results, out / "capacity.png")
+            plot_capacity(results, out / "capacity.png", title=title)
         except ImportError as err:
             print(f"no plot: {err}", file=sys.stderr)
         print(f"wrote {out}/capacity.json and capacity.png")

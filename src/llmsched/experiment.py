@@ -271,6 +271,29 @@ def simulate(
     return RunResult(cfg, collector, summary, resolved)
 
 
+def run_title(cfg: SimulationConfig, requests: int | None = None, *, load: bool = True) -> str:
+    """What a run's table and plots are about, in one line: the model and hardware, the load
+    (unless the caller varies it) and the workload."""
+    hardware = f"{cfg.model} on {cfg.gpu}" + (f", TP {cfg.tp}" if cfg.tp > 1 else "")
+    if cfg.instances > 1:
+        hardware += f", {cfg.instances} instances ({cfg.router})"
+    parts = [hardware]
+    if load:
+        if cfg.trace is not None and cfg.rate is None:
+            speed = f", gaps x{cfg.time_scale:g}" if cfg.time_scale != 1 else ""
+            arrivals = f"the trace's arrivals{speed}"
+        elif cfg.cv != 1:
+            arrivals = f"Gamma arrivals {cfg.rate or SYNTHETIC_RATE:g} req/s (CV {cfg.cv:g})"
+        else:
+            arrivals = f"Poisson {cfg.rate or SYNTHETIC_RATE:g} req/s"
+        if cfg.max_concurrency:
+            arrivals += f", at most {cfg.max_concurrency} in flight"
+        parts.append(arrivals)
+    source = Path(cfg.trace).name if cfg.trace else "synthetic, Azure-conversation-like lengths"
+    parts.append(f"{requests} requests ({source})" if requests else source)
+    return "; ".join(parts)
+
+
 def run_description(result: RunResult) -> dict[str, Any]:
     """`vllm bench serve`'s run metadata for a simulated run (backend "llmsched-simulator"),
     undated so that the same config gives the same bytes."""

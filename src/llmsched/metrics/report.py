@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -72,14 +73,16 @@ _SECTIONS = (
 )
 
 
-def format_summary(summary: Mapping[str, Any]) -> str:
-    """The summary as vLLM's "Serving Benchmark Result" console block (plus an extensions part).
+def format_summary(summary: Mapping[str, Any], title: str | None = None) -> str:
+    """The summary as vLLM's "Serving Benchmark Result" console block (plus an extensions part),
+    under `title` (the model, GPU, load and workload: experiment.run_title) when given.
 
     Lines appear in vLLM's order; "Request goodput" only when goodput SLOs were given. Missing or
     undefined values read ``n/a``.
     """
     s = summary
-    lines = [
+    lines = [title] if title else []
+    lines += [
         _rule(" Serving Benchmark Result ", "="),
         _line("Successful requests:", s.get("completed")),
         _line("Failed requests:", s.get("failed")),
@@ -207,9 +210,12 @@ def _cell(value: Any) -> str:
 
 
 def format_comparison(
-    summaries: Mapping[str, Mapping[str, Any]], metrics: Sequence[str] | None = None
+    summaries: Mapping[str, Mapping[str, Any]],
+    metrics: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> str:
-    """An aligned text table, one row per policy (the mapping's keys), latencies in ms.
+    """An aligned text table, one row per policy (the mapping's keys), latencies in ms, under
+    `title` (the model, GPU, load and workload: experiment.run_title) when given.
 
     ``metrics``: summary keys to show as columns; default :data:`DEFAULT_COMPARISON_METRICS`, plus
     ``request_goodput`` when any summary has one. A missing or undefined value reads ``-``.
@@ -229,7 +235,8 @@ def format_comparison(
         rest = (cell.rjust(w) for cell, w in zip(row[1:], widths[1:]))
         return "  ".join([first, *rest]).rstrip()
 
-    lines = [fmt(header), "  ".join("-" * w for w in widths)]
+    lines = [title] if title else []
+    lines += [fmt(header), "  ".join("-" * w for w in widths)]
     lines += [fmt(row) for row in body]
     lines.append("(latencies in ms; throughputs per second of run duration)")
     return "\n".join(lines)
@@ -240,10 +247,14 @@ def format_comparison(
 # --------------------------------------------------------------------------------------------
 
 _MAX_POINTS = 2000  # points per CDF line; large runs are thinned to evenly spaced quantiles
+# Curves closer than this, relative, at every point lie on top of each other (about a line's
+# width on a log axis spanning three decades): they are drawn once, and the legend names them all.
+_SAME = 0.03
+_QUANTILES = np.arange(1, 100)  # where two CDFs are compared (their extreme tails left aside)
 
 
-def _ecdf(values_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    x = np.sort(np.asarray(values_s, dtype=np.float64)) * 1000.0
+def _ecdf(values_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    x = np.sort(np.asarray(values_ms, dtype=np.float64))
     x = x[x > 0]  # a log axis cannot show 0
     n = len(x)
     y = np.arange(1, n + 1) / n
@@ -253,29 +264,81 @@ def _ecdf(values_s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def coinciding(
+    shapes: Mapping[str, np.ndarray], data: Mapping[str, np.ndarray] | None = None
+) -> list[tuple[list[str], bool]]:
+    """Curves grouped by those that would hide each other, in the given order: each group's
+    names and whether its curves are identical. Curves coincide when their `shapes` (the points
+    compared) agree within 3 % at every point; they are identical when their `data` (default:
+    the shapes) are equal."""
+    data = shapes if data is None else data
+    groups: list[tuple[list[str], str, list[bool]]] = []
+    for name, values in shapes.items():
+        v = np.asarray(values, dtype=np.float64)
+        for names, first, exact in groups:
+            ref = np.asarray(shapes[first], dtype=np.float64)
+            if len(ref) == len(v) and np.allclose(v, ref, rtol=_SAME, atol=0.0):
+                names.append(name)
+                exact[0] = exact[0] and np.array_equal(data[name], data[first])
+                break
+        else:
+            groups.append(([name], name, [True]))
+    return [(names, exact[0]) for names, _, exact in groups]
+
+
+def _label(names: Sequence[str], exact: bool) -> str:
+    if len(names) == 1:
+        return names[0]
+    if exact:
+        return " = ".join(names) + " (identical)"
+    return " ≈ ".join(names) + f" (within {100 * _SAME:.0f} %)"
+
+
+def _plain_log_axis(axis, low: float, high: float) -> None:
+    """Log-scale tick labels as plain numbers (50, 200, 1000), not 5×10¹; the 2s and 5s between
+    powers of ten labelled too when the axis spans two decades or less (else they would crowd)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(plain)
+    axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+    axis.set_minor_formatter(plain if high <= 100 * low else NullFormatter())
+
+
 def plot_distributions(
-    collectors: Mapping[str, MetricsCollector], path: str | os.PathLike[str]
-) -> None:
-    """One PNG with the empirical CDFs of TTFT and of E2E latency (ms, log x) for each policy.
+    collectors: Mapping[str, MetricsCollector],
+    path: str | os.PathLike[str],
+    title: str | None = None,
+):
+    """One PNG with the empirical CDFs of TTFT and of E2E latency (ms, log x) for each policy,
+    under `title` (the model, GPU, load and workload). Policies whose curves coincide are drawn
+    once and named together in the legend.
 
     Needs matplotlib (``pip install llmsched[plot]``); uses the Agg canvas directly, so it neither
-    needs a display nor changes pyplot's global backend.
+    needs a display nor changes pyplot's global backend. Returns the figure.
     """
-    fig = _figure((11, 4.5))
+    fig = _figure((11, 4.8))
     axes = fig.subplots(1, 2)
     panels = (
         ("ttft", "TTFT (ms)", "Time to first token"),
         ("e2el", "E2E latency (ms)", "End-to-end latency"),
     )
-    for ax, (col, xlabel, title) in zip(axes, panels):
-        plotted = False
-        for name, collector in collectors.items():
-            x, y = _ecdf(collector.finished_values(col))
+    colors = {str(name): f"C{i % 10}" for i, name in enumerate(collectors)}
+    for ax, (col, xlabel, panel_title) in zip(axes, panels):
+        values = {
+            str(name): np.sort(c.finished_values(col)) * 1000.0 for name, c in collectors.items()
+        }
+        shapes = {name: np.percentile(v, _QUANTILES) if len(v) else v for name, v in values.items()}
+        drawn = []
+        for names, exact in coinciding(shapes, values):
+            x, y = _ecdf(values[names[0]])
             if len(x):
-                ax.step(x, y, where="post", label=str(name))
-                plotted = True
-        if plotted:
+                color = colors[names[0]]  # a policy's colour in both panels
+                ax.step(x, y, where="post", color=color, label=_label(names, exact))
+                drawn.append(x)
+        if drawn:
             ax.set_xscale("log")
+            _plain_log_axis(ax.xaxis, min(x[0] for x in drawn), max(x[-1] for x in drawn))
             ax.legend(fontsize="small")
         else:
             ax.text(
@@ -283,11 +346,12 @@ def plot_distributions(
             )
         ax.set_xlabel(xlabel)
         ax.set_ylabel("fraction of finished requests ≤ x")
-        ax.set_title(title)
+        ax.set_title(panel_title)
         ax.set_ylim(0, 1.02)
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle("Latency distributions by policy")
+    fig.suptitle("Latency distributions by policy" + (f"\n{title}" if title else ""))
     fig.savefig(os.fspath(path), format="png", dpi=120)
+    return fig
 
 
 def _figure(size: tuple[float, float]):
@@ -304,55 +368,95 @@ def _figure(size: tuple[float, float]):
     return fig
 
 
-def plot_capacity(results: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+_METRIC_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E latency"}
+
+
+def _condition_parts(condition: str) -> tuple[str, str, str]:
+    """`"p99_itl<=tier"` → ("p99 ITL", "≤", "tier")."""
+    stat_metric, op, limit = re.match(r"^(\w+?)(<=|<)(.*)$", condition).groups()
+    stat, _, metric = stat_metric.partition("_")
+    return f"{stat} {_METRIC_NAMES.get(metric, metric)}", "≤" if op == "<=" else "<", limit
+
+
+def plot_capacity(
+    results: Mapping[str, Any], path: str | os.PathLike[str], title: str | None = None
+):
     """For each SLO condition, its measured value (ms, mean over seeds) against the arrival rate,
-    one line per policy and tier, with the limit and each policy's capacity marked.
+    one line per policy and tier, with each limit and each policy's capacity (dotted) marked;
+    `title` names the model, GPU and workload. Curves that coincide are drawn once and named
+    together in the legend, below the panels.
 
     ``results`` maps a policy to :meth:`llmsched.capacity.CapacityResult.as_dict` output plus
-    ``"limits_ms"`` ({condition: {tier or "all": limit}})."""
+    ``"limits_ms"`` ({condition: {tier or "all": limit}}). Returns the figure."""
+    from matplotlib.lines import Line2D
+
     conditions = sorted(
         {c for r in results.values() for e in r["evaluations"] for c in e["values"]}
     )
-    fig = _figure((5.5 * max(1, len(conditions)), 4.2))
+    fig = _figure((5.5 * max(1, len(conditions)), 4.8))
     axes = fig.subplots(1, max(1, len(conditions)), squeeze=False)[0]
-    colors = [f"C{i}" for i in range(10)]
-    styles = ["-", "--", ":", "-."]
+    colors = {policy: f"C{i % 10}" for i, policy in enumerate(results)}
+    tiers = sorted(
+        {t for r in results.values() for lim in r.get("limits_ms", {}).values() for t in lim}
+    )
+    styles = {tier: ("-", "--", "-.", (0, (5, 1, 1, 1)))[i % 4] for i, tier in enumerate(tiers)}
+    legend: dict[str, Any] = {}
     for ax, cond in zip(axes, conditions):
-        for index, (policy, r) in enumerate(results.items()):
-            color = colors[index % len(colors)]
-            series: dict[str, dict[float, list[float]]] = {}
+        curves, drawn = {}, {}  # label → (rates, values) and how to draw it
+        for policy, r in results.items():
+            points: dict[str, dict[float, list[float]]] = {}
             for e in r["evaluations"]:
                 for tier, value in e["values"].get(cond, {}).items():
                     if value is not None:
-                        series.setdefault(tier, {}).setdefault(e["rate"], []).append(value)
-            for j, (tier, points) in enumerate(sorted(series.items())):
-                rates = sorted(points)
-                label = policy if tier == "all" else f"{policy} ({tier})"
-                ax.plot(
-                    rates,
-                    [np.mean(points[x]) for x in rates],
-                    marker="o",
-                    markersize=3,
-                    color=color,
-                    linestyle=styles[j % len(styles)],
-                    label=label,
-                )
-            ax.axvline(r["capacity_rps"], color=color, linestyle=":", alpha=0.7)
+                        points.setdefault(tier, {}).setdefault(e["rate"], []).append(value)
+            for tier, by_rate in sorted(points.items()):
+                rates = sorted(by_rate)
+                name = policy if tier == "all" else f"{policy} ({tier})"
+                curves[name] = (rates, [float(np.mean(by_rate[x])) for x in rates])
+                drawn[name] = (colors[policy], styles.get(tier, "-"))
+            ax.axvline(r["capacity_rps"], color=colors[policy], linestyle=":", alpha=0.8)
+        shapes = {name: np.concatenate(curve) for name, curve in curves.items()}
+        for names, exact in coinciding(shapes):
+            rates, values = curves[names[0]]
+            color, style = drawn[names[0]]
+            label = _label(names, exact)
+            (line,) = ax.plot(
+                rates, values, marker="o", markersize=3, color=color, linestyle=style, label=label
+            )
+            legend.setdefault(label, line)
         limits = next(iter(results.values())).get("limits_ms", {}).get(cond, {})
         for tier, limit in limits.items():
-            ax.axhline(limit, color="grey", linestyle="--", linewidth=1)
+            ax.axhline(limit, color="grey", linestyle=styles.get(tier, "--"), linewidth=1)
+            text = f"limit {limit:g} ms" if tier == "all" else f"{tier}'s limit {limit:g} ms"
             ax.annotate(
-                f"limit {tier}",
-                (0, limit),
+                text,
+                (0.01, limit),
                 xycoords=("axes fraction", "data"),
+                xytext=(0, 2),
+                textcoords="offset points",
                 fontsize="x-small",
+                color="dimgrey",
                 va="bottom",
             )
+        # The limits inside the panel, with room for their labels above them.
+        shown = [v for _, values in curves.values() for v in values] + list(limits.values())
         ax.set_yscale("log")
+        if shown:
+            ax.set_ylim(min(shown) / 1.3, max(shown) * 1.6)
+            _plain_log_axis(ax.yaxis, min(shown) / 1.3, max(shown) * 1.6)
+        quantity, op, limit = _condition_parts(cond)
         ax.set_xlabel("arrival rate (requests/s)")
-        ax.set_ylabel(f"{cond} (ms)")
-        ax.set_title(cond)
-        ax.legend(fontsize="x-small")
+        ax.set_ylabel(f"{quantity} (ms)")
+        ax.set_title(f"{quantity} {op} " + ("each tier's target" if limit == "tier" else limit))
         ax.grid(True, which="both", alpha=0.3)
-    fig.suptitle("SLO metrics against load (dotted: each policy's capacity)")
+    legend["each policy's capacity"] = Line2D([], [], color="grey", linestyle=":")
+    fig.legend(
+        list(legend.values()),
+        list(legend),
+        loc="outside lower center",
+        ncols=min(4, len(legend)),
+        fontsize="small",
+    )
+    fig.suptitle("SLO metrics against load" + (f"\n{title}" if title else ""))
     fig.savefig(os.fspath(path), format="png", dpi=120)
+    return fig
