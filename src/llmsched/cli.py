@@ -806,8 +806,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--label", help="the run's label in the JSON")
     o.add_argument(
         "--metric-percentiles",
-        default="50,90,95,99",
-        help="percentiles reported (vllm bench serve's flag; default 50,90,95,99)",
+        default="90,95,99",
+        help="percentiles reported besides the median, which is always median_* (vllm bench "
+        "serve's flag; default 90,95,99)",
     )
     _progress_flag(o)
     b.set_defaults(func=cmd_bench)
