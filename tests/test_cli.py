@@ -79,6 +79,9 @@ def test_goodput_and_config_file_with_flag_override(tmp_path):
     result = simulate(cfg)
     # Every finished request meets a 1e9 ms TTFT SLO: goodput equals throughput.
     assert result.summary["request_goodput"] == pytest.approx(result.summary["request_throughput"])
+    # ... and the SLO attainment, judged against the goodput SLOs, is complete
+    assert result.summary["slo_requests"] == result.summary["completed"] > 0
+    assert result.summary["slo_attainment"] == 1.0
 
 
 @pytest.mark.parametrize(
