@@ -413,6 +413,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_capacity(args) -> int:
+    from tqdm import tqdm
+
     from llmsched.capacity import parse_slo, search_capacity, tier_limits_ms, tiers_needed
     from llmsched.experiment import check, run_title
     from llmsched.metrics.report import plot_capacity
@@ -453,11 +455,10 @@ def cmd_capacity(args) -> int:
                     )
                     for c, vals in e.values.items()
                 )
-                print(
+                tqdm.write(  # above the progress bar, not through it
                     f"  {name} {e.rate:8.3f} req/s seed {e.seed}: {'ok  ' if e.ok else 'FAIL'} "
                     f"{values}",
                     file=sys.stderr,
-                    flush=True,
                 )
 
             result = search_capacity(
@@ -468,6 +469,7 @@ def cmd_capacity(args) -> int:
                 start_rate=args.start_rate,
                 tolerance=args.tolerance,
                 on_evaluation=show,
+                progress=_progress(args),
             )
             limits = tier_limits_ms(cfg)
             results[name] = result.as_dict() | {
