@@ -75,10 +75,8 @@ def plot_sweep(table: list[dict[str, Any]], keys: list[str], path: str | os.Path
         and values != {"None"}
     ]
     seeds = len({row["seed"] for row in table}) if "seed" in keys else 1
-    fig.suptitle(
-        f"Sweep of {len(table)} cells, mean of {seeds} seed(s): " + ", ".join(shared),
-        fontsize="medium",
-    )
+    over = f", mean over {seeds} seeds" if seeds > 1 else ""
+    fig.suptitle(f"Sweep of {len(table)} cells{over}: " + ", ".join(shared), fontsize="medium")
     fig.savefig(os.fspath(path), format="png", dpi=120)
 
 
