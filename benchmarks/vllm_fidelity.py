@@ -485,10 +485,10 @@ def plot(results: dict, path: Path) -> None:
     """Two panels: simulated against real (mean E2E and mean TTFT of every (experiment, policy),
     held out or fitted), and the signed mean-E2E error against the machine's measured speed
     during the run, as predicted and at the run's own speed."""
-    from llmsched.metrics.report import _figure
+    from llmsched.metrics.report import new_figure
 
     rows = results["rows"]
-    fig = _figure((12, 5))
+    fig = new_figure((12, 5))
     left, right = fig.subplots(1, 2)
     for field, marker in (("mean_e2el_ms", "o"), ("mean_ttft_ms", "^")):
         for held, color in ((True, "tab:blue"), (False, "tab:orange")):

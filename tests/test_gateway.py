@@ -108,6 +108,16 @@ class Reply:
     def usages(self) -> list[dict]:
         return [e["usage"] for e in self.events if e.get("usage")]
 
+    def add(self, message: bytes) -> None:
+        """One server-sent event (or a line of one): its data, or `[DONE]`."""
+        message = message.strip()
+        if message.startswith(b"data:"):
+            payload = message[5:].strip()
+            if payload == b"[DONE]":
+                self.done += 1
+            else:
+                self.events.append(json.loads(payload))
+
     def words(self, field: str = "text") -> list[str]:
         if self.body is not None:
             choice = self.body["choices"][0]
@@ -129,13 +139,7 @@ async def call(session, url: str, body: dict, headers: dict | None = None) -> Re
                 reply.body = await r.json(content_type=None)
                 return reply
             async for line in r.content:
-                line = line.strip()
-                if line.startswith(b"data:"):
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        reply.done += 1
-                    else:
-                        reply.events.append(json.loads(data))
+                reply.add(line)
             return reply
 
 
@@ -385,13 +389,7 @@ def test_killing_an_engine_mid_run_loses_nothing(logs):
 def _parse_sse(data: bytes) -> Reply:
     reply = Reply(200)
     for message in data.split(b"\n\n"):
-        message = message.strip()
-        if message.startswith(b"data:"):
-            payload = message[5:].strip()
-            if payload == b"[DONE]":
-                reply.done += 1
-            else:
-                reply.events.append(json.loads(payload))
+        reply.add(message)
     return reply
 
 

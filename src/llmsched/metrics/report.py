@@ -317,7 +317,7 @@ def plot_distributions(
     Needs matplotlib (``pip install llmsched[plot]``); uses the Agg canvas directly, so it neither
     needs a display nor changes pyplot's global backend. Returns the figure.
     """
-    fig = _figure((11, 4.8))
+    fig = new_figure((11, 4.8))
     axes = fig.subplots(1, 2)
     panels = (
         ("ttft", "TTFT (ms)", "Time to first token"),
@@ -354,7 +354,7 @@ def plot_distributions(
     return fig
 
 
-def _figure(size: tuple[float, float]):
+def new_figure(size: tuple[float, float]):
     """A matplotlib figure on the Agg canvas (no display, pyplot's state untouched)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -393,7 +393,7 @@ def plot_capacity(
     conditions = sorted(
         {c for r in results.values() for e in r["evaluations"] for c in e["values"]}
     )
-    fig = _figure((5.5 * max(1, len(conditions)), 4.8))
+    fig = new_figure((5.5 * max(1, len(conditions)), 4.8))
     axes = fig.subplots(1, max(1, len(conditions)), squeeze=False)[0]
     colors = {policy: f"C{i % 10}" for i, policy in enumerate(results)}
     tiers = sorted(

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from llmsched.metrics.report import _figure
+from llmsched.metrics.report import new_figure
 
 PANELS = (
     ("median_ttft_ms", "median TTFT (ms)"),
@@ -56,7 +56,7 @@ def plot_sweep(table: list[dict[str, Any]], keys: list[str], path: str | os.Path
         xs = tuple(sorted(points))
         ys = tuple(tuple(_mean(r.get(m) for r in points[v]) for v in xs) for m, _ in PANELS)
         lines.setdefault((xs, ys), []).append(label)
-    fig = _figure((11, 8.5))
+    fig = new_figure((11, 8.5))
     axes = fig.subplots(2, 2).ravel()
     for (xs, ys), labels in lines.items():
         for ax, y in zip(axes, ys):
