@@ -10,7 +10,7 @@ megabytes, not a million Python objects; :class:`Request` rows are made on deman
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -36,13 +36,33 @@ class Request:
     # A length predictor's ranking score (higher = longer response expected); None = none
     # (NaN in the Workload column). Set by llmsched.workload.scores, read by PARS-style policies.
     score: float | None = None
+    # What the prompt shares with other requests, as runs (key, tokens) from its start: two
+    # prompts whose runs agree hold the same tokens there, so their KV can be shared (prefix
+    # caching). Tokens past the runs are this request's own. None: nothing shared.
+    prefix: Runs | None = None
 
     def __post_init__(self) -> None:
         problem = request_problem(
             self.arrival, self.prompt_tokens, self.output_tokens, self.reasoning_tokens
         )
+        if problem is None and self.prefix is not None:
+            problem = runs_problem(self.prefix, self.prompt_tokens)
         if problem:
             raise ValueError(f"request {self.request_id!r}: {problem}")
+
+    @property
+    def runs(self) -> Runs:
+        """The whole prompt as runs: `prefix`, then the request's own tokens keyed by its id."""
+        runs = self.prefix or ()
+        own = self.prompt_tokens - sum(n for _, n in runs)
+        return runs + ((("in", self.request_id), own),) if own > 0 else runs
+
+    @property
+    def continuation(self) -> Runs:
+        """The runs of a next turn's prompt that begins with this prompt and this output (a
+        multi-turn conversation or an agent's next step). Output tokens are keyed
+        ("out", request_id), the key the engine gives them as it generates them."""
+        return self.runs + ((("out", self.request_id), self.output_tokens),)
 
     @property
     def answer_tokens(self) -> int:
@@ -51,6 +71,33 @@ class Request:
     @property
     def is_reasoning(self) -> bool:
         return self.reasoning_tokens > 0
+
+
+Runs = tuple[tuple[Hashable, int], ...]
+
+
+def object_column(values) -> np.ndarray:
+    """A 1-d object array of `values`, tuples kept whole (np.asarray would make a tuple of
+    tuples into more dimensions)."""
+    if isinstance(values, np.ndarray) and values.dtype == object and values.ndim == 1:
+        return values
+    values = list(values)
+    column = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        column[i] = v
+    return column
+
+
+def runs_problem(prefix: Runs, prompt: int) -> str | None:
+    """What is wrong with a request's prefix runs, or None."""
+    total = 0
+    for run in prefix:
+        if not (isinstance(run, tuple) and len(run) == 2 and isinstance(run[1], int)) or run[1] < 1:
+            return f"a prefix run must be (key, tokens >= 1), got {run!r:.80}"
+        total += run[1]
+    if total > prompt:
+        return f"the prefix runs cover {total} tokens, more than the prompt's {prompt}"
+    return None
 
 
 def request_problem(arrival: float, prompt: int, output: int, reasoning: int) -> str | None:
@@ -83,7 +130,7 @@ _NUMERIC = {
     "tool_time": np.float64,
     "score": np.float64,  # NaN = none
 }
-_OBJECT = ("request_id", "prompt_text", "tier", "session_id")
+_OBJECT = ("request_id", "prompt_text", "tier", "session_id", "prefix")
 FIELDS = tuple(f.name for f in fields(Request))
 
 
@@ -108,7 +155,7 @@ class Workload:
             col = columns.get(name)
             if name == "request_id" and col is None:
                 col = [str(i) for i in range(n)]
-            self.columns[name] = None if col is None else np.asarray(col, dtype=object)
+            self.columns[name] = None if col is None else object_column(col)
         for name, col in self.columns.items():
             if col is not None and len(col) != n:
                 raise ValueError(f"workload column {name!r} has {len(col)} rows, expected {n}")
@@ -154,7 +201,7 @@ class Workload:
             values = [getattr(r, name) for r in rows]
             if name in _OBJECT:
                 if name == "request_id" or any(v is not None for v in values):
-                    columns[name] = np.asarray(values, dtype=object)
+                    columns[name] = object_column(values)
             elif name.endswith("_slo") or name == "score":
                 columns[name] = np.array([np.nan if v is None else v for v in values], float)
             else:
@@ -193,6 +240,7 @@ class Workload:
             turn=int(c["turn"][i]),
             tool_time=float(c["tool_time"][i]),
             score=slo("score"),
+            prefix=obj("prefix"),
         )
 
     def __iter__(self) -> Iterator[Request]:
