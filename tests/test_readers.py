@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -594,3 +595,34 @@ def test_real_sharegpt():
     assert all(isinstance(t, str) and t for t in texts)
     assert texts[0].startswith("Summarize the main ideas of Jeff Walker")
     assert len(set(w.columns["request_id"])) == len(w)
+
+
+def test_prefix_runs_round_trip_through_llmsched_jsonl(tmp_path):
+    from llmsched.workload.request import Request, Workload
+
+    a = Request("a", 0.0, 100, 10, prefix=((("sys", 0), 32), ("doc", 16)))
+    b = Request("b", 1.0, 150, 10, prefix=a.continuation)  # a's prompt, a's output, 40 new
+    w = Workload.from_requests([a, b])
+    back = read_trace(write_jsonl(w, tmp_path / "p.jsonl"))
+    assert [r.prefix for r in back] == [a.prefix, a.continuation]
+    assert back[1].runs == (*a.continuation, (("in", "b"), 40))
+
+
+@pytest.mark.parametrize(
+    "prefix, message",
+    [
+        ('[["sys", 0]]', "each run is [key, tokens >= 1]"),
+        ("[[true, 16]]", "a prefix key is"),
+        ('"sys"', "must be a list"),
+        ('[["sys", 200]]', "more than the prompt's 100"),
+    ],
+)
+def test_bad_prefix_runs_name_the_line(tmp_path, prefix, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        '{"request_id": "a", "arrival": 0, "prompt_tokens": 10, "output_tokens": 1}\n'
+        f'{{"request_id": "b", "arrival": 1, "prompt_tokens": 100, "output_tokens": 1, '
+        f'"prefix": {prefix}}}\n'
+    )
+    with pytest.raises(ValueError, match=rf"bad.jsonl, line 2: .*{re.escape(message)}"):
+        read_trace(path)

@@ -35,7 +35,13 @@ from typing import IO
 import numpy as np
 
 from llmsched.data import resolve
-from llmsched.workload.request import FIELDS, Workload, request_problem
+from llmsched.workload.request import (
+    FIELDS,
+    Workload,
+    object_column,
+    request_problem,
+    runs_problem,
+)
 
 FORMATS = ("azure", "lengths", "mooncake", "sharegpt", "llmsched")
 LLMSCHED_VERSION = 1
@@ -91,13 +97,13 @@ def read_trace(
         columns["arrival"] = (t - t.min()) / 1000.0
     elif "arrival" not in columns:  # untimed formats
         columns["arrival"] = np.zeros(len(columns["prompt_tokens"]))
-    for name in ("prompt_text", "tier", "session_id"):  # an all-None column is no column
+    for name in ("prompt_text", "tier", "session_id", "prefix"):  # all None: no column
         if name in columns and all(v is None for v in columns[name]):
             del columns[name]
 
     workload = Workload(
         {
-            k: np.asarray(v, dtype=object) if k in _OBJECT_COLUMNS else np.asarray(v)
+            k: object_column(v) if k in _OBJECT_COLUMNS else np.asarray(v)
             for k, v in columns.items()
         },
         source=str(path),
@@ -184,14 +190,18 @@ def write_jsonl(workload: Workload, path: str | Path) -> Path:
                 value = cols[name][i] if name in cols else None
                 if value is None or _is_default(name, value):
                     continue
-                row[name] = str(value) if name in ("tier", "session_id") else value
+                if name in ("tier", "session_id"):
+                    value = str(value)
+                elif name == "prefix":
+                    value = [[_key_to_json(key), n] for key, n in value]
+                row[name] = value
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
 
 
 # --- reading machinery ------------------------------------------------------------------------
 
-_OBJECT_COLUMNS = ("request_id", "prompt_text", "tier", "session_id")
+_OBJECT_COLUMNS = ("request_id", "prompt_text", "tier", "session_id", "prefix")
 _OPTIONAL = tuple(f for f in FIELDS if f not in _REQUIRED)
 
 
@@ -357,6 +367,31 @@ def _json_number(obj: dict, name: str) -> float:
     return value
 
 
+def _key_to_json(key):
+    """A run's key as JSON: tuples become lists (read back as tuples)."""
+    return [_key_to_json(k) for k in key] if isinstance(key, tuple) else key
+
+
+def _key_from_json(key):
+    if isinstance(key, list):
+        return tuple(_key_from_json(k) for k in key)
+    if isinstance(key, (str, int)) and not isinstance(key, bool):
+        return key
+    raise TypeError(f"a prefix key is a string, an integer or a list of them, got {key!r:.60}")
+
+
+def _json_runs(value) -> tuple:
+    """Field 'prefix': [[key, tokens], ...], the prompt's shared runs (Request.prefix)."""
+    if not isinstance(value, list):
+        raise TypeError(f"field 'prefix' must be a list of [key, tokens] pairs, got {value!r:.80}")
+    runs = []
+    for run in value:
+        if not (isinstance(run, list) and len(run) == 2 and type(run[1]) is int and run[1] >= 1):
+            raise ValueError(f"field 'prefix': each run is [key, tokens >= 1], got {run!r:.80}")
+        runs.append((_key_from_json(run[0]), run[1]))
+    return tuple(runs)
+
+
 def _json_int(obj: dict, name: str) -> int:
     value = _json_number(obj, name)
     if isinstance(value, float):
@@ -514,6 +549,8 @@ def _llmsched_rows(path: Path, fh: IO[str], header: dict) -> Iterator[tuple[int,
                     row[name] = _json_str(obj, name, allow_int=name != "prompt_text")
                 elif name in ("reasoning_tokens", "priority", "turn"):
                     row[name] = _json_int(obj, name)
+                elif name == "prefix":
+                    row[name] = _json_runs(obj[name])
                 else:
                     row[name] = float(_json_number(obj, name))
             for name, low, strict in _LOWER_BOUNDS:
@@ -522,6 +559,10 @@ def _llmsched_rows(path: Path, fh: IO[str], header: dict) -> Iterator[tuple[int,
                     raise ValueError(
                         f"field {name!r} must be {'>' if strict else '>='} {low}, got {value!r}"
                     )
+            if row["prefix"] is not None:
+                problem = runs_problem(row["prefix"], row["prompt_tokens"])
+                if problem:
+                    raise ValueError(f"field 'prefix': {problem}")
         except (ValueError, TypeError) as e:
             raise _fail(path, lineno, str(e)) from None
         if rid in seen:
@@ -547,4 +588,5 @@ _DEFAULTS = {
     "turn": 0,
     "tool_time": 0.0,
     "score": math.nan,
+    "prefix": None,
 }
