@@ -36,11 +36,23 @@ LENGTHS = """num_prefill_tokens,num_decode_tokens,num_total_tokens,pd_ratio
 3,2,5,1.5
 """
 
-MOONCAKE_ROWS = [
-    {"timestamp": 0, "input_length": 6955, "output_length": 52, "hash_ids": [0, 1, 2]},
-    {"timestamp": 27482, "input_length": 6472, "output_length": 26, "hash_ids": [0, 3]},
+MOONCAKE_ROWS = [  # one hash id per 512-token chunk: ceil(6955 / 512) = 14, 6472: 13
+    {"timestamp": 0, "input_length": 6955, "output_length": 52, "hash_ids": list(range(14))},
+    {
+        "timestamp": 27482,
+        "input_length": 6472,
+        "output_length": 26,
+        "hash_ids": [0, 1, 2, *range(100, 110)],
+    },
     {"timestamp": 30535, "input_length": 6478, "output_length": 196, "hash_ids": []},
 ]
+SESSION_ROWS = [  # aiperf's session JSONL: new tokens and ids per turn, delay after a response
+    {"session_id": "s1", "timestamp": 1000, "input_length": 600, "output_length": 40,
+     "hash_ids": [1, 2], "group_id": 0},
+    {"session_id": "s2", "timestamp": 2500, "input_length": 512, "output_length": 10,
+     "hash_ids": [1]},
+    {"session_id": "s1", "delay": 1500, "input_length": 100, "output_length": 7, "hash_ids": [3]},
+]  # fmt: skip
 
 
 def sharegpt_row(sid: str, turn: int, prompt: str, p: int, r: int) -> dict:
@@ -95,6 +107,7 @@ CONTENT = {
     "azure": ("trace.csv", AZURE),
     "lengths": ("lengths.csv", LENGTHS),
     "mooncake": ("mooncake.jsonl", jsonl(MOONCAKE_ROWS)),
+    "mooncake_sessions": ("sessions.jsonl", jsonl(SESSION_ROWS)),
     "sharegpt": ("pairs.jsonl", jsonl(SHAREGPT_ROWS)),
     "llmsched": ("requests.jsonl", jsonl(LLMSCHED_ROWS)),
 }
@@ -191,6 +204,53 @@ def test_mooncake_values(tmp_path):
     assert w.arrivals.tolist() == [0.0, 27.482, 30.535]
     assert w.columns["prompt_tokens"].tolist() == [6955, 6472, 6478]
     assert w.columns["output_tokens"].tolist() == [52, 26, 196]
+
+
+def test_mooncake_hash_ids_are_prefix_runs_of_512_tokens(tmp_path):
+    w = read_trace(make(tmp_path, "mooncake"))
+    first, second, third = w
+    # 6955 = 13 x 512 + 299: the partial last chunk is keyed by its size too
+    assert first.prefix == (
+        *((("mooncake", h), 512) for h in range(13)),
+        (("mooncake", 13, 299), 299),
+    )
+    assert sum(n for _, n in first.prefix) == first.prompt_tokens
+    assert second.prefix[:3] == first.prefix[:3]  # ids 0, 1, 2 shared
+    assert second.prefix[3][0] == ("mooncake", 100)
+    assert third.prefix is None  # no ids: nothing known to be shared
+
+
+def test_mooncake_full_last_chunk_has_the_plain_key(tmp_path):
+    row = {"timestamp": 0, "input_length": 1024, "output_length": 1, "hash_ids": [7, 8]}
+    (r,) = read_trace(write(tmp_path / "m.jsonl", jsonl([row])), "mooncake")
+    assert r.prefix == ((("mooncake", 7), 512), (("mooncake", 8), 512))
+
+
+def test_sessions_are_closed_loop_turns_over_their_predecessors_context(tmp_path):
+    w = read_trace(make(tmp_path, "mooncake_sessions"))
+    assert detect_format(make(tmp_path, "mooncake_sessions")) == "mooncake_sessions"
+    assert w.timed
+    by_id = {r.request_id: r for r in w}
+    t0, t1, other = by_id["s1/0"], by_id["s1/1"], by_id["s2/0"]
+    assert (t0.arrival, other.arrival) == (0.0, 1.5)  # seconds since the first timestamp
+    assert t1.arrival == t0.arrival  # a lower bound: it is sent when turn 0 ends + its tool
+    assert (t0.closed_loop, t1.closed_loop, other.closed_loop) == (False, True, False)
+    assert (t0.turn, t1.turn) == (0, 1) and t0.session_id == t1.session_id == "s1"
+    assert t0.tool_time == 1.5 and t1.tool_time == 0.0  # the next turn's delay, in seconds
+    assert t0.prefix == ((("mooncake", 1), 512), (("mooncake", 2, 88), 88))
+    assert t1.prompt_tokens == 600 + 40 + 100
+    assert t1.prefix == t0.continuation + ((("mooncake", 3, 100), 100),)
+    assert other.prefix == ((("mooncake", 1), 512),)  # shares its first chunk with s1
+
+
+def test_session_ids_may_be_integers_and_turns_explicit(tmp_path):
+    rows = [
+        {"session_id": 4, "turn": 0, "timestamp": 0, "input_length": 3, "output_length": 2},
+        {"session_id": 4, "turn": 1, "delay": 0, "input_length": 0, "output_length": 2},
+    ]
+    w = read_trace(write(tmp_path / "s.jsonl", jsonl(rows)), "mooncake_sessions")
+    assert [r.request_id for r in w] == ["4/0", "4/1"]
+    assert w[1].prompt_tokens == 5 and w[1].prefix == w[0].continuation
 
 
 def test_mooncake_arrivals_start_at_first_timestamp(tmp_path):
@@ -315,7 +375,7 @@ def test_undetectable_format_lists_known_formats(tmp_path, text):
     with pytest.raises(TraceFormatError, match="x.txt") as err:
         read_trace(path)
     if text.strip():
-        assert "azure, lengths, mooncake, sharegpt, llmsched" in str(err.value)
+        assert ", ".join(FORMATS) in str(err.value)
 
 
 def test_unknown_format_name_lists_known_formats(tmp_path):
@@ -360,6 +420,7 @@ def sg(**change) -> str:
     return json.dumps({**SHAREGPT_ROWS[1], **change}) + "\n"
 
 
+SS = '{"session_id": "a", "timestamp": 0, "input_length": 5, "output_length": 5}\n'
 MALFORMED = [
     ("azure", "TIMESTAMP,ContextTokens\n2023-11-16 18:15:46,3\n", 1, "missing column(s) Generat"),
     ("azure", AZ + "2023-11-16 18:15:47.1,abc,44\n", 3, "ContextTokens is not a number: 'abc'"),
@@ -393,6 +454,67 @@ MALFORMED = [
         MC + '{"timestamp": 1, "input_length": 5, "output_length": 2.5}\n',
         2,
         "'output_length' must be a whole number",
+    ),
+    (
+        "mooncake",
+        MC + '{"timestamp": 1, "input_length": 600, "output_length": 1, "hash_ids": [1]}\n',
+        2,
+        "hash_ids has 1 ids, but 600 input tokens make 2 chunks of 512",
+    ),
+    (
+        "mooncake",
+        MC + '{"timestamp": 1, "input_length": 5, "output_length": 1, "hash_ids": [1, 2]}\n',
+        2,
+        "hash_ids has 2 ids, but 5 input tokens make 1 chunks",
+    ),
+    (
+        "mooncake_sessions",
+        SS + '{"session_id": "a", "delay": -1, "input_length": 5, "output_length": 5}\n',
+        2,
+        "field 'delay' must be >= 0 ms, got -1",
+    ),
+    (
+        "mooncake_sessions",
+        SS + '{"session_id": "b", "delay": 10, "input_length": 5, "output_length": 5}\n',
+        2,
+        "session 'b' starts here without a 'timestamp' (ms): its first turn is missing",
+    ),
+    (
+        "mooncake_sessions",
+        SS + '{"session_id": "a", "timestamp": 9, "input_length": 5, "output_length": 5}\n',
+        2,
+        "session 'a' already started on line 1",
+    ),
+    (
+        "mooncake_sessions",
+        SS + '{"session_id": "a", "turn": 2, "delay": 1, "input_length": 5, "output_length": 5}\n',
+        2,
+        "turn 2 of session 'a' follows turn 0 (line 1): turn 1 missing",
+    ),
+    (
+        "mooncake_sessions",
+        SS + '{"session_id": "a", "turn": 0, "delay": 1, "input_length": 5, "output_length": 5}\n',
+        2,
+        "turns out of order or repeated",
+    ),
+    (
+        "mooncake_sessions",
+        '{"session_id": "a", "turn": 1, "timestamp": 0, "input_length": 5, "output_length": 5}\n',
+        1,
+        "session 'a' starts at turn 1: turns 0..0 are missing",
+    ),
+    (
+        "mooncake_sessions",
+        SS + '{"session_id": "a", "delay": 1, "input_length": 5, "output_length": 5, '
+        '"hash_ids": [1, 2]}\n',
+        2,
+        "hash_ids has 2 ids, but 5 input tokens make 1 chunks",
+    ),
+    (
+        "mooncake_sessions",
+        SS + '{"session_id": "a", "delay": 1, "input_length": 5, "output_length": 0}\n',
+        2,
+        "output length must be >= 1 token, got 0",
     ),
     ("sharegpt", SG + sg(response_tokens_cl100k=0), 2, "output length must be >= 1 token, got 0"),
     ("sharegpt", SG + SG + sg(prompt_tokens_cl100k=None), 3, "'prompt_tokens_cl100k' must be a"),

@@ -11,7 +11,10 @@ Formats (see docs/workload-format.md):
 - ``azure``: Azure LLM inference trace CSV (``TIMESTAMP, ContextTokens, GeneratedTokens``).
 - ``lengths``: Sarathi/Vidur/SLAI length CSV (``num_prefill_tokens, num_decode_tokens, ...``).
 - ``mooncake``: Mooncake JSONL (``timestamp`` in ms, ``input_length``, ``output_length``,
-  ``hash_ids``).
+  ``hash_ids``: 512-token chunks, read as the prompt's prefix runs).
+- ``mooncake_sessions``: aiperf's multi-turn Mooncake JSONL (``session_id``, this turn's new
+  ``input_length`` and ``hash_ids``, ``timestamp`` on a session's first turn, ``delay`` on the
+  next ones), read as closed-loop programs.
 - ``sharegpt``: ShareGPT prompt/response pairs JSONL with cl100k token counts.
 - ``llmsched``: llmsched's own JSONL, one request per line, written by :func:`write_jsonl`.
 
@@ -37,13 +40,16 @@ import numpy as np
 from llmsched.data import resolve
 from llmsched.workload.request import (
     FIELDS,
+    Request,
     Workload,
     object_column,
     request_problem,
     runs_problem,
 )
 
-FORMATS = ("azure", "lengths", "mooncake", "sharegpt", "llmsched")
+FORMATS = ("azure", "lengths", "mooncake", "mooncake_sessions", "sharegpt", "llmsched")
+#: Tokens per Mooncake hash id (a KV chunk of the Mooncake traces and of aiperf's sessions).
+MOONCAKE_CHUNK = 512
 LLMSCHED_VERSION = 1
 
 _AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -92,12 +98,12 @@ def read_trace(
     elif fmt == "azure":  # absolute times in ns -> seconds since the earliest
         t = np.asarray(columns["arrival"], dtype=np.int64)
         columns["arrival"] = (t - t.min()) / 1e9
-    elif fmt == "mooncake":  # ms -> seconds since the earliest
+    elif fmt in ("mooncake", "mooncake_sessions"):  # ms -> seconds since the earliest
         t = np.asarray(columns["arrival"], dtype=np.float64)
         columns["arrival"] = (t - t.min()) / 1000.0
     elif "arrival" not in columns:  # untimed formats
         columns["arrival"] = np.zeros(len(columns["prompt_tokens"]))
-    for name in ("prompt_text", "tier", "session_id", "prefix"):  # all None: no column
+    for name in ("prompt_text", "tier", "session_id", "prefix", "tool"):  # all None: no column
         if name in columns and all(v is None for v in columns[name]):
             del columns[name]
 
@@ -140,6 +146,8 @@ def detect_format(path: str | Path) -> str:
         keys = set(obj) if isinstance(obj, dict) else set()
         if obj.get("format") == "llmsched" or set(_REQUIRED) <= keys:
             return "llmsched"
+        if {"session_id", "input_length", "output_length"} <= keys:
+            return "mooncake_sessions"
         if {"prompt_tokens_cl100k", "response_tokens_cl100k"} <= keys:
             return "sharegpt"
         if {"timestamp", "input_length", "output_length"} <= keys:
@@ -192,6 +200,8 @@ def write_jsonl(workload: Workload, path: str | Path) -> Path:
                     continue
                 if name in ("tier", "session_id"):
                     value = str(value)
+                elif name in ("is_last_step", "closed_loop"):
+                    value = bool(value)
                 elif name == "prefix":
                     value = [[_key_to_json(key), n] for key, n in value]
                 row[name] = value
@@ -201,7 +211,7 @@ def write_jsonl(workload: Workload, path: str | Path) -> Path:
 
 # --- reading machinery ------------------------------------------------------------------------
 
-_OBJECT_COLUMNS = ("request_id", "prompt_text", "tier", "session_id", "prefix")
+_OBJECT_COLUMNS = ("request_id", "prompt_text", "tier", "session_id", "prefix", "tool")
 _OPTIONAL = tuple(f for f in FIELDS if f not in _REQUIRED)
 
 
@@ -233,6 +243,8 @@ def _read_rows(
             timed = False
         elif fmt == "mooncake":
             rows = _mooncake_rows(path, fh)
+        elif fmt == "mooncake_sessions":
+            rows = _session_rows(path, fh)
         elif fmt == "sharegpt":
             rows = _sharegpt_rows(path, fh)
             timed = False
@@ -401,6 +413,13 @@ def _json_int(obj: dict, name: str) -> int:
     return value
 
 
+def _json_bool(obj: dict, name: str) -> bool:
+    value = _field(obj, name)
+    if not isinstance(value, bool):
+        raise TypeError(f"field {name!r} must be true or false, got {value!r}")
+    return value
+
+
 def _json_str(obj: dict, name: str, *, allow_int: bool = False) -> str | None:
     value = _field(obj, name)
     if value is None or isinstance(value, str):
@@ -470,17 +489,133 @@ def _mooncake_rows(path: Path, fh: IO[str]) -> Iterator[tuple[int, dict]]:
                 "prompt_tokens": _json_int(obj, "input_length"),
                 "output_tokens": _json_int(obj, "output_length"),
             }
-            hash_ids = obj.get("hash_ids", [])
-            if not isinstance(hash_ids, list) or not all(
-                type(h) is int
-                for h in hash_ids  # not isinstance: a bool is no block id
-            ):
-                raise ValueError(
-                    f"field 'hash_ids' must be a list of integers, got {hash_ids!r:.80}"
-                )
+            row["prefix"] = mooncake_runs(_hash_ids(obj), row["prompt_tokens"]) or None
         except (ValueError, TypeError) as e:
             raise _fail(path, lineno, str(e)) from None
         yield lineno, row
+
+
+def _hash_ids(obj: dict) -> list[int]:
+    hash_ids = obj.get("hash_ids")
+    if hash_ids is None:
+        return []
+    if not isinstance(hash_ids, list) or not all(
+        type(h) is int
+        for h in hash_ids  # not isinstance: a bool is no block id
+    ):
+        raise ValueError(f"field 'hash_ids' must be a list of integers, got {hash_ids!r:.80}")
+    return hash_ids
+
+
+def mooncake_runs(hash_ids: list[int], tokens: int) -> tuple:
+    """The prefix runs of `tokens` prompt tokens that Mooncake `hash_ids` describe: one id per
+    512-token chunk, key ("mooncake", id); a partial last chunk (tokens - 512 (len - 1) < 512)
+    is keyed ("mooncake", id, size), as vLLM's TimedTrace seeds a partial chunk by its size too.
+    No ids: () (nothing known to be shared). Ids that do not make ceil(tokens / 512) chunks are
+    an error: Mooncake traces (and aiperf's sessions) have exactly one per chunk."""
+    if not hash_ids:
+        return ()
+    need = -(-tokens // MOONCAKE_CHUNK)
+    if len(hash_ids) != need:
+        raise ValueError(
+            f"hash_ids has {len(hash_ids)} ids, but {tokens} input tokens make {need} chunks of "
+            f"{MOONCAKE_CHUNK} (one id per chunk, the last may be partial)"
+        )
+    runs = [(("mooncake", h), MOONCAKE_CHUNK) for h in hash_ids[:-1]]
+    last = tokens - MOONCAKE_CHUNK * (len(hash_ids) - 1)
+    key = ("mooncake", hash_ids[-1]) if last == MOONCAKE_CHUNK else ("mooncake", hash_ids[-1], last)
+    runs.append((key, last))
+    return tuple(runs)
+
+
+def _session_rows(path: Path, fh: IO[str]) -> Iterator[tuple[int, dict]]:
+    """aiperf's session JSONL as closed-loop turns. A turn's prompt is its predecessor's prompt,
+    its predecessor's output and its own new tokens; its predecessor's tool_time is its delay.
+    The whole file is read first (a turn's delay completes the turn before it)."""
+    rows: list[tuple[int, dict]] = []
+    last: dict[str, tuple[int, dict]] = {}  # session -> (line, row) of its latest turn
+    for lineno, obj in _json_rows(path, fh):
+        try:
+            session = _json_str(obj, "session_id", allow_int=True)
+            if session is None:
+                raise TypeError("field 'session_id' must be a string, got None")
+            new = _json_int(obj, "input_length")
+            output = _json_int(obj, "output_length")
+            before = last.get(session)
+            turn = 0 if before is None else before[1]["turn"] + 1
+            given = obj.get("turn")
+            if given is not None and given != turn:
+                raise ValueError(_turn_problem(session, given, turn, before))
+            if before is None:
+                if "timestamp" not in obj:
+                    raise ValueError(
+                        f"session {session!r} starts here without a 'timestamp' (ms): its first "
+                        "turn is missing (a later turn gives 'delay' instead)"
+                    )
+                start = _json_number(obj, "timestamp")
+                if new < 1:
+                    raise ValueError(f"input_length must be >= 1 on a first turn, got {new}")
+                prefix, prompt = (), new
+            else:
+                if "delay" not in obj:
+                    raise ValueError(
+                        f"session {session!r} already started on line {before[0]}: a later turn "
+                        "gives 'delay' (ms after the previous response), not a new 'timestamp' "
+                        "(is a session_id repeated, or a turn missing?)"
+                    )
+                delay = _json_number(obj, "delay")
+                if delay < 0:
+                    raise ValueError(f"field 'delay' must be >= 0 ms, got {delay!r}")
+                if new < 0:
+                    raise ValueError(f"input_length must be >= 0, got {new}")
+                prev = before[1]
+                prev["tool_time"] = delay / 1000.0
+                start = prev["arrival"]
+                prefix = Request(
+                    prev["request_id"],
+                    0.0,
+                    prev["prompt_tokens"],
+                    prev["output_tokens"],
+                    prefix=prev["prefix"],
+                ).continuation
+                prompt = prev["prompt_tokens"] + prev["output_tokens"] + new
+            prefix += mooncake_runs(_hash_ids(obj), new)
+            row = {
+                "request_id": f"{session}/{turn}",
+                "arrival": start,  # ms; a later turn's is its session's start (a lower bound)
+                "prompt_tokens": prompt,
+                "output_tokens": output,
+                "session_id": session,
+                "turn": turn,
+                "tool_time": 0.0,
+                "prefix": prefix or None,
+                "closed_loop": turn > 0,
+            }
+            problem = request_problem(0.0, prompt, output, 0)
+            if problem:  # never skipped: a skipped turn would leave its program with a gap
+                raise ValueError(problem)
+        except (ValueError, TypeError) as e:
+            raise _fail(path, lineno, str(e)) from None
+        last[session] = (lineno, row)
+        rows.append((lineno, row))
+    yield from rows
+
+
+def _turn_problem(session: str, given, expected: int, before: tuple[int, dict] | None) -> str:
+    if not isinstance(given, int) or isinstance(given, bool):
+        return f"field 'turn' must be an integer, got {given!r}"
+    if before is None:
+        return f"session {session!r} starts at turn {given}: turns 0..{given - 1} are missing"
+    if given > expected:
+        missing = f"turn {expected}" if given == expected + 1 else f"turns {expected}..{given - 1}"
+        return (
+            f"turn {given} of session {session!r} follows turn {expected - 1} (line {before[0]}): "
+            f"{missing} missing"
+        )
+    return (
+        f"turn {given} of session {session!r} comes after its turn {expected - 1} (line "
+        f"{before[0]}): turns out of order or repeated"
+    )
 
 
 def _sharegpt_rows(path: Path, fh: IO[str]) -> Iterator[tuple[int, dict]]:
@@ -545,8 +680,10 @@ def _llmsched_rows(path: Path, fh: IO[str], header: dict) -> Iterator[tuple[int,
             for name in _OPTIONAL:
                 if obj.get(name) is None:
                     row[name] = _DEFAULTS[name]
-                elif name in ("prompt_text", "tier", "session_id"):
-                    row[name] = _json_str(obj, name, allow_int=name != "prompt_text")
+                elif name in ("prompt_text", "tier", "session_id", "tool"):
+                    row[name] = _json_str(obj, name, allow_int=name in ("tier", "session_id"))
+                elif name in ("is_last_step", "closed_loop"):
+                    row[name] = _json_bool(obj, name)
                 elif name in ("reasoning_tokens", "priority", "turn"):
                     row[name] = _json_int(obj, name)
                 elif name == "prefix":
@@ -589,4 +726,7 @@ _DEFAULTS = {
     "tool_time": 0.0,
     "score": math.nan,
     "prefix": None,
+    "tool": None,
+    "is_last_step": False,
+    "closed_loop": False,
 }

@@ -40,6 +40,15 @@ class Request:
     # prompts whose runs agree hold the same tokens there, so their KV can be shared (prefix
     # caching). Tokens past the runs are this request's own. None: nothing shared.
     prefix: Runs | None = None
+    # Agent programs (a session whose turns are LLM calls with tool calls between them):
+    # `tool` is the tool called after this turn (None: none, or not known); `is_last_step` marks
+    # a turn that the program's step limit makes its last (Continuum never pins its KV).
+    tool: str | None = None
+    is_last_step: bool = False
+    # Closed loop: this turn is sent when its session's previous turn (turn - 1) has finished
+    # and that turn's tool_time has passed, and not before `arrival` (a lower bound then).
+    # False: it arrives at `arrival`, whatever its session does (open loop).
+    closed_loop: bool = False
 
     def __post_init__(self) -> None:
         problem = request_problem(
@@ -129,8 +138,10 @@ _NUMERIC = {
     "turn": np.int64,
     "tool_time": np.float64,
     "score": np.float64,  # NaN = none
+    "is_last_step": np.bool_,
+    "closed_loop": np.bool_,
 }
-_OBJECT = ("request_id", "prompt_text", "tier", "session_id", "prefix")
+_OBJECT = ("request_id", "prompt_text", "tier", "session_id", "prefix", "tool")
 FIELDS = tuple(f.name for f in fields(Request))
 
 
@@ -241,6 +252,9 @@ class Workload:
             tool_time=float(c["tool_time"][i]),
             score=slo("score"),
             prefix=obj("prefix"),
+            tool=obj("tool"),
+            is_last_step=bool(c["is_last_step"][i]),
+            closed_loop=bool(c["closed_loop"][i]),
         )
 
     def __iter__(self) -> Iterator[Request]:
