@@ -206,3 +206,16 @@ def test_metrics_equal_vllms_own_benchmark_code():
             key = f"median_{name}_ms" if p == 50 else f"p{p}_{name}_ms"  # one spelling
             assert ours[key] == pytest.approx(value, rel=1e-9), (name, p)
         assert f"p50_{name}_ms" not in ours
+
+
+def test_an_unreachable_server_is_a_clear_error(tmp_path, capsys):
+    import socket
+
+    from llmsched.cli import main
+
+    with socket.socket() as s:  # a port nobody listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        code = main(["bench", "--url", url, "--num-requests", "2", "--rate", "1",
+                     "--out", str(tmp_path / "r.json")])  # fmt: skip
+    assert code == 2 and f"cannot reach {url}" in capsys.readouterr().err

@@ -79,14 +79,17 @@ async def first_model(base_url: str) -> str:
     """The first model the server lists (`vllm bench serve` does the same)."""
     import aiohttp
 
-    async with aiohttp.ClientSession() as session:
-        async with session.get(base_url.rstrip("/") + "/v1/models") as response:
-            if response.status != 200:
-                raise ValueError(
-                    f"{base_url}/v1/models answered HTTP {response.status}: name the model "
-                    "with --model"
-                )
-            models = (await response.json()).get("data") or []
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(base_url.rstrip("/") + "/v1/models") as response:
+                if response.status != 200:
+                    raise ValueError(
+                        f"{base_url}/v1/models answered HTTP {response.status}: name the model "
+                        "with --model"
+                    )
+                models = (await response.json()).get("data") or []
+    except aiohttp.ClientError as e:
+        raise ValueError(f"cannot reach {base_url} ({e}): is the server running?") from None
     if not models:
         raise ValueError(f"{base_url}/v1/models lists no model: name it with --model")
     return str(models[0]["id"])
