@@ -349,6 +349,13 @@ def _report_run(result) -> None:
         f"{s['sim_wall_seconds']:.2f} s wall, {s['sim_steps']} policy decisions, "
         f"{s['sim_iterations']} iterations"
     )
+    if s.get("num_programs"):
+        jct = s["mean_jct_ms"]
+        print(
+            f"programs: {s['num_programs']} ({s['completed_programs']} completed, "
+            f"{s['cut_programs']} cut short by a rejected turn); job completion time mean "
+            + (f"{jct / 1000:.2f} s, p90 {s['p90_jct_ms'] / 1000:.2f} s" if jct else "n/a")
+        )
 
 
 def _note(workload) -> None:

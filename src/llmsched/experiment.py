@@ -21,6 +21,7 @@ from llmsched.hardware.memory import kv_bytes_per_token, kv_cache_blocks
 from llmsched.hardware.roofline import Efficiency, RooflineModel
 from llmsched.hardware.specs import GPUSpec, ModelSpec, get_gpu, get_model, with_dtype
 from llmsched.hardware.steplog import device_spec
+from llmsched.metrics.programs import program_metrics
 from llmsched.metrics.qoe import AnswerSLO
 from llmsched.metrics.report import write_requests_csv
 from llmsched.metrics.summary import MetricsCollector
@@ -263,6 +264,7 @@ def simulate(
     summary |= {"policy": cfg.policy, "router": cfg.router, "instances": cfg.instances}
     summary |= cluster.stats.as_dict()
     summary["skipped_trace_rows"] = getattr(workload, "skipped", 0)
+    summary |= program_metrics(workload, collector) or {}  # JCT, cold/warm TTFT of sessions
     resolved |= {
         "workload": workload.describe(),
         "workload_source": workload.source or "synthetic",

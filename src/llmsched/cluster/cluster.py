@@ -4,6 +4,11 @@ Events are arrivals (routed when they happen), the end of an instance's span of 
 the delivery of a migrated request's KV. An arrival routed to a busy instance cuts its span at
 the iteration in progress, so each instance replans exactly when a real engine would first see
 the new request. Every request ends finished or rejected; the run checks it.
+
+Closed loop (agent programs, docs/agents.md): a `closed_loop` turn is not sent at a time of its
+own but when its predecessor finishes (the client has its last token) plus the predecessor's
+`tool_time`: the finish releases it, one more arrival event. A rejected turn ends its program:
+its later turns are recorded as rejected, never run (`PROGRAM_CUT`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -24,6 +29,7 @@ from llmsched.metrics.record import RequestRecord
 from llmsched.metrics.summary import MetricsCollector
 from llmsched.policies.base import InstancePolicy, Router
 from llmsched.workload.request import Workload
+from llmsched.workload.sessions import PROGRAM_CUT, successors
 
 
 class ClusterView:
@@ -147,6 +153,12 @@ class Cluster:
         self._seq = 0
         self._version = [0] * num_instances
         self._aborted: set[RequestState] = set()  # running requests whose client went away
+        # Closed loop: the workload being run, each request's follower index (-1: none), the
+        # followers of requests in flight, and the released followers (time, seq, index).
+        self._workload: Workload | None = None
+        self._follower: np.ndarray | None = None
+        self._next_turn: dict[RequestState, int] = {}
+        self._released: list[tuple[float, int, int]] = []
 
     # --- admission control ----------------------------------------------------------------------
     def rejection_reason(self, state: RequestState) -> str | None:
@@ -189,24 +201,42 @@ class Cluster:
         start = time.perf_counter()
         arrivals = workload.arrivals
         n = len(workload)
+        follower = successors(workload)
+        # Requests that arrive at their own times, in arrival order (closed-loop turns are
+        # released by their predecessors instead).
+        if follower is None:
+            order = np.arange(n)
+        else:
+            order = np.flatnonzero(~workload.columns["closed_loop"])
+        m = len(order)
+        self._workload, self._follower = workload, follower
+        released = self._released
         bar = _progress_bar(n, progress)
         done_before = 0
         i = 0
         slots = self._slots
-        while i < n or self._events:
-            t_next = arrivals[i] if i < n else np.inf
-            if slots is not None and i < n:
+        while i < m or released or self._events:
+            t_open = arrivals[order[i]] if i < m else np.inf
+            t_next = min(t_open, released[0][0]) if released else t_open
+            if slots is not None and (i < m or released):
                 t_next = max(t_next, slots[0]) if slots else np.inf
             if self._events and self._events[0][0] < t_next:
                 self._next_event()
             else:
                 self.now = float(t_next)
-                state = RequestState(workload[i])
+                if released and released[0][0] < t_open:
+                    sent, _, index = heapq.heappop(released)
+                    state = RequestState(replace(workload[index], arrival=sent))
+                else:
+                    index = int(order[i])
+                    state = RequestState(workload[index])
+                    i += 1
+                if follower is not None and follower[index] >= 0:
+                    self._next_turn[state] = int(follower[index])
                 if slots is not None:
                     heapq.heappop(slots)
                     state.arrival = self.now  # sent now: the client's clock starts here
                 self._arrive(state, self.now)
-                i += 1
             done = len(self.collector)
             if bar is not None and done - done_before >= 256:
                 bar.update(done - done_before)
@@ -300,6 +330,7 @@ class Cluster:
             state.status = Status.REJECTED
             self.collector.add(_record(state, np.zeros(0), reject_reason=reason))
             self._free_slot(now)  # refused at once
+            self._cut_program(state, now)
             return
         index = self.router.route(state, self.view)
         inst = self.instances[index]
@@ -323,7 +354,22 @@ class Cluster:
         if self.frontend_latency:
             times = times + self.frontend_latency
         self.collector.add(_record(state, times))
-        self._free_slot(times[-1] if len(times) else t)  # when the client has the last token
+        done = times[-1] if len(times) else t  # when the client has the last token
+        self._free_slot(done)
+        follower = self._next_turn.pop(state, None)
+        if follower is not None:  # closed loop: the next turn after the tool call
+            sent = max(float(done) + state.request.tool_time, self._workload.arrivals[follower])
+            self._seq += 1
+            heapq.heappush(self._released, (sent, self._seq, follower))
+
+    def _cut_program(self, state: RequestState, now: float) -> None:
+        """A rejected turn ends its program: every later turn is recorded as rejected, not run."""
+        follower = self._next_turn.pop(state, None)
+        while follower is not None and follower >= 0:
+            later = RequestState(replace(self._workload[follower], arrival=now))
+            later.status = Status.REJECTED
+            self.collector.add(_record(later, np.zeros(0), reject_reason=PROGRAM_CUT))
+            follower = int(self._follower[follower])
 
     def _free_slot(self, t: float) -> None:
         if self._slots is not None:
