@@ -224,3 +224,172 @@ def test_a_workload_without_sessions_has_no_program_metrics():
         program_metrics(Workload.from_requests([Request("a", 0.0, 1, 1)]), MetricsCollector())
         is None
     )
+
+
+# --- the program generator ----------------------------------------------------------------------
+
+
+def _programs(**spec):
+    from llmsched.workload.programs import ProgramSpec, program_workload
+
+    rate = spec.pop("rate", 0.5)
+    seed = spec.pop("seed", 0)
+    return program_workload(ProgramSpec(**spec), rate=rate, seed=seed)
+
+
+def _by_program(w: Workload) -> dict[str, list[Request]]:
+    out: dict[str, list[Request]] = {}
+    for r in w:
+        out.setdefault(r.session_id, []).append(r)
+    return {k: sorted(v, key=lambda r: r.turn) for k, v in out.items()}
+
+
+def test_generated_turns_grow_their_predecessors_context_and_share_the_system_prompt():
+    w = _programs(count=20)
+    assert len(w) == len({r.request_id for r in w})
+    for turns in _by_program(w).values():
+        first = turns[0]
+        assert not first.closed_loop and first.prefix == ((("system",), 5000),)
+        for before, this in zip(turns, turns[1:]):
+            assert this.closed_loop and this.arrival == first.arrival
+            assert this.prefix == before.continuation  # the previous prompt and output
+            assert this.prompt_tokens > before.prompt_tokens + before.output_tokens
+            assert before.tool is not None and before.tool_time > 0
+        assert turns[-1].tool is None and turns[-1].tool_time == 0.0
+        assert not any(r.is_last_step for r in turns)  # 10.9 +- 2.1 turns never reach 50
+
+
+def test_the_same_seed_gives_the_same_programs_and_another_seed_others():
+    a, b, c = _programs(count=30), _programs(count=30), _programs(count=30, seed=1)
+    assert [tuple(r.__slots__ and (getattr(r, f) for f in r.__slots__)) for r in a] == [
+        tuple(getattr(r, f) for f in r.__slots__) for r in b
+    ]
+    assert a.columns["prompt_tokens"].tolist() != c.columns["prompt_tokens"].tolist()
+
+
+def test_the_step_limit_caps_programs_and_marks_their_last_step():
+    w = _programs(count=200, turns_mean=9, turns_std=3, step_limit=8)
+    programs = _by_program(w)
+    assert max(len(t) for t in programs.values()) == 8
+    for turns in programs.values():
+        assert [r.is_last_step for r in turns[:-1]] == [False] * (len(turns) - 1)
+        assert turns[-1].is_last_step == (len(turns) == 8)
+    assert 0 < sum(t[-1].is_last_step for t in programs.values()) < 200
+
+
+def test_the_defaults_reproduce_their_targets():
+    from llmsched.workload.programs import OPENHANDS_TOOLS
+
+    w = _programs(count=4000, rate=1.0, seed=7)
+    turns = np.array([len(t) for t in _by_program(w).values()])
+    assert turns.mean() == pytest.approx(10.9, abs=0.1)  # Continuum: 10.9 +- 2.1 turns
+    assert turns.std() == pytest.approx(2.1, abs=0.1)
+    out = w.columns["output_tokens"]
+    assert out.max() <= 2048
+    assert np.median(out) == pytest.approx(105, rel=0.05)
+    starts = np.sort(w.arrivals[w.columns["turn"] == 0])
+    assert np.diff(starts).mean() == pytest.approx(1.0, rel=0.05)  # 1 program/s
+    tools = w.columns["tool"]
+    called = tools[tools != None]  # noqa: E711 (an object column)
+    for name, t in OPENHANDS_TOOLS.items():
+        mine = tools == name
+        assert mine.sum() / len(called) == pytest.approx(t.share, abs=0.02)
+        if t.share > 0.1:
+            logs = np.log(w.columns["tool_time"][mine])
+            assert logs.mean() == pytest.approx(t.mu, abs=0.05)
+            assert logs.std() == pytest.approx(t.sigma, abs=0.05)
+
+
+def test_the_embedded_tool_times_are_the_fit_of_the_agent_data():
+    from llmsched.data import data_dir
+    from llmsched.workload.programs import TOOL_SETS, fit_agent_data
+
+    root = data_dir()
+    if root is None or not (root / "agents" / "openhands_tool_gaps.csv").is_file():
+        pytest.skip("the shared data's agents/ folder is absent (set LLMSCHED_DATA)")
+    assert fit_agent_data(root / "agents") == TOOL_SETS
+
+
+def test_bad_program_settings_are_refused_with_the_key():
+    from llmsched.workload.programs import ProgramSpec
+
+    with pytest.raises(ValueError, match="tools: unknown tool set 'claude'; known: openhands"):
+        ProgramSpec(tools="claude")
+    with pytest.raises(ValueError, match="unknown key.*turns; known: count"):
+        ProgramSpec.from_mapping({"turns": 3})
+    with pytest.raises(ValueError, match="shares must be >= 0 and sum to 1"):
+        ProgramSpec(tools={"a": {"share": 0.5, "mu": 0.0, "sigma": 1.0}})
+
+
+def test_programs_round_trip_through_llmsched_jsonl(tmp_path):
+    from llmsched.workload.readers import read_trace, write_jsonl
+
+    w = _programs(count=5)
+    back = read_trace(write_jsonl(w, tmp_path / "p.jsonl"))
+    assert list(back) == list(w)
+
+
+def test_a_session_trace_with_a_rate_draws_session_starts_and_keeps_the_loop():
+    from llmsched.workload.generators import build_workload
+
+    w = _programs(count=50)
+    drawn = build_workload(w, arrival="poisson", rate=2.0, seed=3)
+    for turns in _by_program(drawn).values():
+        assert all(r.arrival == turns[0].arrival for r in turns)
+    starts = np.sort(drawn.arrivals[drawn.columns["turn"] == 0])
+    assert starts[0] == 0.0 and len(np.unique(starts)) == 50
+    with pytest.raises(ValueError, match="closed-loop sessions: its requests cannot be drawn"):
+        build_workload(w, arrival="poisson", rate=2.0, sample="random", num_requests=10)
+
+
+# --- configs and the command line ---------------------------------------------------------------
+
+
+def test_a_programs_config_runs_and_reports_job_completion_times():
+    from llmsched.config import SimulationConfig
+    from llmsched.experiment import simulate
+
+    cfg = SimulationConfig(
+        programs={"count": 6, "tools": "swe-agent"}, rate=0.5, model="llama-3.1-8b"
+    )
+    result = simulate(cfg)
+    s = result.summary
+    assert s["num_programs"] == 6 and s["completed_programs"] == 6
+    assert s["completed"] == s["program_turns"]
+    assert s["mean_jct_ms"] > 0 and s["p99_jct_ms"] >= s["median_jct_ms"]
+    assert s["mean_ttft_cold_ms"] > 0 and s["mean_ttft_warm_ms"] > 0
+    assert "programs/s" in __import__("llmsched.experiment").experiment.run_title(cfg)
+
+
+def test_a_context_that_outgrows_the_model_cuts_its_program_counted():
+    from llmsched.config import SimulationConfig
+    from llmsched.experiment import simulate
+
+    s = simulate(SimulationConfig(programs={"count": 6}, rate=0.5)).summary  # 8,192 tokens
+    reasons = s["rejected_reasons"]
+    assert reasons["prompt + output exceeds max_model_len (8192 tokens)"] == s["cut_programs"]
+    assert s["failed"] == s["cut_programs"] + s["turns_not_run"]
+    assert s["completed"] + s["failed"] == s["program_turns"]
+
+
+def test_programs_config_mistakes_name_their_keys():
+    from llmsched.config import ConfigError, SimulationConfig
+
+    with pytest.raises(ConfigError, match="two workloads"):
+        SimulationConfig(programs={}, trace="x.csv")
+    with pytest.raises(ConfigError, match="num_requests: not used with programs"):
+        SimulationConfig(programs={"count": 3}, num_requests=5)
+    with pytest.raises(ConfigError, match="unknown tool set"):
+        SimulationConfig(programs={"tools": "nope"})
+    with pytest.raises(ConfigError, match="programs"):
+        SimulationConfig(programs={"count": "3"})
+
+
+def test_the_command_line_runs_programs(tmp_path, capsys):
+    from llmsched.cli import main
+
+    out = tmp_path / "run"
+    argv = ["simulate", "--programs", "4", "--rate", "1", "--model", "llama-3.1-8b"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "programs: 4 (4 completed, 0 cut short" in capsys.readouterr().out
+    assert (out / "summary.json").is_file()

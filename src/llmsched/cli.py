@@ -31,7 +31,15 @@ EXAMPLES = """examples:
 
 # Written out rather than read from the registry and the readers (tests check they agree):
 # building the parser imports no policy and no numpy.
-TRACE_FORMATS = ("azure", "lengths", "mooncake", "sharegpt", "llmsched", "alpaca_eval")
+TRACE_FORMATS = (
+    "azure",
+    "lengths",
+    "mooncake",
+    "mooncake_sessions",
+    "sharegpt",
+    "llmsched",
+    "alpaca_eval",
+)
 ROUTER_HELP = (
     "round-robin, random, least-outstanding, least-kv, prefix-affinity, pascal (llmsched list)"
 )
@@ -66,6 +74,13 @@ def _workload_flags(rate: bool = True) -> argparse.ArgumentParser:
         "prompts, see --config's `generator`)",
     )
     w.add_argument("--num-requests", type=int, metavar="N", help="first N requests of the trace")
+    w.add_argument(
+        "--programs",
+        type=int,
+        metavar="N",
+        help="N synthetic agent programs (closed-loop multi-turn sessions with tool calls, "
+        "docs/agents.md); --rate is then programs/s; the config's `programs` sets the rest",
+    )
     if rate:
         w.add_argument("--rate", type=float, metavar="R", help="Poisson arrivals, requests/s")
     w.add_argument("--cv", type=float, help="burstiness: Gamma arrivals with this CV of gaps")
@@ -252,6 +267,8 @@ CONFIG_FLAGS = [
 def config_from_flags(args, **extra):
     """The run's SimulationConfig: the config file's settings, then the flags given."""
     overrides = {name: getattr(args, name, None) for name in CONFIG_FLAGS}
+    if getattr(args, "programs", None) is not None:
+        overrides["programs"] = {"count": args.programs}
     for key, flag, parse in (
         ("goodput", "goodput", parse_goodput),
         ("policy_params", "policy_param", parse_params),

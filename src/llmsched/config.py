@@ -65,6 +65,30 @@ class ReasoningSpec(TypedDict, total=False):
     servegen_dir: str
 
 
+@with_config(STRICT)
+class ToolSpec(TypedDict):
+    share: Annotated[float, Field(ge=0, le=1)]  # share of the tool calls
+    mu: float  # ln(seconds): the duration's lognormal location
+    sigma: Annotated[float, Field(ge=0)]
+
+
+@with_config(STRICT)
+class ProgramsSpec(TypedDict, total=False):
+    count: Annotated[int, Field(ge=1)]
+    turns_mean: Annotated[float, Field(ge=1)]
+    turns_std: Annotated[float, Field(ge=0)]
+    step_limit: Annotated[int, Field(ge=1)]
+    system_prompt_tokens: Annotated[int, Field(ge=0)]
+    task_median: Annotated[float, Field(ge=1)]
+    task_sigma: Annotated[float, Field(ge=0)]
+    new_tokens_median: Annotated[float, Field(ge=1)]
+    new_tokens_sigma: Annotated[float, Field(ge=0)]
+    output_median: Annotated[float, Field(ge=1)]
+    output_sigma: Annotated[float, Field(ge=0)]
+    max_output: Annotated[int, Field(ge=1)]
+    tools: str | dict[str, ToolSpec]
+
+
 PARAMS = "a mapping of parameter names to values, e.g. {quantum: 300}"
 
 
@@ -86,10 +110,21 @@ class SimulationConfig(BaseModel):
         description="a mapping {split: equal|servegen|heavy, max_tokens: N, sigma: S, low: L, "
         "high: H, servegen_dir: DIR}",
     )
+    # Synthetic agent programs (llmsched.workload.programs, docs/agents.md): closed-loop
+    # multi-turn sessions with tool calls, starting as a Poisson process of `rate` programs/s;
+    # e.g. {count: 200, tools: openhands}. Every key has a default from real agent data.
+    programs: ProgramsSpec | None = Field(
+        None,
+        description="a mapping {count: N, turns_mean: T, turns_std: S, step_limit: L, "
+        "system_prompt_tokens: N, task_median: N, task_sigma: S, new_tokens_median: N, "
+        "new_tokens_sigma: S, output_median: N, output_sigma: S, max_output: N, tools: "
+        "openhands|swe-agent|{NAME: {share: P, mu: LN_SECONDS, sigma: S}}}",
+    )
     num_requests: int | None = Field(None, ge=1)  # None = the whole trace (synthetic: 1000)
     # auto: the trace's timestamps if it has them and no rate is given
     arrival: Literal["auto", "trace", "poisson", "gamma"] = "auto"
-    rate: float | None = Field(None, gt=0)  # requests/s for poisson or gamma arrivals
+    # requests/s for poisson or gamma arrivals; with `programs`, programs/s
+    rate: float | None = Field(None, gt=0)
     cv: float = Field(1.0, gt=0)  # burstiness of gamma arrivals (coefficient of variation)
     time_scale: float = Field(1.0, gt=0)  # trace replay: multiply the gaps (0.5 = 2x as fast)
     # A client that keeps at most this many requests in flight (vllm bench serve's
@@ -240,6 +275,8 @@ class SimulationConfig(BaseModel):
                 f"rate: {self.rate:g} is not used with arrival: trace, which replays the "
                 "trace's timestamps (time_scale speeds them up)"
             )
+        if self.programs is not None:
+            problems += self._programs_problems()
         total = sum(t["share"] for t in (self.tiers or {}).values())
         if self.tiers and not math.isclose(total, 1):
             problems.append(f"tiers: the shares must sum to 1, got {total:g}")
@@ -251,6 +288,30 @@ class SimulationConfig(BaseModel):
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _programs_problems(self) -> list[str]:
+        from llmsched.workload.programs import ProgramSpec
+
+        problems = []
+        try:
+            ProgramSpec.from_mapping(dict(self.programs))
+        except ValueError as err:
+            problems.append(str(err))
+        if self.trace is not None:
+            problems.append(
+                f"programs: generated programs and trace {self.trace!r} are two workloads: "
+                "give one (a session trace is read with trace_format: mooncake_sessions)"
+            )
+        if self.num_requests is not None:
+            problems.append(
+                "num_requests: not used with programs (programs.count sets how many programs)"
+            )
+        if self.arrival not in ("auto", "poisson"):
+            problems.append(
+                f"arrival: programs start as a Poisson process of `rate` programs/s; "
+                f"arrival: {self.arrival} does not apply"
+            )
+        return problems
 
     def validate(self) -> SimulationConfig:
         """Check again: a nested value (a goodput entry, say) may have been changed in place."""

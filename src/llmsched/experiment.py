@@ -34,6 +34,7 @@ from llmsched.workload.request import Workload
 
 SYNTHETIC_REQUESTS = 1000
 SYNTHETIC_RATE = 4.0  # requests/s when neither a trace nor a rate is given
+PROGRAM_RATE = 0.1  # programs/s when `programs` is given without a rate
 
 
 @dataclass
@@ -65,6 +66,11 @@ def load_workload(cfg: SimulationConfig) -> Workload:
 
 
 def _requests(cfg: SimulationConfig) -> Workload:
+    if cfg.programs is not None:
+        from llmsched.workload.programs import ProgramSpec, program_workload
+
+        spec = ProgramSpec.from_mapping(dict(cfg.programs))
+        return program_workload(spec, rate=cfg.rate or PROGRAM_RATE, seed=cfg.seed)
     if cfg.trace is None:
         return synthetic_workload(
             cfg.num_requests or SYNTHETIC_REQUESTS,
@@ -284,6 +290,8 @@ def run_title(cfg: SimulationConfig, requests: int | None = None, *, load: bool 
         if cfg.trace is not None and cfg.rate is None:
             speed = f", gaps x{cfg.time_scale:g}" if cfg.time_scale != 1 else ""
             arrivals = f"the trace's arrivals{speed}"
+        elif cfg.programs is not None:
+            arrivals = f"Poisson {cfg.rate or PROGRAM_RATE:g} programs/s, closed loop"
         elif cfg.cv != 1:
             arrivals = f"Gamma arrivals {cfg.rate or SYNTHETIC_RATE:g} req/s (CV {cfg.cv:g})"
         else:
@@ -292,6 +300,8 @@ def run_title(cfg: SimulationConfig, requests: int | None = None, *, load: bool 
             arrivals += f", at most {cfg.max_concurrency} in flight"
         parts.append(arrivals)
     source = Path(cfg.trace).name if cfg.trace else "synthetic, Azure-conversation-like lengths"
+    if cfg.programs is not None:
+        source = f"{cfg.programs.get('count', 100)} synthetic agent programs"
     parts.append(f"{requests} requests ({source})" if requests else source)
     return "; ".join(parts)
 

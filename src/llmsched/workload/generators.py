@@ -147,6 +147,13 @@ def build_workload(
 
     rng = np.random.default_rng(seed)
     resample = sample == "random" or n > size
+    closed = source.columns["closed_loop"]
+    if resample and closed.any():
+        raise ValueError(
+            f"{source.source or 'the source workload'} has closed-loop sessions: its requests "
+            "cannot be drawn one by one (a turn needs its predecessor); take the first N "
+            f"(sample='head', N <= {size})"
+        )
     index = rng.integers(0, size, size=n) if resample else np.arange(n)
     columns = {k: v[index] for k, v in source.columns.items() if v is not None}
     if resample:
@@ -164,11 +171,32 @@ def build_workload(
     if arrival == "trace":
         columns["arrival"] = replay_arrivals(source.arrivals[:n], time_scale)
         how = f"trace arrivals x{time_scale:g}"
+    elif closed[:n].any():  # sessions start at the drawn times, their later turns follow
+        shape = cv if arrival == "gamma" else 1.0
+        columns["arrival"] = _session_arrivals(columns, rate, shape, rng)
+        how = f"{arrival} {rate:g} sessions/s" + (f" cv {cv:g}" if arrival == "gamma" else "")
     else:
         columns["arrival"] = gamma_arrivals(n, rate, cv if arrival == "gamma" else 1.0, rng)
         how = f"{arrival} {rate:g} req/s" + (f" cv {cv:g}" if arrival == "gamma" else "")
     picked = f"{n} {'sampled' if resample else 'first'} rows"
     return Workload(columns, source=f"{source.source} ({picked}, {how}, seed {seed})", timed=True)
+
+
+def _session_arrivals(columns: dict, rate: float, cv: float, rng) -> np.ndarray:
+    """Arrivals drawn for the requests that start on their own (open loop: first turns, and
+    requests outside sessions), in row order; a closed-loop turn gets its session's start (its
+    lower bound: the cluster sends it when its predecessor finishes)."""
+    closed = columns["closed_loop"]
+    opened = np.flatnonzero(~closed)
+    arrivals = np.zeros(len(closed))
+    arrivals[opened] = gamma_arrivals(len(opened), rate, cv, rng)
+    start = {}
+    for i, (s, c) in enumerate(zip(columns["session_id"].tolist(), closed.tolist())):
+        if c:
+            arrivals[i] = start.get(s, 0.0)
+        elif s is not None:
+            start.setdefault(s, arrivals[i])
+    return arrivals
 
 
 def lognormal_lengths(
