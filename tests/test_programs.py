@@ -393,3 +393,10 @@ def test_the_command_line_runs_programs(tmp_path, capsys):
     assert main([*argv, "--out", str(out)]) == 0
     assert "programs: 4 (4 completed, 0 cut short" in capsys.readouterr().out
     assert (out / "summary.json").is_file()
+
+
+def test_the_load_client_refuses_closed_loop_programs_instead_of_sending_them_open_loop():
+    from llmsched.bench.run import bench
+
+    with pytest.raises(ValueError, match="closed-loop turns.*cannot run them yet"):
+        bench(_programs(count=2), "http://127.0.0.1:9", model="m")

@@ -180,6 +180,12 @@ def bench(
         prompts = "text"  # a chat message is text
     if max_concurrency is not None and max_concurrency < 1:
         raise ValueError(f"--max-concurrency must be >= 1, got {max_concurrency}")
+    if workload.columns["closed_loop"].any():
+        raise ValueError(
+            "the workload has closed-loop turns (agent programs, docs/agents.md): the load "
+            "client sends every request at a fixed time and cannot run them yet; simulate them "
+            "(llmsched simulate)"
+        )
     base_url = base_url.rstrip("/")
     model = model or asyncio.run(first_model(base_url))
     url = base_url + ("/v1/chat/completions" if chat else "/v1/completions")
