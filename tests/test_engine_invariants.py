@@ -8,6 +8,8 @@ one iteration at a time gives.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +19,7 @@ from llmsched.cluster.cluster import Cluster
 from llmsched.engine.config import EngineConfig
 from llmsched.engine.instance import token_times
 from llmsched.engine.kv import blocks_for
+from llmsched.engine.prefix_cache import has_prefix_runs
 from llmsched.policies import INSTANCE_POLICIES, ROUTERS, Router, policy_class, router_class
 from llmsched.workload.request import Workload
 
@@ -60,7 +63,10 @@ def make_router(name: str) -> Router:
     return MigratingRouter() if name == MigratingRouter.name else router_class(name)()
 
 
-def span_observer(last_end: dict):
+def span_observer(last_end: dict, shared: bool = False):
+    """Checks of every span. `shared`: requests may share blocks (prefix caching), so the
+    blocks in use are at most the sum over requests."""
+
     def check(inst, span):
         cfg = inst.config
         plan = span.plan
@@ -70,7 +76,8 @@ def span_observer(last_end: dict):
         assert 0 < plan.num_tokens <= cfg.max_num_batched_tokens, "batch over its token budget"
         assert len(inst.running) <= cfg.max_num_seqs
         assert 0 <= inst.kv.used <= inst.kv.num_blocks, "KV blocks out of range"
-        assert inst.kv.used == sum(r.blocks for r in inst.running), "KV blocks mis-counted"
+        held = sum(r.blocks for r in inst.running)
+        assert inst.kv.used <= held if shared else inst.kv.used == held, "KV blocks mis-counted"
         swapped = sum(entry[2].cpu_blocks for entry in inst.waiting)
         assert inst.kv.cpu_used == swapped, "host KV blocks mis-counted"
         for state, tokens in plan.items:
@@ -130,7 +137,7 @@ def run(workload, policy, config, instances, router, *, fast_forward=True):
         lambda: cls(preemption=config.preemption),
         make_router(router),
         LinearLatency(),
-        observer=span_observer(last_end),
+        observer=(prefix_observer if has_prefix_runs(workload) else span_observer)(last_end),
         fast_forward=fast_forward,
     )
     collector = cluster.run(workload)
@@ -202,7 +209,7 @@ def assert_spans_equal_iterations(workload, policy, config, instances, router):
     # Per request (requests finishing in the same iteration may be recorded in either order).
     fast_order = np.argsort(fast_metrics.column("request_id"), kind="stable")
     slow_order = np.argsort(slow_metrics.column("request_id"), kind="stable")
-    for name in ("request_id", "finished", "preemptions", "instance"):
+    for name in ("request_id", "finished", "preemptions", "instance", "cached_tokens"):
         assert np.array_equal(
             fast_metrics.column(name)[fast_order], slow_metrics.column(name)[slow_order]
         ), name
@@ -295,3 +302,101 @@ def test_online_use_with_aborts_loses_nothing_and_frees_every_block(scenario, ab
     for inst in cluster.instances:
         assert inst.kv.used == 0 and inst.kv.cpu_used == 0, "KV blocks not all freed"
         assert not inst.running and not inst.waiting
+
+
+# --- prefix caching (engine/prefix_cache.py) ----------------------------------------------------
+
+
+def _truncate(runs, tokens):
+    """The first `tokens` tokens of runs (None when empty)."""
+    out, left = [], tokens
+    for key, n in runs:
+        if left <= 0:
+            break
+        out.append((key, min(n, left)))
+        left -= n
+    return tuple(out) or None
+
+
+def with_prefixes(workload, seed, share, follow):
+    """The workload with prefix runs: a `share` of requests start with one of a few shared
+    prefixes (nested: a system prompt, then maybe a document), a `follow` share continue an
+    earlier request (its prompt and output), cut to their own prompt's length."""
+    rng = np.random.default_rng(seed)
+    prefixes = [
+        ((("sys", s), int(rng.integers(1, 200))),)
+        + (((("doc", d), int(rng.integers(1, 300))),) if d >= 0 else ())
+        for s, d in zip(rng.integers(0, 3, 6), rng.integers(-1, 3, 6))
+    ]
+    rows = list(workload)
+    for i, r in enumerate(rows):
+        u = rng.random()
+        if u < follow and i:
+            runs = rows[int(rng.integers(0, i))].continuation
+        elif u < follow + share:
+            runs = prefixes[int(rng.integers(0, len(prefixes)))]
+        else:
+            continue
+        rows[i] = dataclasses.replace(r, prefix=_truncate(runs, r.prompt_tokens))
+    return Workload.from_requests(rows)
+
+
+def prefix_observer(last_end: dict):
+    """The span checks, with shared blocks: the pool's own invariants (every block free or
+    referenced, never both; counts add up; reference counts = the requests holding each block),
+    and the plan's hits: whole blocks, below the sequence's last token."""
+    base = span_observer(last_end, shared=True)
+
+    def check(inst, span):
+        base(inst, span)
+        kv = inst.kv
+        if kv.caching:
+            kv.check()
+            assert kv.used == len({b for t in kv.tables.values() for b in t})
+            assert set(kv.tables) == set(inst.running)
+        for state, hit in span.plan.hits.items():
+            assert hit % inst.config.block_size == 0 and 0 < hit < state.num_tokens
+            assert hit <= state.computed
+
+    return check
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    scenarios(),
+    st.integers(0, 2**31),
+    st.sampled_from([0.3, 0.9]),
+    st.sampled_from([0.0, 0.4]),
+)
+def test_prefix_sharing_keeps_every_block_accounted_for(scenario, seed, share, follow):
+    workload, policy, config, instances, router = scenario
+    workload = with_prefixes(workload, seed, share, follow)
+    last_end: dict = {}
+    cls = policy_class(policy)
+    cluster = CheckedCluster(
+        instances, config, lambda: cls(preemption=config.preemption), make_router(router),
+        LinearLatency(), observer=prefix_observer(last_end),
+    )  # fmt: skip
+    collector = cluster.run(workload)
+    ids = collector.column("request_id")
+    assert len(ids) == len(workload) == len(set(ids)), "request lost or duplicated"
+    for inst in cluster.instances:
+        assert inst.kv.used == 0 and inst.kv.cpu_used == 0, "KV blocks not all freed"
+        if inst.kv.caching:
+            inst.kv.check()
+            assert not inst.kv.tables and len(inst.kv.plain) + len(inst.kv.lru) == config.num_blocks
+    cached = collector.column("cached_tokens")
+    prompts = collector.column("prompt_tokens")
+    assert np.all((cached >= 0) & (cached < prompts) & (cached % config.block_size == 0))
+    pc = collector.prefix_cache
+    assert 0 <= pc["hits"] <= pc["queries"]
+    assert pc["hits"] >= cached.sum()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.integers(0, 2**31))
+def test_prefix_sharing_spans_equal_one_iteration_at_a_time(scenario, seed):
+    workload, policy, config, instances, router = scenario
+    assert_spans_equal_iterations(
+        with_prefixes(workload, seed, 0.6, 0.3), policy, config, instances, router
+    )

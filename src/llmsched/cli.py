@@ -194,6 +194,12 @@ def engine_flags(cluster: bool = True) -> argparse.ArgumentParser:
     h.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="served dtype")
     h.add_argument("--block-size", type=int, metavar="TOKENS", help="KV block size (vLLM: 16)")
     h.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        help="vLLM's automatic prefix caching: requests share the KV of common prompt prefixes "
+        "(docs/prefix-caching.md)",
+    )
+    h.add_argument(
         "--frontend-latency",
         type=float,
         metavar="SECONDS",
@@ -260,6 +266,7 @@ CONFIG_FLAGS = [
     "latency",
     "dtype",
     "block_size",
+    "enable_prefix_caching",
     "frontend_latency",
 ]
 

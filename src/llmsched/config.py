@@ -170,6 +170,9 @@ class SimulationConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=1)  # None = the model's context length
     preemption: Literal["recompute", "swap"] = "recompute"
     block_size: int = Field(16, ge=1)
+    # vLLM V1's automatic prefix caching, on by default as in vLLM (docs/prefix-caching.md):
+    # requests whose prompts share prefix runs share their KV blocks
+    enable_prefix_caching: bool = True
     # share of the KV blocks new admissions must leave free; None = the policy's default
     watermark: float | None = Field(None, ge=0, lt=1)
     link_gbps: float = Field(100.0, gt=0)  # inter-instance link for migrations, Gb/s

@@ -197,6 +197,7 @@ def engine_config(cfg: SimulationConfig) -> tuple[EngineConfig, dict[str, Any]]:
         block_size=cfg.block_size,
         max_model_len=max_model_len,
         preemption=cfg.preemption,
+        enable_prefix_caching=cfg.enable_prefix_caching,
         kv_bytes_per_block=block_bytes,
         pcie_bandwidth=gpu.pcie_bandwidth,
         **chosen,

@@ -22,6 +22,7 @@ import numpy as np
 
 from llmsched.engine.config import EngineConfig
 from llmsched.engine.instance import Instance, Span, token_times
+from llmsched.engine.prefix_cache import BlockHasher, has_prefix_runs
 from llmsched.engine.state import RequestState, Status
 from llmsched.hardware.latency import LatencyModel
 from llmsched.metrics.qoe import PASCAL_ANSWER_SLO, AnswerSLO
@@ -153,6 +154,7 @@ class Cluster:
         self._seq = 0
         self._version = [0] * num_instances
         self._aborted: set[RequestState] = set()  # running requests whose client went away
+        self._prefix_runs = False  # whether the workload run has any prefix runs
         # Closed loop: the workload being run, each request's follower index (-1: none), the
         # followers of requests in flight, and the released followers (time, seq, index).
         self._workload: Workload | None = None
@@ -201,6 +203,7 @@ class Cluster:
         start = time.perf_counter()
         arrivals = workload.arrivals
         n = len(workload)
+        self._setup_prefix_cache(workload)
         follower = successors(workload)
         # Requests that arrive at their own times, in arrival order (closed-loop turns are
         # released by their predecessors instead).
@@ -246,12 +249,35 @@ class Cluster:
             bar.close()
         self._check_all_done(n)
         self.stats.wall_seconds = time.perf_counter() - start
+        self.collector.prefix_cache = self._prefix_cache_counts()
         for inst in self.instances:
             self.stats.iterations += inst.log.size
             self.stats.preemptions += inst.num_preemptions
             self.stats.swap_bytes += inst.swap_bytes
             self.stats.busy_fraction.append(inst.busy_time / self.now if self.now > 0 else 0.0)
         return self.collector
+
+    def _setup_prefix_cache(self, workload: Workload) -> None:
+        """vLLM's prefix cache, when the config has it on and some request of the workload has
+        prefix runs. Without any, no request can hit another's blocks, so the cache is left out
+        (its one remaining effect, a recompute-preempted request finding its own blocks again,
+        is not modelled then): results are those of caching off, at no cost."""
+        self._prefix_runs = has_prefix_runs(workload)
+        if self.config.enable_prefix_caching and self._prefix_runs:
+            hasher = BlockHasher()  # shared: identities agree across instances
+            for inst in self.instances:
+                inst.use_prefix_cache(hasher)
+
+    def _prefix_cache_counts(self) -> dict:
+        """vLLM's prefix-cache counters over the instances (tokens), for the summary."""
+        queries = sum(getattr(inst.kv, "queries", 0) for inst in self.instances)
+        hits = sum(getattr(inst.kv, "hits", 0) for inst in self.instances)
+        return {
+            "enabled": self.config.enable_prefix_caching,
+            "prefix_runs": self._prefix_runs,
+            "queries": queries,
+            "hits": hits,
+        }
 
     def _next_event(self) -> None:
         """Handle the earliest event: a span's end, or a migrated request's arrival."""
@@ -410,6 +436,7 @@ def _record(state: RequestState, times: np.ndarray, reject_reason: str = "") -> 
         reject_reason=reject_reason,
         preemptions=state.preemptions,
         migrations=state.migrations,
+        cached_tokens=max(state.cached_tokens, 0),
         instance=state.instance,
         priority=state.priority,
         tier=r.tier,

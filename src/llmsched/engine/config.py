@@ -24,6 +24,8 @@ class EngineConfig:
     # vLLM's scheduler_reserve_full_isl: admit a waiting request only if KV for all its tokens
     # (not just the first chunk) is free; only the chunk is allocated.
     reserve_full_isl: bool = True
+    # vLLM V1's automatic prefix caching (engine/prefix_cache.py), on by default as there
+    enable_prefix_caching: bool = True
     kv_bytes_per_block: int = 0  # for swap and migration times (0 = free transfers)
     pcie_bandwidth: float = 25e9  # bytes/s host<->device, for swap
 

@@ -21,6 +21,7 @@ from sortedcontainers import SortedList
 from llmsched.engine.config import EngineConfig
 from llmsched.engine.kv import KVBlockManager
 from llmsched.engine.plan import BatchPlan
+from llmsched.engine.prefix_cache import BlockHasher, PrefixCachingKV
 from llmsched.engine.state import RequestState, Status
 from llmsched.hardware.latency import BatchShape, LatencyModel
 
@@ -168,6 +169,12 @@ class EngineState:
         """Every engine's iteration log, by index (a request's tokens may span engines)."""
         return [self.log]
 
+    def use_prefix_cache(self, hasher: BlockHasher | None = None) -> None:
+        """Keep KV blocks in vLLM's prefix-caching block pool (before any request comes)."""
+        if self.kv.used or self.running or self.waiting:
+            raise RuntimeError("the prefix cache is set up before requests come")
+        self.kv = PrefixCachingKV(self.config.num_blocks, self.config.block_size, hasher)
+
     def enqueue(self, state: RequestState) -> None:
         """Put a request in the waiting queue, ordered by the policy's key."""
         state.status = Status.WAITING
@@ -280,9 +287,10 @@ class Instance(EngineState):
         return seconds
 
     def _admit_and_allocate(self, plan: BatchPlan, now: float) -> float:
-        """Admit the plan's waiting requests and allocate KV for the first iteration; returns
-        the seconds spent swapping requests back in."""
+        """Admit the plan's waiting requests (from their prefix-cache hits) and allocate KV for
+        the first iteration; returns the seconds spent swapping requests back in."""
         seconds = 0.0
+        kv = self.kv
         for state, tokens in plan.items:
             if state.status is Status.WAITING:
                 self.dequeue(state)
@@ -290,11 +298,18 @@ class Instance(EngineState):
                 self.running.append(state)
                 if state.cpu_blocks:
                     seconds += self._transfer_time(self.kv.drop_cpu_copy(state))
+                elif kv.caching and not state.computed:  # new, or preempted by recompute
+                    hit = plan.hits.get(state, 0)
+                    kv.admit_cached(state, hit)
+                    state.computed = hit
+                    if state.cached_tokens < 0:
+                        state.cached_tokens = hit
                 if math.isnan(state.first_scheduled):
                     state.first_scheduled = now
             elif state.status is not Status.RUNNING:
                 raise RuntimeError(f"policy {self.policy.name!r} scheduled {state!r}")
-            self.kv.grow_to(state, max(state.computed + tokens, plan.hold.get(state, 0)))
+            end = state.computed + tokens
+            kv.grow_to(state, max(end, plan.hold.get(state, 0)), end)
         if plan.num_tokens > self.config.max_num_batched_tokens:
             raise RuntimeError(
                 f"policy {self.policy.name!r} planned {plan.num_tokens} tokens, over the budget "

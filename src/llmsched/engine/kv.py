@@ -11,8 +11,10 @@ def blocks_for(tokens: int, block_size: int) -> int:
 
 
 class KVBlockManager:
-    """GPU KV blocks of one instance. Host (swap) memory is unbounded, as in PASCAL's setup."""
+    """GPU KV blocks of one instance. Host (swap) memory is unbounded, as in PASCAL's setup.
+    Blocks are only counted: nothing is shared (prefix caching off; engine/prefix_cache.py)."""
 
+    caching = False  # whether admissions look blocks up in a prefix cache
     __slots__ = ("block_size", "cpu_used", "num_blocks", "used")
 
     def __init__(self, num_blocks: int, block_size: int = 16) -> None:
@@ -33,8 +35,9 @@ class KVBlockManager:
     def usage(self) -> float:
         return self.used / self.num_blocks
 
-    def grow_to(self, state: RequestState, tokens: int) -> int:
-        """Allocate so that `state` holds blocks for `tokens` tokens; returns blocks added."""
+    def grow_to(self, state: RequestState, tokens: int, computed: int | None = None) -> int:
+        """Allocate so that `state` holds blocks for `tokens` tokens; returns blocks added.
+        (`computed`: the tokens computed or being computed, for a prefix cache.)"""
         need = -(-tokens // self.block_size) - state.blocks
         if need > 0:
             if need > self.num_blocks - self.used:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from llmsched.engine.state import RequestState, Status
 
 if TYPE_CHECKING:
@@ -28,6 +30,9 @@ class BatchPlan:
     # Requests admitted with KV for more than this iteration's tokens: {request: tokens to hold}
     # (Sarathi-Serve and vLLM v0 allocate a whole prompt's blocks when they admit it).
     hold: dict[RequestState, int] = field(default_factory=dict)
+    # Prefix-cache hits of the requests this plan admits: {request: tokens found cached}; the
+    # request's tokens in `items` are counted from there.
+    hits: dict[RequestState, int] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -40,12 +45,16 @@ class BatchBuilder:
     __slots__ = (
         "block_size",
         "budget",
+        "caching",
         "chunk_cap",
         "free",
+        "hits",
         "hold",
         "items",
+        "kv",
         "max_seqs",
         "num_running",
+        "plan_ref",
         "preempted",
         "repeat_cap",
         "reserve_full_isl",
@@ -58,7 +67,13 @@ class BatchBuilder:
         cfg = view.config
         self.view = view
         self.budget = cfg.max_num_batched_tokens if budget is None else budget
+        self.kv = view.kv
         self.free = view.kv.free
+        self.caching = view.kv.caching  # admissions look their prefix up in the cache
+        self.hits: dict[RequestState, int] = {}
+        # The prefix cache's reference counts as this plan leaves them (admissions touch their
+        # hit blocks, preemptions release theirs); None until the plan changes one.
+        self.plan_ref: np.ndarray | None = None
         self.num_running = len(view.running)
         self.max_seqs = cfg.max_num_seqs
         self.block_size = cfg.block_size
@@ -129,6 +144,10 @@ class BatchBuilder:
             return 0
         if reserve is None:
             reserve = self.watermark if self.num_running else 0
+        if self.caching and not state.computed and not state.cpu_blocks:
+            hit = self.kv.lookup(state)
+            if hit:
+                return self._admit_cached(state, hit, max_tokens, reserve)
         if (
             self.reserve_full_isl
             and -(-state.num_tokens // self.block_size) - state.blocks > self.free - reserve
@@ -139,16 +158,61 @@ class BatchBuilder:
             self.num_running += 1
         return tokens
 
+    def _admit_cached(
+        self, state: RequestState, hit: list[int], max_tokens: int | None, reserve: int
+    ) -> int:
+        """`admit` for a request whose first `len(hit)` blocks are in the prefix cache: it
+        starts from there, and its hit blocks that are free now count against the free blocks
+        (vLLM's `allocate_slots` with new computed blocks)."""
+        bs = self.block_size
+        taken = self._free_among(hit)
+        cached = len(hit) * bs
+        extra = taken - len(hit)  # blocks to take beyond the tokens' own
+        if self.reserve_full_isl and -(-state.num_tokens // bs) + extra > self.free - reserve:
+            return 0
+        tokens = state.num_tokens - cached
+        if tokens > self.budget:
+            tokens = self.budget
+        if tokens > self.chunk_cap:
+            tokens = self.chunk_cap
+        if max_tokens is not None and tokens > max_tokens:
+            tokens = max_tokens
+        if tokens <= 0:
+            return 0
+        need = -(-(cached + tokens) // bs) + extra
+        if need > self.free - reserve:
+            return 0
+        self.free -= need
+        self.budget -= tokens
+        self.items[state] = tokens
+        self.hits[state] = cached
+        self._ref()[hit] += 1
+        self.num_running += 1
+        return tokens
+
+    def _ref(self) -> np.ndarray:
+        if self.plan_ref is None:
+            self.plan_ref = self.kv.ref.copy()
+        return self.plan_ref
+
+    def _free_among(self, blocks: list[int]) -> int:
+        """How many of these cached blocks are free at this point of the plan."""
+        ref = self.kv.ref if self.plan_ref is None else self.plan_ref
+        return int(np.count_nonzero(ref[blocks] == 0))
+
     def admit_whole(self, state: RequestState, *, reserve: int = 0) -> int:
         """Admit only if KV for the request's whole prompt fits, and allocate all of it now, so
         that its later chunks never wait for blocks (Sarathi-Serve's and vLLM v0's rule)."""
         whole = -(-(state.num_tokens) // self.block_size) - state.blocks
-        if whole > self.free - reserve:
+        if self.caching and not state.computed and not state.cpu_blocks:
+            hit = self.kv.lookup(state)  # cached blocks are not allocated; free ones are taken
+            whole += self._free_among(hit) - len(hit) if hit else 0
+        free = self.free
+        if whole > free - reserve:
             return 0
         tokens = self.admit(state, reserve=reserve)
         if tokens:
-            chunk = max(0, -(-(state.computed + tokens) // self.block_size) - state.blocks)
-            self.free -= whole - chunk
+            self.free = free - whole  # the chunk's blocks and the rest of the prompt's
             self.hold[state] = state.num_tokens
         return tokens
 
@@ -159,8 +223,14 @@ class BatchBuilder:
         tokens = self.items.pop(victim, 0)
         held = max(victim.computed + tokens, self.hold.pop(victim, 0))
         self.budget += tokens
-        # Its blocks come back, with those this plan had set aside for it.
+        # Its blocks come back, with those this plan had set aside for it; with a prefix
+        # cache, only those that no other request holds.
         self.free += max(-(-held // self.block_size), victim.blocks)
+        if self.caching and victim.blocks:
+            table = self.kv.tables[victim]
+            ref = self._ref()
+            ref[table] -= 1
+            self.free -= victim.blocks - int(np.count_nonzero(ref[table] == 0))
         self.num_running -= 1
         self.preempted.append((victim, mode))
         self.victims.add(victim)
@@ -177,11 +247,16 @@ class BatchBuilder:
         if self.preempted:
             repeat = 1
         else:
+            hits = self.hits
             for state, tokens in self.items.items():
                 left = state.prompt_tokens + state.generated - state.computed  # to compute
+                if hits and state in hits:
+                    left -= hits[state]
                 if tokens < left:
                     repeat = min(repeat, -(-left // tokens) - 1)
                 elif left != 1 or not state.generated:  # not a decode
                     repeat = 1  # this chunk completes a prefill: next time it is a decode
                     break
-        return BatchPlan(list(self.items.items()), self.preempted, max(1, repeat), self.hold)
+        return BatchPlan(
+            list(self.items.items()), self.preempted, max(1, repeat), self.hold, self.hits
+        )

@@ -35,6 +35,7 @@ class RequestState:
     __slots__ = (
         "arrival",
         "blocks",
+        "cached_tokens",
         "computed",
         "cpu_blocks",
         "first_scheduled",
@@ -67,6 +68,9 @@ class RequestState:
         self.generated = 0  # output tokens sampled so far
         self.blocks = 0  # KV blocks held on the GPU
         self.cpu_blocks = 0  # KV blocks swapped out to host memory
+        # prompt tokens found in the prefix cache at its first admission (vLLM's
+        # num_cached_tokens); -1 until then
+        self.cached_tokens = -1
         self.first_scheduled = float("nan")
         self.preemptions = 0
         self.migrations = 0

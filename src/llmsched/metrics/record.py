@@ -23,6 +23,7 @@ class RequestRecord:
     reject_reason: str = ""  # why it was rejected (finished == False)
     preemptions: int = 0
     migrations: int = 0
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache at its first admission
     instance: int = -1  # instance it finished on
     priority: int = 0
     tier: str | None = None

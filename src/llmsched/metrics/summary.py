@@ -73,6 +73,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "instance",
     "priority",
     "tier",
+    "cached_tokens",
 )
 #: Columns in seconds (times since the run's start, or durations).
 SECONDS_COLUMNS: frozenset[str] = frozenset(
@@ -121,6 +122,7 @@ _ROW_DTYPE = np.dtype(
         ("visible_tokens", np.int64),
         ("preemptions", np.int64),
         ("migrations", np.int64),
+        ("cached_tokens", np.int64),  # prefix-cache hit at its first admission (vLLM's)
         ("instance", np.int64),
         ("priority", np.int64),
         ("finished", np.bool_),
@@ -165,6 +167,7 @@ def per_request_metrics(
         "reasoning_tokens": int(record.reasoning_tokens),
         "preemptions": int(record.preemptions),
         "migrations": int(record.migrations),
+        "cached_tokens": int(record.cached_tokens),
         "instance": int(record.instance),
         "priority": int(record.priority),
         "tier": record.tier,
@@ -364,6 +367,9 @@ class MetricsCollector:
         self._itl = _Growable(np.float32, capacity=4096, growth=1.5)
         self._reasons = _Categories()
         self._tiers = _Categories()
+        # vLLM's prefix-cache counters of the run (the simulator sets them): {"enabled",
+        # "prefix_runs" (whether any request shares a prefix), "queries", "hits"}; None: unknown
+        self.prefix_cache: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -399,6 +405,7 @@ class MetricsCollector:
                 m["visible_tokens"],
                 m["preemptions"],
                 m["migrations"],
+                m["cached_tokens"],
                 m["instance"],
                 m["priority"],
                 m["status"] == "finished",
@@ -456,6 +463,26 @@ class MetricsCollector:
         np.cumsum(counts, out=offsets[1:])
         assert offsets[-1] == len(self._itl), "pooled gaps out of step with the requests"
         return offsets, self.itl()
+
+    def _prefix_cache_summary(self) -> dict[str, Any]:
+        """vLLM's prefix-cache hit rate: hit tokens / looked-up tokens, over every admission of
+        a request that had computed nothing (vllm:prefix_cache_hits / _queries)."""
+        pc = self.prefix_cache
+        if pc is None:
+            return {}
+        if not pc["enabled"]:
+            note = "off"
+        elif not pc["prefix_runs"]:
+            note = "on; the workload shares no prefix runs: no hits are possible"
+        else:
+            note = "on"
+        queries, hits = pc["queries"], pc["hits"]
+        return {
+            "prefix_cache": note,
+            "prefix_cache_queries": queries,
+            "prefix_cache_hits": hits,
+            "prefix_cache_hit_rate": hits / queries if queries else None,
+        }
 
     def _peaks(self) -> dict[str, float | int]:
         """vLLM's one-second peaks (vllm_bench.peaks) over the finished requests' visible
@@ -601,6 +628,7 @@ class MetricsCollector:
         out["peak_concurrent_requests"] = max_concurrency(fin["arrival"], fin["finish"])
         out["total_preemptions"] = int(rows["preemptions"].sum())
         out["total_migrations"] = int(rows["migrations"].sum())
+        out.update(self._prefix_cache_summary())
         codes, counts = np.unique(rejected["reject_code"], return_counts=True)
         out["rejected_reasons"] = {
             self._reasons.values[c]: int(k) for c, k in zip(codes.tolist(), counts.tolist())
