@@ -247,6 +247,8 @@ class Cluster:
         if bar is not None:
             bar.update(len(self.collector) - done_before)
             bar.close()
+        for inst in self.instances:
+            inst.release_pins()  # the run is over: KV kept for next turns that never come
         self._check_all_done(n)
         self.stats.wall_seconds = time.perf_counter() - start
         self.collector.prefix_cache = self._prefix_cache_counts()

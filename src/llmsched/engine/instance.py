@@ -111,6 +111,12 @@ class InstanceView:
         return len(self._inst.waiting)
 
     @property
+    def pins(self) -> dict[RequestState, float]:
+        """Finished requests whose KV blocks the policy keeps referenced (`pin_until`), with
+        the time each pin was set to last until, oldest pin first (not to be changed)."""
+        return self._inst.pins
+
+    @property
     def iterations(self) -> int:
         """Iterations completed so far."""
         return self._inst.log.size
@@ -158,6 +164,8 @@ class EngineState:
         self.kv = KVBlockManager(config.num_blocks, config.block_size)
         self.waiting: SortedList = SortedList()  # (policy's key, enqueue order, request)
         self.running: list[RequestState] = []  # admission order
+        # Pins: finished requests still holding their KV blocks (Continuum), until when.
+        self.pins: dict[RequestState, float] = {}
         self.view = InstanceView(self)
         self.log = IterationLog()
         self.now = 0.0
@@ -187,6 +195,22 @@ class EngineState:
         """Take a request off the waiting queue."""
         self.waiting.remove(state.queue_entry)
         state.queue_entry = None
+
+    def pin(self, state: RequestState, until: float) -> None:
+        """Keep a finished request's KV blocks referenced (so that they are neither reused nor
+        evicted), nominally until `until`; the policy releases the pin."""
+        self.pins[state] = until
+
+    def release_pin(self, state: RequestState) -> None:
+        """A pinned request's blocks are freed, as at an ordinary finish (cached ones stay
+        hittable on the free queue until reused)."""
+        del self.pins[state]
+        self.kv.free_request(state)
+
+    def release_pins(self) -> None:
+        """Release every pin (the run is over)."""
+        for state in list(self.pins):
+            self.release_pin(state)
 
     def record_tokens(self, state: RequestState, first: int, count: int) -> None:
         """`state` produced `count` tokens at iterations first, first + 1, ... of this engine."""
@@ -245,9 +269,10 @@ class Instance(EngineState):
         self.now = now
         plan = self.policy.schedule(self.view)
         extra = self._apply_preemptions(plan)
-        while plan.preempted and not plan.items:
+        while (plan.preempted or plan.released) and not plan.items:
             # A step that only preempts (vLLM V1 serves no running request after one that had
-            # to preempt itself): it runs nothing and takes no time; plan again on freed KV.
+            # to preempt itself) or releases pins: it runs nothing and takes no time; plan
+            # again on freed KV.
             if self.observer is not None:
                 self.observer(self, Span(plan, np.array([now])))
             plan = self.policy.schedule(self.view)
@@ -264,14 +289,23 @@ class Instance(EngineState):
         k = self._span_length(plan)
         durations = self._durations(plan, k)
         durations[0] += extra
-        self.span = Span(plan, now + np.cumsum(durations))
+        ends = now + np.cumsum(durations)
+        if self.pins and k > 1:
+            # A pin's expiry is an event: the policy is asked again at the first iteration
+            # that ends after it (as vLLM's scheduler looks at pins every step).
+            expiry = min((t for t in self.pins.values() if t > now), default=math.inf)
+            ends = ends[: int(np.searchsorted(ends, expiry, side="left")) + 1]
+        self.span = Span(plan, ends)
         if self.observer is not None:
             self.observer(self, self.span)
         return self.span.end
 
     def _apply_preemptions(self, plan: BatchPlan) -> float:
-        """Carry out the plan's preemptions; returns the seconds spent swapping out."""
+        """Release the plan's pins and carry out its preemptions; returns the seconds spent
+        swapping out."""
         seconds = 0.0
+        for pinned in plan.released:
+            self.release_pin(pinned)
         for victim, mode in plan.preempted:
             self.running.remove(victim)
             victim.preemptions += 1
@@ -409,7 +443,11 @@ class Instance(EngineState):
         for state, finished in events:
             if finished:
                 self.running.remove(state)
-                self.kv.free_request(state)
+                until = self.policy.pin_until(state, self.view)
+                if until is None:
+                    self.kv.free_request(state)
+                else:
+                    self.pin(state, until)
                 state.status = Status.FINISHED
                 self.policy.on_finish(state, self.view)
                 self.listener.on_finish(state, self, end)

@@ -33,6 +33,9 @@ class BatchPlan:
     # Prefix-cache hits of the requests this plan admits: {request: tokens found cached}; the
     # request's tokens in `items` are counted from there.
     hits: dict[RequestState, int] = field(default_factory=dict)
+    # Pins this plan releases (finished requests whose KV the policy kept, `view.pins`): their
+    # blocks are freed before the plan's preemptions.
+    released: list[RequestState] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -56,6 +59,7 @@ class BatchBuilder:
         "num_running",
         "plan_ref",
         "preempted",
+        "released",
         "repeat_cap",
         "reserve_full_isl",
         "victims",
@@ -86,6 +90,7 @@ class BatchBuilder:
         self.items: dict[RequestState, int] = {}
         self.preempted: list[tuple[RequestState, str]] = []
         self.victims: set[RequestState] = set()
+        self.released: list[RequestState] = []
         self.hold: dict[RequestState, int] = {}
         self.repeat_cap = UNTIL_EVENT
 
@@ -235,6 +240,22 @@ class BatchBuilder:
         self.preempted.append((victim, mode))
         self.victims.add(victim)
 
+    def release(self, pinned: RequestState) -> None:
+        """Release a pin: the finished request's blocks come back as a preempted request's do
+        (with a prefix cache, those that no other request holds)."""
+        if pinned not in self.view.pins or pinned in self.released:
+            raise ValueError(f"{pinned!r} holds no pin to release")
+        self.free += pinned.blocks
+        if self.caching and pinned.blocks:
+            table = self.kv.tables[pinned]
+            ref = self._ref()
+            ref[table] -= 1
+            self.free -= pinned.blocks - int(np.count_nonzero(ref[table] == 0))
+        self.released.append(pinned)
+
+    def is_released(self, pinned: RequestState) -> bool:
+        return pinned in self.released
+
     def limit_repeat(self, iterations: int) -> None:
         """A policy whose next decision depends on progress (quanta, deadlines) caps repeats."""
         self.repeat_cap = min(self.repeat_cap, max(1, iterations))
@@ -244,7 +265,7 @@ class BatchBuilder:
         """The plan, with how often it may repeat unchanged: until a prefill chunk would change
         size or complete. Decodes repeat until an event (the engine bounds that)."""
         repeat = self.repeat_cap
-        if self.preempted:
+        if self.preempted or self.released:
             repeat = 1
         else:
             hits = self.hits
@@ -258,5 +279,10 @@ class BatchBuilder:
                     repeat = 1  # this chunk completes a prefill: next time it is a decode
                     break
         return BatchPlan(
-            list(self.items.items()), self.preempted, max(1, repeat), self.hold, self.hits
+            list(self.items.items()),
+            self.preempted,
+            max(1, repeat),
+            self.hold,
+            self.hits,
+            self.released,
         )

@@ -1,6 +1,7 @@
 """Scheduling policies: importing this package registers every policy and router by name."""
 
 from llmsched.policies import (  # noqa: F401
+    continuum,
     oracle,
     pars,
     pascal,

@@ -11,7 +11,7 @@ Neither knows which surface (simulator, vLLM, gateway) runs it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from llmsched.engine.plan import BatchBuilder, BatchPlan
@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from llmsched.engine.instance import InstanceView
 
 Key = Callable[[RequestState], Any]
+# A policy's choice of a pin to release for a request that finds no KV (None: none).
+Reclaim = Callable[[BatchBuilder, RequestState], "RequestState | None"]
 
 
 class InstancePolicy:
@@ -53,6 +55,11 @@ class InstancePolicy:
     def on_finish(self, state: RequestState, view: InstanceView) -> None:
         pass
 
+    def pin_until(self, state: RequestState, view: InstanceView) -> float | None:
+        """A request has finished: None frees its KV blocks now; a time *pins* them (they stay
+        referenced, `view.pins`) until a plan releases the pin (`BatchBuilder.release`)."""
+        return None
+
 
 class Router:
     """Decides where requests go across instances."""
@@ -80,6 +87,8 @@ def pack_in_order(
     admit_waiting: bool = True,
     builder: BatchBuilder | None = None,
     running: list[RequestState] | None = None,
+    waiting: Iterable[RequestState] | None = None,
+    reclaim: Reclaim | None = None,
 ) -> BatchBuilder:
     """vLLM V1's scheduling loop, ordered by `key` (None = FCFS).
 
@@ -92,7 +101,10 @@ def pack_in_order(
     priority preemption), a waiting request that does not fit preempts running requests with a
     worse key, worst first, until it fits. `admit_waiting=False` stops after the running
     requests. `running`: the running requests already in `key` order (a policy that computed
-    the keys anyway saves sorting by calling `key` again).
+    the keys anyway saves sorting by calling `key` again). `waiting`: the waiting requests in
+    the order to admit them (default: the queue's). `reclaim(b, state)`: called when `state`
+    finds no KV (a running request that cannot grow, or a waiting one that does not fit), it
+    names a pin to release first (Continuum), or None: preempt or stop as above.
     """
     b = builder or BatchBuilder(view)
     if running is None:
@@ -114,20 +126,32 @@ def pack_in_order(
         budget = b.budget
         if b.schedule(state):
             continue
+        victim = None
         while True:  # no KV for it: preempt from the back, until it fits or it is the victim
-            victim = worst()
-            del alive[victim]
-            b.preempt(victim, mode)
-            if victim is state or b.schedule(state, budget):
+            pin = reclaim(b, state) if reclaim is not None else None
+            if pin is not None:  # the policy releases a pin instead
+                b.release(pin)
+            else:
+                victim = worst()
+                del alive[victim]
+                b.preempt(victim, mode)
+                if victim is state:
+                    break
+            if b.schedule(state, budget):
                 break
         if victim is state:
             break  # it preempted itself: vLLM serves no running request after it this step
     if not admit_waiting or (b.preempted and not preempt_for_waiting):
         return b
-    for state in view.waiting:
+    for state in view.waiting if waiting is None else waiting:
         if b.budget_left == 0:
             break
         while not b.admit(state):
+            if reclaim is not None and b.seqs_left > 0:  # it found no KV: a pin may go
+                pin = reclaim(b, state)
+                if pin is not None:
+                    b.release(pin)
+                    continue
             if not preempt_for_waiting or key is None:
                 return b
             worse = [r for r in alive if key(r) > key(state)]
