@@ -270,3 +270,18 @@ def test_prefixes_that_share_nothing_change_nothing_but_the_counters(policy):
     for key in [k for k in on if k.startswith("prefix_cache")]:
         on.pop(key), off.pop(key)
     assert on == off
+
+
+def test_prefix_affinity_routes_to_the_instance_that_holds_the_prefix():
+    """The router's `prefix_match` is the hit each instance's cache would give now."""
+    config = EngineConfig(num_blocks=1000)
+    cluster = Cluster(
+        3, config, policy_class("fcfs"), router_class("prefix-affinity")(), LinearLatency()
+    )
+    docs = [(("doc", d), 512) for d in range(3)]
+    reqs = [Request(f"first{d}", 0.001 * d, 600, 4, prefix=(docs[d],)) for d in range(3)]
+    reqs += [Request(f"again{d}", 10.0 + d, 700, 4, prefix=(docs[d],)) for d in (2, 0, 1)]
+    metrics = cluster.run(Workload.from_requests(reqs))
+    where = dict(zip(metrics.column("request_id").tolist(), metrics.column("instance").tolist()))
+    assert [where[f"again{d}"] for d in range(3)] == [where[f"first{d}"] for d in range(3)]
+    assert all(cached(metrics)[f"again{d}"] == 512 for d in range(3))

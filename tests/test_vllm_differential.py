@@ -8,11 +8,16 @@ batch (which requests, how many tokens each, who is preempted) and when each req
 1. vLLM's stock ``Scheduler`` (policies fcfs and priority) against llmsched's ``fcfs`` and
    ``priority``: the proof that the simulator's engine is vLLM V1's.
 2. vLLM running each llmsched scheduler class against the simulator with the same policy.
-3. The differences that remain, each asserted: prefix caching (vLLM's default; the simulator
-   has none yet), and vLLM v0.6's priority preemption (``priority-v0.6``), which V1 dropped.
+3. Prefix caching (vLLM's default), on scripts whose requests share prefix runs (token ids made
+   from the runs): the same hits, so the same steps.
+4. The differences that remain, each asserted: a workload without prefix runs leaves the
+   simulator's cache out (a preempted request then recomputes what vLLM would find cached), and
+   vLLM v0.6's priority preemption (``priority-v0.6``), which V1 dropped.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -224,8 +229,8 @@ SMALL = {"num_blocks": 9, "block_size": 16, "max_num_batched_tokens": 128, "max_
 
 def test_prefix_caching_shortens_the_recompute_of_a_preempted_request(model):
     """vLLM V1 caches prefixes by default: freed blocks keep their hash, so B, preempted and
-    readmitted, recomputes only what was evicted. llmsched's engine has no prefix cache yet and
-    recomputes B's whole context; with caching off the two agree."""
+    readmitted, recomputes only what was evicted. Without prefix runs in the workload llmsched
+    leaves its cache out and recomputes B's whole context; with caching off the two agree."""
     sim = h.simulate(PREEMPTED_B, "fcfs", h.engine_config_of(h.vllm_config(model, **SMALL)))
     off = h.drive(h.make_scheduler(h.vllm_config(model, **SMALL)), PREEMPTED_B)
     assert_same(off, sim)
@@ -237,6 +242,50 @@ def test_prefix_caching_shortens_the_recompute_of_a_preempted_request(model):
     assert on.steps[:resume] == sim.steps[:resume]
     hit = sim.steps[resume].tokens["B"] - on.steps[resume].tokens["B"]
     assert hit > 0 and hit % SMALL["block_size"] == 0  # whole cached blocks
+
+
+def test_with_prefix_runs_the_simulator_re_hits_a_preempted_requests_blocks_as_vllm(model):
+    """The scene above with prefix runs (so the simulator's cache is on): B's readmission hits
+    the blocks that survived, in both, step for step."""
+    script = [
+        Request("A", 0.25, 60, 40, prefix=(("a-doc", 48),)),
+        Request("B", 0.5, 50, 30, prefix=(("b-doc", 40),)),
+    ]
+    config = h.vllm_config(model, enable_prefix_caching=True, **SMALL)
+    real = h.drive(h.make_scheduler(config), script)
+    sim = h.simulate(script, "fcfs", h.engine_config_of(config))
+    assert_same(real, sim)
+    assert any("B" in s.preempted for s in sim.steps)
+
+
+@st.composite
+def prefix_scripts(draw):
+    """`scripts()` whose requests share prefixes: nested runs of a few keys (a system prompt,
+    then a document), cut to leave each request one token of its own."""
+    engine, requests = draw(scripts())
+    docs = [(("doc", d), draw(st.integers(1, 120))) for d in range(3)]
+    out = []
+    for r in requests:
+        runs = ((("system", draw(st.integers(0, 1))), draw(st.integers(1, 60))),)
+        if draw(st.booleans()):
+            runs += (docs[draw(st.integers(0, 2))],)
+        cut, left = [], r.prompt_tokens - 1
+        for key, n in runs:
+            if left > 0:
+                cut.append((key, min(n, left)))
+                left -= n
+        out.append(dataclasses.replace(r, prefix=tuple(cut) or None))
+    return {**engine, "enable_prefix_caching": True}, out
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+@HYPOTHESIS
+@given(script=prefix_scripts())
+def test_stock_vllm_with_prefix_caching_schedules_as_the_simulator(model, policy, script):
+    """vLLM's prefix cache against the simulator's: the same hits at every admission, so the
+    same batches, preemptions and finishing times."""
+    engine, requests = script
+    assert_same(*run_both(model, engine, requests, policy=policy))
 
 
 def test_v06_priority_preemption_is_not_vllm_v1s(model):

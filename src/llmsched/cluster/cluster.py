@@ -69,9 +69,10 @@ class ClusterView:
         return self._synced(i).kv.free
 
     def prefix_match(self, i: int, state: RequestState) -> int:
-        """Prompt tokens of `state` whose KV instance i holds already. The simulator models no
-        prefix cache yet (the agents issue adds it): 0."""
-        return 0
+        """Prompt tokens of `state` whose KV instance i holds already: the hit its prefix cache
+        would give it now (0 without a cache)."""
+        kv = self._synced(i).kv
+        return len(kv.lookup(state)) * kv.block_size if kv.caching else 0
 
     def _synced(self, i: int) -> Instance:
         """Instance i with its state brought to now (it may be in the middle of a span)."""

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from llmsched.engine.prefix_cache import common_tokens
 from llmsched.engine.state import RequestState, Status
 
 if TYPE_CHECKING:
@@ -51,17 +52,20 @@ class BatchBuilder:
         "caching",
         "chunk_cap",
         "free",
+        "free0",
         "hits",
         "hold",
         "items",
         "kv",
         "max_seqs",
         "num_running",
+        "pending",
         "plan_ref",
         "preempted",
         "released",
         "repeat_cap",
         "reserve_full_isl",
+        "taken",
         "victims",
         "view",
         "watermark",
@@ -72,12 +76,16 @@ class BatchBuilder:
         self.view = view
         self.budget = cfg.max_num_batched_tokens if budget is None else budget
         self.kv = view.kv
-        self.free = view.kv.free
+        self.free = self.free0 = view.kv.free
+        self.taken = 0  # cached free blocks that this plan's admissions take
         self.caching = view.kv.caching  # admissions look their prefix up in the cache
         self.hits: dict[RequestState, int] = {}
         # The prefix cache's reference counts as this plan leaves them (admissions touch their
         # hit blocks, preemptions release theirs); None until the plan changes one.
         self.plan_ref: np.ndarray | None = None
+        # Prompt chunks planned here, (request, from, to): vLLM caches their blocks when it
+        # schedules them, so a request admitted later in the same step finds them.
+        self.pending: list[tuple[RequestState, int, int]] = []
         self.num_running = len(view.running)
         self.max_seqs = cfg.max_num_seqs
         self.block_size = cfg.block_size
@@ -133,6 +141,8 @@ class BatchBuilder:
         self.free -= need
         self.budget -= tokens
         self.items[state] = tokens
+        if self.caching and computed < state.prompt_tokens:
+            self.pending.append((state, computed, computed + tokens))
         return tokens
 
     def admit(
@@ -150,9 +160,9 @@ class BatchBuilder:
         if reserve is None:
             reserve = self.watermark if self.num_running else 0
         if self.caching and not state.computed and not state.cpu_blocks:
-            hit = self.kv.lookup(state)
-            if hit:
-                return self._admit_cached(state, hit, max_tokens, reserve)
+            hit, planned = self._lookup(state)
+            if hit or planned:
+                return self._admit_cached(state, hit, planned, max_tokens, reserve)
         if (
             self.reserve_full_isl
             and -(-state.num_tokens // self.block_size) - state.blocks > self.free - reserve
@@ -163,16 +173,59 @@ class BatchBuilder:
             self.num_running += 1
         return tokens
 
+    def _lookup(self, state: RequestState) -> tuple[list[int], int]:
+        """The request's prefix-cache hit: the cached blocks, and how many blocks more come
+        from prompt chunks planned in this step (other requests allocate them)."""
+        hit = self.kv.lookup(state)
+        evicted = self.free0 - self.free - self.taken - len(self.kv.plain)
+        if hit and evicted > 0:  # the plan's allocations so far evict the LRU's head
+            hit = hit[: self._surviving(hit, evicted)]
+        bs = self.block_size
+        limit = (state.num_tokens - 1) // bs
+        planned = 0
+        for other, start, end in self.pending:
+            first = len(hit) + planned
+            if start // bs <= first < min(end // bs, limit):
+                common = common_tokens(self.kv.chain(state), self.kv.chain(other)) // bs
+                if common > first:
+                    planned = min(common, end // bs, limit) - len(hit)
+        return hit, planned
+
+    def _surviving(self, hit: list[int], evicted: int) -> int:
+        """How many of the hit blocks stay cached once the `evicted` least recently freed
+        blocks (those not taken by this plan's admissions) are reused (vLLM looks a request up
+        after the step's earlier allocations)."""
+        ref = self.kv.ref if self.plan_ref is None else self.plan_ref
+        queue = self.kv.lru
+        pos = queue.pos[hit]
+        free = (ref[hit] == 0) & (pos >= 0)
+        if not free.any():
+            return len(hit)
+        window = queue.fifo[queue.head : queue.tail]
+        live = queue.pos[window] == np.arange(queue.head, queue.tail)
+        if self.plan_ref is not None:
+            live &= self.plan_ref[window] == 0
+        order = np.flatnonzero(live)
+        boundary = queue.tail if evicted >= len(order) else queue.head + int(order[evicted])
+        gone = free & (pos < boundary)
+        return int(np.argmax(gone)) if gone.any() else len(hit)
+
     def _admit_cached(
-        self, state: RequestState, hit: list[int], max_tokens: int | None, reserve: int
+        self,
+        state: RequestState,
+        hit: list[int],
+        planned: int,
+        max_tokens: int | None,
+        reserve: int,
     ) -> int:
-        """`admit` for a request whose first `len(hit)` blocks are in the prefix cache: it
-        starts from there, and its hit blocks that are free now count against the free blocks
-        (vLLM's `allocate_slots` with new computed blocks)."""
+        """`admit` for a request whose first blocks are in the prefix cache (`hit`) or in
+        chunks planned in this step (`planned` blocks more): it starts from there, and its hit
+        blocks that are free now count against the free blocks (vLLM's `allocate_slots` with
+        new computed blocks)."""
         bs = self.block_size
         taken = self._free_among(hit)
-        cached = len(hit) * bs
-        extra = taken - len(hit)  # blocks to take beyond the tokens' own
+        cached = (len(hit) + planned) * bs
+        extra = taken - len(hit) - planned  # blocks to take beyond the tokens' own
         if self.reserve_full_isl and -(-state.num_tokens // bs) + extra > self.free - reserve:
             return 0
         tokens = state.num_tokens - cached
@@ -191,8 +244,11 @@ class BatchBuilder:
         self.budget -= tokens
         self.items[state] = tokens
         self.hits[state] = cached
+        self.taken += taken
         self._ref()[hit] += 1
         self.num_running += 1
+        if cached < state.prompt_tokens:
+            self.pending.append((state, cached, cached + tokens))
         return tokens
 
     def _ref(self) -> np.ndarray:
@@ -210,8 +266,8 @@ class BatchBuilder:
         that its later chunks never wait for blocks (Sarathi-Serve's and vLLM v0's rule)."""
         whole = -(-(state.num_tokens) // self.block_size) - state.blocks
         if self.caching and not state.computed and not state.cpu_blocks:
-            hit = self.kv.lookup(state)  # cached blocks are not allocated; free ones are taken
-            whole += self._free_among(hit) - len(hit) if hit else 0
+            hit, planned = self._lookup(state)  # cached blocks are not allocated; free ones are
+            whole += self._free_among(hit) - len(hit) - planned  # taken off the free queue
         free = self.free
         if whole > free - reserve:
             return 0

@@ -87,6 +87,16 @@ def identities(chain: list[tuple[int, int, int]], b0: int, b1: int, bs: int) -> 
     return out
 
 
+def common_tokens(a: list[tuple[int, int, int]], b: list[tuple[int, int, int]]) -> int:
+    """How many tokens from the start two requests' chains agree on."""
+    for (start, end_a, base_a), (_, end_b, base_b) in zip(a, b):
+        if base_a != base_b:
+            return start
+        if end_a != end_b:
+            return min(end_a, end_b)
+    return min(a[-1][1], b[-1][1])
+
+
 def has_prefix_runs(workload: Workload) -> bool:
     """Whether any request of the workload shares a prefix (has runs besides its own)."""
     column = workload.columns.get("prefix")
@@ -212,10 +222,12 @@ class PrefixCachingKV(KVBlockManager):
         self.hits = 0
 
     # --- identities ---------------------------------------------------------------------------
-    def _chain(self, state: RequestState) -> list[tuple[int, int, int]]:
+    def chain(self, state: RequestState) -> list[tuple[int, int, int]]:
         chain = self.chains.get(state)
         if chain is None:
-            chain = self.chains[state] = self.hasher.chain(state.request.continuation)
+            chain = self.hasher.chain(state.request.continuation)
+            if state in self.tables:  # kept while it holds blocks
+                self.chains[state] = chain
         return chain
 
     def _cache_output(self, state: RequestState) -> None:
@@ -237,7 +249,7 @@ class PrefixCachingKV(KVBlockManager):
         e_max = limit * bs
         get = cached.get
         holders = self.by_output
-        for start, end, base in self._chain(state):
+        for start, end, base in self.chain(state):
             holder = holders.get(base)
             if holder is not None and holder is not state:  # a running request's output
                 self._cache_output(holder)
@@ -270,7 +282,7 @@ class PrefixCachingKV(KVBlockManager):
             self.ref[arr] += 1
         self.tables[state] = blocks
         self.hashed[state] = len(blocks)
-        self.by_output[self._chain(state)[-1][2]] = state
+        self.by_output[self.chain(state)[-1][2]] = state
         state.blocks = len(blocks)
 
     def grow_to(self, state: RequestState, tokens: int, computed: int | None = None) -> int:
@@ -288,7 +300,7 @@ class PrefixCachingKV(KVBlockManager):
             table = self.tables.get(state)
             if table is None:
                 table = self.tables[state] = []
-                self.by_output[self._chain(state)[-1][2]] = state
+                self.by_output[self.chain(state)[-1][2]] = state
             table += self._pop(need)
             state.blocks += need
             self.used += need
@@ -339,7 +351,7 @@ class PrefixCachingKV(KVBlockManager):
         """Give blocks hashed .. full - 1 of the request their identities."""
         first = self.hashed.get(state, 0)
         blocks = self.tables[state][first:full]
-        idents = identities(self._chain(state), first, full, self.block_size)
+        idents = identities(self.chain(state), first, full, self.block_size)
         self.block_hash[blocks] = idents
         cached = self.cached
         if cached.keys().isdisjoint(idents):
@@ -361,7 +373,8 @@ class PrefixCachingKV(KVBlockManager):
         self._cache_output(state)
         table = self.tables.pop(state)
         self.hashed.pop(state, None)
-        self.by_output.pop(self.chains.pop(state)[-1][2], None)
+        self.by_output.pop(self.chain(state)[-1][2], None)
+        self.chains.pop(state, None)
         state.blocks = 0
         if not table:
             return

@@ -165,11 +165,23 @@ def request_args(r: Request) -> dict:
     return args
 
 
+def prompt_token_ids(r: Request) -> list[int]:
+    """`prompt_tokens` token ids made from the request's runs: the same for two requests where
+    their runs agree (a shared prefix), distinct elsewhere (its own tokens)."""
+    ids: list[int] = []
+    for key, n in r.runs:
+        if key == ("in", r.request_id):
+            seed = zlib.crc32(r.request_id.encode()) % 20000
+            ids += [(seed + i) % 30000 + 10 for i in range(n)]
+        else:
+            ids += [zlib.crc32(f"{key!r}:{i}".encode()) % 30000 + 10 for i in range(n)]
+    return ids
+
+
 def vllm_request(r: Request, block_hasher=None) -> VllmRequest:
-    """The vLLM request for a workload request: `prompt_tokens` token ids (distinct per request,
-    so no prefix is shared), exactly `output_tokens` to generate."""
-    seed = zlib.crc32(r.request_id.encode()) % 20000
-    prompt = [(seed + i) % 30000 + 10 for i in range(r.prompt_tokens)]
+    """The vLLM request for a workload request: `prompt_tokens` token ids (made from its runs,
+    so only a prefix is shared), exactly `output_tokens` to generate."""
+    prompt = prompt_token_ids(r)
     params = SamplingParams(max_tokens=r.output_tokens, ignore_eos=True, extra_args=request_args(r))
     return VllmRequest(
         r.request_id,
@@ -344,6 +356,7 @@ def engine_config_of(config: VllmConfig, **overrides) -> EngineConfig:
             "max_model_len": config.model_config.max_model_len,
             "long_prefill_token_threshold": sc.long_prefill_token_threshold,
             "watermark": sc.watermark,
+            "enable_prefix_caching": cache.enable_prefix_caching,
             **overrides,
         }
     )
