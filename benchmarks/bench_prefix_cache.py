@@ -86,6 +86,8 @@ def run_one(caching: bool, n: int) -> dict:
         "mean_ttft_ms": s["mean_ttft_ms"],
         "completed": s["completed"],
         "preemptions": s["total_preemptions"],
+        "steps": s["sim_steps"],
+        "iterations": s["sim_iterations"],
     }
 
 

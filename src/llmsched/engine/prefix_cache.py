@@ -30,6 +30,7 @@ way.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Hashable
 
 import numpy as np
@@ -139,24 +140,24 @@ class FreeQueue:
         self.pos[blocks] = -1
         self.size -= len(blocks)
 
+    def pop_one(self) -> int:
+        """The block at the head."""
+        fifo, pos, head = self.fifo, self.pos, self.head
+        b = int(fifo[head])
+        while pos[b] != head:  # stale entries
+            head += 1
+            b = int(fifo[head])
+        self.head = head + 1
+        pos[b] = -1
+        self.size -= 1
+        return b
+
     def pop(self, n: int) -> np.ndarray:
         """The n blocks at the head (the caller knows there are n)."""
-        if n <= 4:  # a decode's next block: a few scalar steps cost less than numpy calls
-            fifo, pos, head, taken = self.fifo, self.pos, self.head, []
-            while len(taken) < n:
-                b = int(fifo[head])
-                if pos[b] == head:
-                    taken.append(b)
-                head += 1
-            self.head = head
-            blocks = np.array(taken, dtype=np.int64)
-            self.pos[blocks] = -1
-            self.size -= n
-            return blocks
         out = []
         while n:
             assert self.head < self.tail, "popped more cached free blocks than there are"
-            window = self.fifo[self.head : min(self.head + max(2 * n, 64), self.tail)]
+            window = self.fifo[self.head : min(self.head + max(4 * n, 256), self.tail)]
             live = np.flatnonzero(self.pos[window] == np.arange(self.head, self.head + len(window)))
             if len(live) > n:
                 live = live[:n]
@@ -256,6 +257,8 @@ class PrefixCachingKV(KVBlockManager):
             lo = (start // bs + 1) * bs
             hi = min(e_max, end - end % bs)
             if lo <= hi:
+                if get(base + lo - start) is None:
+                    return hit
                 found = list(map(get, range(base + lo - start, base + hi - start + 1, bs)))
                 if None in found:
                     hit += found[: found.index(None)]
@@ -320,21 +323,35 @@ class PrefixCachingKV(KVBlockManager):
         take = min(n, len(plain))
         out = plain[len(plain) - take :]
         del plain[len(plain) - take :]
+        ref = self.ref
+        if n <= 4:  # a decode's next block: scalar steps cost less than numpy calls
+            block_hash = self.block_hash
+            for _ in range(n - take):
+                b = self.lru.pop_one()
+                ident = int(block_hash[b])
+                block_hash[b] = 0
+                if ident in self.duplicates:
+                    self._evict(ident, b)
+                else:
+                    del self.cached[ident]
+                out.append(b)
+            for b in out:
+                ref[b] = 1
+            return out
         if n > take:
             evicted = self.lru.pop(n - take)
             idents = self.block_hash[evicted].tolist()
             self.block_hash[evicted] = 0
+            ref[evicted] = 1
             evicted = evicted.tolist()
-            cached = self.cached
-            if self.duplicates:
+            if self.duplicates and not self.duplicates.keys().isdisjoint(idents):
                 for b, ident in zip(evicted, idents):
                     self._evict(ident, b)
             else:
-                for ident in idents:
-                    del cached[ident]
-            out += evicted
-        self.ref[out] = 1
-        return out
+                deque(map(self.cached.__delitem__, idents), maxlen=0)
+        if take:
+            ref[out] = 1
+        return out + evicted if n > take else out
 
     def _evict(self, ident: int, block: int) -> None:
         others = self.duplicates.get(ident)
