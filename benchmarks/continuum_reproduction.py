@@ -1,7 +1,7 @@
 """Continuum (arXiv 2511.02230) reproduced in the simulator: mean job completion time (JCT) of
 agent programs against their arrival rate.
 
-    .venv/bin/python benchmarks/continuum_reproduction.py            # about 5 min on 2 cores
+    .venv/bin/python benchmarks/continuum_reproduction.py            # about 6 min on 2 cores
     .venv/bin/python benchmarks/continuum_reproduction.py --programs 60 --jobs 1  # quick
 
 Runs, on the identical programs at each rate:
@@ -9,6 +9,8 @@ Runs, on the identical programs at each rate:
 * vllm-no-cache: FCFS without prefix caching;
 * continuum-fixed: Continuum as released (2 s TTL for tools whose mean time is <= 2 s);
 * continuum: the paper's v6 estimator, its PrefillReload fitted to the run's latency model;
+* continuum-running: the same, with pins released only for running requests that cannot grow
+  (or when nothing runs), not for waiting requests that do not fit;
 * program-fcfs: continuum-fixed with TTL 0 (its program-level FCFS queue alone, no pin), to
   tell the two halves of Continuum apart.
 
@@ -57,6 +59,7 @@ RUNS = {  # label: (policy, prefix caching, parameters)
     "vllm-no-cache": ("fcfs", False, {}),
     "continuum-fixed": ("continuum-fixed", True, {}),
     "continuum": ("continuum", True, {}),  # + the fitted PrefillReload
+    "continuum-running": ("continuum", True, {"pressure": "running"}),
     "program-fcfs": ("continuum-fixed", True, {"ttl": 0.0}),
 }
 
@@ -67,7 +70,7 @@ def run(setup: str, workload: str, rate: float, label: str, programs: int) -> di
     base = SimulationConfig(**hardware, programs={"count": programs, **WORKLOADS[workload]})
     if policy == "continuum":
         a, b, c = prefill_fit(latency_model(base))
-        params = {"prefill_quadratic": a, "prefill_linear": b, "prefill_constant": c}
+        params = {"prefill_quadratic": a, "prefill_linear": b, "prefill_constant": c, **params}
     cfg = base.model_copy(
         update={
             "policy": policy,
