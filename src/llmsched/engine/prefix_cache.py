@@ -39,9 +39,11 @@ from llmsched.engine.kv import KVBlockManager
 from llmsched.engine.state import RequestState
 from llmsched.workload.request import Workload
 
-# Each run of a request gets a node number; a block's identity is node << OFFSET_BITS | the
-# offset of the block's end in the run (so it is never 0, the "no identity" mark).
-OFFSET_BITS = 40
+# Each run of a request gets a node number; a block's identity is node * STRIDE + the offset
+# of the block's end in the run: exact while offsets stay below STRIDE, never 0 (the "no
+# identity" mark), and spread over a dict's low hash bits (a shift would leave them to the
+# offset alone, and every run's first block would collide).
+STRIDE = 0x9E3779B1
 
 
 class BlockHasher:
@@ -66,7 +68,7 @@ class BlockHasher:
         before = 0  # the node of all the runs so far (0: none)
         pos = 0
         for key, n in runs:
-            out.append((pos, pos + n, self._node((before, key)) << OFFSET_BITS))
+            out.append((pos, pos + n, self._node((before, key)) * STRIDE))
             before = self._node((before, key, n))
             pos += n
         return out
