@@ -13,6 +13,7 @@ from llmsched.cluster.cluster import Cluster
 from llmsched.engine.config import EngineConfig
 from llmsched.engine.prefix_cache import BlockHasher, PrefixCachingKV, identities
 from llmsched.engine.state import RequestState
+from llmsched.metrics.report import format_summary
 from llmsched.policies import policy_class, router_class
 from llmsched.workload.request import Request, Workload
 
@@ -52,6 +53,7 @@ def test_a_fully_cached_32_token_prompt_hits_16_tokens():
     summary = metrics.summary()
     assert summary["prefix_cache_queries"] == 64 and summary["prefix_cache_hits"] == 16
     assert summary["prefix_cache_hit_rate"] == 0.25
+    assert "Prefix cache hit rate (%): 25.00" in " ".join(format_summary(summary).split())
 
 
 def test_a_shared_512_token_prefix_hits_512_tokens():

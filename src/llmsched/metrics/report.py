@@ -116,6 +116,11 @@ def format_summary(summary: Mapping[str, Any], title: str | None = None) -> str:
         ext.append(_line("Preemptions:", s.get("total_preemptions")))
     if "total_migrations" in s:
         ext.append(_line("Migrations:", s.get("total_migrations")))
+    if s.get("prefix_cache") == "on":
+        rate = s.get("prefix_cache_hit_rate")
+        ext.append(_line("Prefix cache hit rate (%):", None if rate is None else 100.0 * rate))
+    elif s.get("prefix_cache"):  # off, or nothing to share
+        ext.append(f"Prefix cache: {s['prefix_cache']}")
     if s.get("slo_attainment") is not None:
         ext.append(_line("SLO attainment (%):", 100.0 * s["slo_attainment"]))
     if s.get("skipped_trace_rows"):
