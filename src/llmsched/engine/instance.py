@@ -461,12 +461,12 @@ class Instance(EngineState):
         first = self.log.extend(span.ends[span.done : span.done + j])
         span.done += j
         events = []
-        full = self.config.block_size
+        bs = self.config.block_size
         for state, tokens in span.plan.items:
             before = state.to_compute
             state.computed += tokens * j
             # (a decode within its blocks needs nothing: its prompt's blocks are cached)
-            if before != 1 or state.computed > state.blocks * full:
+            if before != 1 or state.computed > state.blocks * bs:
                 self.kv.grow_to(state, state.computed)
             if tokens * j < before:
                 continue  # a prefill chunk that has not completed yet
