@@ -18,14 +18,15 @@ As `vllm/v1/core/block_pool.py` and `kv_cache_manager.py` do it, block by block:
 * Freeing (`free_blocks`): a request's blocks tail first; a block whose count reaches 0 goes
   to the free queue's tail if it has an identity (LRU), to its head if not. Allocation pops
   from the head and drops a popped block's identity then (lazy eviction). Since unhashed blocks
-  always sit ahead of hashed ones, the queue is kept as a stack of unhashed blocks and an
-  ordered dict of hashed ones.
+  always sit ahead of hashed ones, the queue is kept as a stack of unhashed blocks and a FIFO
+  of hashed ones (`FreeQueue`).
 * Usage counts referenced blocks only: cached-but-free blocks are free (`kv_cache_usage_perc`).
 
-The one liberty: a hit found when a plan is made is kept if the same plan's earlier allocations
-evict some of its blocks before it is carried out (vLLM looks up after each allocation); those
-blocks are allocated afresh and counted as cached, and the free-block count is the same either
-way.
+A plan is made before the engine carries it out; `BatchBuilder` predicts what vLLM's lookups see
+at that point of the step (evictions by the step's earlier allocations, blocks cached by its
+earlier chunks). Should a planned hit still lose a block, the block is allocated afresh and
+counted as cached; the free-block count is the same either way. docs/prefix-caching.md has what
+is modelled and what is not.
 """
 
 from __future__ import annotations
