@@ -393,6 +393,15 @@ def test_the_command_line_runs_programs(tmp_path, capsys):
     assert main([*argv, "--out", str(out)]) == 0
     assert "programs: 4 (4 completed, 0 cut short" in capsys.readouterr().out
     assert (out / "summary.json").is_file()
+    import csv
+
+    with open(out / "requests.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    turns: dict[str, list[int]] = {}
+    for row in rows:  # every turn says its program and its place in it
+        turns.setdefault(row["session_id"], []).append(int(row["turn"]))
+    assert len(turns) == 4 and "" not in turns
+    assert all(sorted(t) == list(range(len(t))) for t in turns.values())
 
 
 def test_the_load_client_refuses_closed_loop_programs_instead_of_sending_them_open_loop():

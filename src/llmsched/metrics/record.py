@@ -27,6 +27,8 @@ class RequestRecord:
     instance: int = -1  # instance it finished on
     priority: int = 0
     tier: str | None = None
+    session_id: str | None = None  # the program (agent run, conversation) it is a turn of
+    turn: int = 0
     ttft_slo: float | None = None  # seconds; request-level SLOs, if the workload set them
     tpot_slo: float | None = None
     client_wait: float = 0.0  # s it waited for the client's concurrency limit before `arrival`

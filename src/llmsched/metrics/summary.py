@@ -73,6 +73,8 @@ CSV_COLUMNS: tuple[str, ...] = (
     "instance",
     "priority",
     "tier",
+    "session_id",
+    "turn",
     "cached_tokens",
 )
 #: Columns in seconds (times since the run's start, or durations).
@@ -129,6 +131,8 @@ _ROW_DTYPE = np.dtype(
         ("slo_met", np.int8),  # 1 met, 0 missed, -1 no SLO (or rejected)
         ("reject_code", np.int32),  # index into the collector's reason table
         ("tier_code", np.int32),  # index into the collector's tier table; -1 = None
+        ("session_code", np.int32),  # index into the collector's session table; -1 = None
+        ("turn", np.int64),
     ]
 )
 _NAN = float("nan")
@@ -171,6 +175,8 @@ def per_request_metrics(
         "instance": int(record.instance),
         "priority": int(record.priority),
         "tier": record.tier,
+        "session_id": record.session_id,
+        "turn": record.turn,
         "ttft_slo": record.ttft_slo,
         "tpot_slo": record.tpot_slo,
     }
@@ -367,6 +373,7 @@ class MetricsCollector:
         self._itl = _Growable(np.float32, capacity=4096, growth=1.5)
         self._reasons = _Categories()
         self._tiers = _Categories()
+        self._sessions = _Categories()
         # vLLM's prefix-cache counters of the run (the simulator sets them): {"enabled",
         # "prefix_runs" (whether any request shares a prefix), "queries", "hits"}; None: unknown
         self.prefix_cache: dict[str, Any] | None = None
@@ -412,6 +419,8 @@ class MetricsCollector:
                 -1 if slo_met is None else int(slo_met),
                 self._reasons.code(m["reject_reason"]),
                 self._tiers.code(m["tier"]),
+                self._sessions.code(m["session_id"]),
+                m["turn"],
             )
         )
         self._ids.append(rid)
@@ -574,6 +583,8 @@ class MetricsCollector:
                 out[name] = self._reasons.decode(rows["reject_code"])
             elif name == "tier":
                 out[name] = self._tiers.decode(rows["tier_code"])
+            elif name == "session_id":
+                out[name] = self._sessions.decode(rows["session_code"])
             else:
                 out[name] = rows[name].copy()
         out["ttft_slo"] = rows["ttft_slo"].copy()
