@@ -293,3 +293,24 @@ def test_latencies_through_http_agree_with_simulate(tmp_path):
     for key in ("mean_e2el_ms", "median_e2el_ms"):
         assert real[key] == pytest.approx(sim[key], rel=0.05), key
     assert abs(real["mean_ttft_ms"] - sim["mean_ttft_ms"]) <= 0.10 * sim["mean_ttft_ms"] + 30
+
+
+def test_a_shared_prompt_prefix_hits_the_prefix_cache_as_vllm_counts_it(engine):
+    """Two prompts that begin with the same 48 words: the second finds the first's three full
+    16-token blocks (vLLM's block size) cached; a 32-word prompt sent twice hits 16 tokens, as
+    vLLM caps the hit below the whole prompt; the counters count tokens at each lookup."""
+    shared = [f"w{i}" for i in range(48)]
+    queries = metric(engine.url, "vllm:prefix_cache_queries_total")
+    hits = metric(engine.url, "vllm:prefix_cache_hits_total")
+
+    def cached(prompt: list[str]) -> int:
+        body = {"model": MODEL, "prompt": " ".join(prompt), "max_tokens": 2}
+        status, reply, _, _ = post(engine.url + "/v1/completions", body)
+        assert status == 200
+        return reply["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached([*shared, "a", "b"]) == 0
+    assert cached([*shared, "c", "d", "e"]) == 48
+    assert cached(shared[:32]) == 16  # its two blocks are cached; the last must be computed
+    assert metric(engine.url, "vllm:prefix_cache_queries_total") - queries == 50 + 51 + 32
+    assert metric(engine.url, "vllm:prefix_cache_hits_total") - hits == 48 + 16

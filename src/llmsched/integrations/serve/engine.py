@@ -28,11 +28,13 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from llmsched.engine.prefix_cache import BlockHasher
+from llmsched.engine.state import RequestState
 from llmsched.integrations.serve import protocol as p
 from llmsched.integrations.serve.faults import HEADER, Fault, FaultPlan, parse_rates
 from llmsched.integrations.serve.metrics import EngineMetrics
 from llmsched.integrations.serve.realtime import LiveRequest, RealtimeEngine
-from llmsched.workload.request import Request
+from llmsched.workload.request import Request, Runs
 
 log = logging.getLogger("llmsched.serve.engine")
 
@@ -60,6 +62,19 @@ class EngineSettings:
     max_waiting: int | None = None  # refuse new requests when this many wait
     queue_full_status: int = 429
     stall_seconds: float = 30.0  # a `stall` fault's silence before the close
+
+
+def prompt_runs(context: list[str] | list[int], block_size: int) -> Runs | None:
+    """The prompt's full blocks as runs keyed by their tokens: two prompts that begin with the
+    same tokens share those blocks in the prefix cache (as vLLM's hash chain over token ids). A
+    continuation's earlier output is text here, keyed like any prompt text, so it does not meet
+    the blocks its first response cached (keyed by that request's id): only prompt text hits."""
+    full = len(context) // block_size * block_size
+    runs = tuple(
+        (("tokens", tuple(context[i : i + block_size])), block_size)
+        for i in range(0, full, block_size)
+    )
+    return runs or None
 
 
 def create_app(engine: RealtimeEngine, settings: EngineSettings, faults: FaultPlan):
@@ -146,6 +161,7 @@ def create_app(engine: RealtimeEngine, settings: EngineSettings, faults: FaultPl
                 tier=args.tier,
                 tpot_slo=args.tbt,
                 ttft_slo=args.ttft,
+                prefix=prompt_runs(req.context, engine.cluster.config.block_size),
             )
         )
         if isinstance(live, str):
@@ -154,7 +170,7 @@ def create_app(engine: RealtimeEngine, settings: EngineSettings, faults: FaultPl
         # "stop" when the request's true output ends here (its EOS), "length" when the cap did.
         total = req.args.output_tokens
         ends = total is not None and req.already + left == total
-        reply = _Reply(req, rid, reasoning, "stop" if ends else "length")
+        reply = _Reply(req, rid, reasoning, "stop" if ends else "length", live.state)
         finish_reasons[rid] = reply.finish_reason
         if not req.stream:
             return await _whole(engine, live, reply, metrics)
@@ -182,6 +198,7 @@ class _Reply:
     rid: str
     reasoning: int  # the request's whole reasoning length (for the words' numbering)
     finish_reason: str
+    state: RequestState  # the engine's request (its prefix-cache hit)
     sent: int = 0  # tokens written
 
     def chunk_of(self, k: int, last: bool) -> dict[str, Any] | None:
@@ -206,7 +223,8 @@ class _Reply:
         return c
 
     def usage(self) -> dict[str, Any]:
-        return p.usage(self.req.prompt_tokens, self.sent)
+        # vLLM's num_cached_tokens: the prefix-cache hit at its first admission (-1: none yet)
+        return p.usage(self.req.prompt_tokens, self.sent, max(self.state.cached_tokens, 0))
 
 
 async def _tokens(engine: RealtimeEngine, live: LiveRequest, metrics) -> AsyncIterator[int]:
@@ -345,6 +363,10 @@ def build(args: argparse.Namespace):
     cfg = config_from_flags(args, policy=args.policy, instances=1)
     cfg.validate()
     cluster, resolved = build_cluster(cfg)
+    if cfg.enable_prefix_caching:  # on by default, as in vLLM V1 (requests come with runs)
+        hasher = BlockHasher()
+        for inst in cluster.instances:
+            inst.use_prefix_cache(hasher)
     engine = RealtimeEngine(cluster, args.time_scale)
     settings = EngineSettings(
         served_model=args.served_model_name or cfg.model,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily
 
 from llmsched.engine.state import RequestState
 
@@ -58,7 +59,8 @@ class EngineMetrics:
             ["block_size", "num_gpu_blocks", "enable_prefix_caching", "engine"],
             registry=r,
         )
-        info.labels(str(config.block_size), str(config.num_blocks), "False", "0").set(1)
+        caching = str(engine.prefix_cache_counts is not None)
+        info.labels(str(config.block_size), str(config.num_blocks), caching, "0").set(1)
 
         def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
             return Counter(name, doc, labels + list(extra), registry=r)
@@ -70,12 +72,7 @@ class EngineMetrics:
         self.generation_tokens = values(
             counter("vllm:generation_tokens", "Generation tokens processed.")
         )
-        self.prefix_queries = values(
-            counter("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.")
-        )
-        self.prefix_hits = values(
-            counter("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.")
-        )
+        r.register(_PrefixCacheCounters(engine, labels, self.labels))
         self.preemptions = values(counter("vllm:num_preemptions", "Cumulative preemptions."))
         self.success = counter(
             "vllm:request_success", "Successfully processed requests.", ("finished_reason",)
@@ -108,7 +105,6 @@ class EngineMetrics:
 
     def arrived(self, prompt_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)
-        self.prefix_queries.inc(prompt_tokens)
 
     def finished(self, state: RequestState, times: np.ndarray, reason: str) -> None:
         """A request ended; `times` are its tokens' simulated times (this response's)."""
@@ -129,3 +125,24 @@ class EngineMetrics:
         self.prefill.observe(first - start)
         self.decode.observe(last - first)
         self.inference.observe(last - start)
+
+
+class _PrefixCacheCounters:
+    """vLLM's prefix-cache counters, read from the engine's block pools when scraped: queries
+    and hits in tokens, counted at every admission lookup (re-admissions after a preemption
+    too), as vLLM's `record_prefix_cache_stats`. Absent with the cache off, as in vLLM."""
+
+    def __init__(self, engine, label_names: list[str], labels: tuple[str, ...]) -> None:
+        self.engine, self.label_names, self.labels = engine, label_names, labels
+
+    def collect(self):
+        counts = self.engine.prefix_cache_counts
+        if counts is None:
+            return
+        for name, doc, value in (
+            ("vllm:prefix_cache_queries", "Prefix cache queries, in tokens.", counts[0]),
+            ("vllm:prefix_cache_hits", "Prefix cache hits, in tokens.", counts[1]),
+        ):
+            family = CounterMetricFamily(name, doc, labels=self.label_names)
+            family.add_metric(list(self.labels), value)
+            yield family

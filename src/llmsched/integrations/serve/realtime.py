@@ -120,6 +120,14 @@ class RealtimeEngine:
         return sum(len(inst.waiting) for inst in self.cluster.instances)
 
     @property
+    def prefix_cache_counts(self) -> tuple[int, int] | None:
+        """(queries, hits) of the prefix cache in tokens, over the instances; None when off."""
+        kv = [inst.kv for inst in self.cluster.instances]
+        if not all(hasattr(k, "queries") for k in kv):
+            return None
+        return sum(k.queries for k in kv), sum(k.hits for k in kv)
+
+    @property
     def kv_usage(self) -> float:
         kv = [inst.kv for inst in self.cluster.instances]
         return sum(k.used for k in kv) / sum(k.num_blocks for k in kv)
