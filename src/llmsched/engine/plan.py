@@ -161,7 +161,7 @@ class BatchBuilder:
             reserve = self.watermark if self.num_running else 0
         if self.caching and not state.computed and not state.cpu_blocks:
             hit, planned = self._lookup(state)
-            if hit or planned:
+            if len(hit) or planned:
                 return self._admit_cached(state, hit, planned, max_tokens, reserve)
         if (
             self.reserve_full_isl
@@ -173,12 +173,13 @@ class BatchBuilder:
             self.num_running += 1
         return tokens
 
-    def _lookup(self, state: RequestState) -> tuple[list[int], int]:
+    def _lookup(self, state: RequestState) -> tuple[np.ndarray, int]:
         """The request's prefix-cache hit: the cached blocks, and how many blocks more come
         from prompt chunks planned in this step (other requests allocate them)."""
-        hit = self.kv.lookup(state)
+        found = self.kv.lookup(state)
+        hit = np.fromiter(found, np.int64, len(found))  # (indexes arrays below, once)
         evicted = self.free0 - self.free - self.taken - len(self.kv.plain)
-        if hit and evicted > 0:  # the plan's allocations so far evict the LRU's head
+        if found and evicted > 0:  # the plan's allocations so far evict the LRU's head
             hit = hit[: self._surviving(hit, evicted)]
         bs = self.block_size
         limit = (state.num_tokens - 1) // bs
@@ -191,7 +192,7 @@ class BatchBuilder:
                     planned = min(common, end // bs, limit) - len(hit)
         return hit, planned
 
-    def _surviving(self, hit: list[int], evicted: int) -> int:
+    def _surviving(self, hit: np.ndarray, evicted: int) -> int:
         """How many of the hit blocks stay cached once the `evicted` least recently freed
         blocks (those not taken by this plan's admissions) are reused (vLLM looks a request up
         after the step's earlier allocations)."""
@@ -201,19 +202,32 @@ class BatchBuilder:
         free = (ref[hit] == 0) & (pos >= 0)
         if not free.any():
             return len(hit)
-        window = queue.fifo[queue.head : queue.tail]
-        live = queue.pos[window] == np.arange(queue.head, queue.tail)
-        if self.plan_ref is not None:
-            live &= self.plan_ref[window] == 0
-        order = np.flatnonzero(live)
-        boundary = queue.tail if evicted >= len(order) else queue.head + int(order[evicted])
+        # The queue position of the first survivor: past `evicted` live entries not taken by
+        # the plan, found a window at a time from the head (rather than over the whole queue).
+        boundary = lo = queue.head
+        step = max(2 * evicted, 1024)
+        while True:
+            hi = min(lo + step, queue.tail)
+            window = queue.fifo[lo:hi]
+            live = queue.pos[window] == np.arange(lo, hi)
+            if self.plan_ref is not None:
+                live &= self.plan_ref[window] == 0
+            order = np.flatnonzero(live)
+            if evicted < len(order):
+                boundary = lo + int(order[evicted])
+                break
+            evicted -= len(order)
+            if hi == queue.tail:
+                boundary = hi
+                break
+            lo = hi
         gone = free & (pos < boundary)
         return int(np.argmax(gone)) if gone.any() else len(hit)
 
     def _admit_cached(
         self,
         state: RequestState,
-        hit: list[int],
+        hit: np.ndarray,
         planned: int,
         max_tokens: int | None,
         reserve: int,
@@ -256,7 +270,7 @@ class BatchBuilder:
             self.plan_ref = self.kv.ref.copy()
         return self.plan_ref
 
-    def _free_among(self, blocks: list[int]) -> int:
+    def _free_among(self, blocks: np.ndarray) -> int:
         """How many of these cached blocks are free at this point of the plan."""
         ref = self.kv.ref if self.plan_ref is None else self.plan_ref
         return int(np.count_nonzero(ref[blocks] == 0))

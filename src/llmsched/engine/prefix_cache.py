@@ -143,18 +143,6 @@ class FreeQueue:
         self.pos[blocks] = -1
         self.size -= len(blocks)
 
-    def pop_one(self) -> int:
-        """The block at the head."""
-        fifo, pos, head = self.fifo, self.pos, self.head
-        b = int(fifo[head])
-        while pos[b] != head:  # stale entries
-            head += 1
-            b = int(fifo[head])
-        self.head = head + 1
-        pos[b] = -1
-        self.size -= 1
-        return b
-
     def pop(self, n: int) -> np.ndarray:
         """The n blocks at the head (the caller knows there are n)."""
         out = []
@@ -258,7 +246,9 @@ class PrefixCachingKV(KVBlockManager):
             if holder is not None and holder is not state:  # a running request's output
                 self._cache_output(holder)
             lo = (start // bs + 1) * bs
-            hi = min(e_max, end - end % bs)
+            hi = end - end % bs
+            if hi > e_max:
+                hi = e_max
             if lo <= hi:
                 if get(base + lo - start) is None:
                     return hit
@@ -279,6 +269,8 @@ class PrefixCachingKV(KVBlockManager):
         self.hits += hit_tokens
         if not hit_tokens:
             return
+        if state not in self.chains:  # kept from now on (it holds blocks)
+            self.chains[state] = self.hasher.chain(state.request.continuation)
         blocks = self.lookup(state)[: hit_tokens // self.block_size]
         if blocks:
             arr = np.asarray(blocks)
@@ -310,6 +302,9 @@ class PrefixCachingKV(KVBlockManager):
             table += self._pop(need)
             state.blocks += need
             self.used += need
+        else:
+            need = 0
+        # (Comparisons, not min() and max(): this runs for every request in every step.)
         if computed is None:
             computed = tokens
         if computed > state.prompt_tokens:  # the output's blocks: later (_cache_output)
@@ -317,27 +312,40 @@ class PrefixCachingKV(KVBlockManager):
         full = computed // bs
         if full and full > self.hashed.get(state, 0):
             self._cache(state, full)
-        return max(need, 0)
+        return need
 
     def _pop(self, n: int) -> list[int]:
         """n blocks from the free queue's head: unhashed ones first, then the least recently
         freed cached ones, whose identities are evicted now."""
         plain = self.plain
-        take = min(n, len(plain))
-        out = plain[len(plain) - take :]
-        del plain[len(plain) - take :]
+        rest = len(plain) - n
+        if rest < 0:
+            rest = 0
+        take = len(plain) - rest
+        out = plain[rest:]
+        del plain[rest:]
         ref = self.ref
-        if n <= 4:  # a decode's next block: scalar steps cost less than numpy calls
-            block_hash = self.block_hash
-            for _ in range(n - take):
-                b = self.lru.pop_one()
-                ident = int(block_hash[b])
-                block_hash[b] = 0
-                if ident in self.duplicates:
-                    self._evict(ident, b)
-                else:
-                    del self.cached[ident]
-                out.append(b)
+        if n <= 4:  # a decode's next block: scalar steps (item(), not numpy scalars) cost less
+            if n > take:
+                lru = self.lru
+                fifo, pos, head = lru.fifo, lru.pos, lru.head
+                block_hash, cached, duplicates = self.block_hash, self.cached, self.duplicates
+                for _ in range(n - take):
+                    b = fifo.item(head)
+                    while pos.item(b) != head:  # stale entries
+                        head += 1
+                        b = fifo.item(head)
+                    head += 1
+                    pos[b] = -1
+                    ident = block_hash.item(b)
+                    block_hash[b] = 0
+                    if duplicates and ident in duplicates:
+                        self._evict(ident, b)
+                    else:
+                        del cached[ident]
+                    out.append(b)
+                lru.head = head
+                lru.size -= n - take
             for b in out:
                 ref[b] = 1
             return out
@@ -372,16 +380,16 @@ class PrefixCachingKV(KVBlockManager):
         first = self.hashed.get(state, 0)
         blocks = self.tables[state][first:full]
         idents = identities(self.chain(state), first, full, self.block_size)
-        self.block_hash[blocks] = idents
-        cached = self.cached
-        if cached.keys().isdisjoint(idents):
-            cached.update(zip(idents, blocks))
-        else:
-            for ident, b in zip(idents, blocks):
-                if ident in cached:
-                    self.duplicates.setdefault(ident, []).append(b)
-                else:
-                    cached[ident] = b
+        m = len(blocks)  # (arrays from iterators: numpy converts lists more slowly)
+        self.block_hash[np.fromiter(blocks, np.int64, m)] = np.fromiter(idents, np.int64, m)
+        # (one pass: a block is new under its identity unless another one is cached there, a
+        # duplicate; the blocks given identities now had none, so none of them is cached yet)
+        first_cached = list(map(self.cached.setdefault, idents, blocks))
+        if first_cached != blocks:
+            duplicates = self.duplicates
+            for ident, b, c in zip(idents, blocks, first_cached):
+                if c != b:
+                    duplicates.setdefault(ident, []).append(b)
         self.hashed[state] = full
 
     def free_request(self, state: RequestState) -> None:
