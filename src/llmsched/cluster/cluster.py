@@ -299,6 +299,10 @@ class Cluster:
         else:
             state, dst = payload
             self.inbound[dst] -= 1
+            if state in self._aborted:  # its client left while its KV was in flight
+                self._aborted.discard(state)
+                state.status = Status.FINISHED
+                return
             inst = self.instances[dst]
             inst.enqueue(state)
             self._wake(inst, t)
@@ -336,7 +340,8 @@ class Cluster:
 
     def abort(self, state: RequestState, now: float) -> None:
         """The client went away: a waiting request leaves at once; a running one after the
-        iteration in progress (its KV is freed then, as vLLM frees an aborted request's)."""
+        iteration in progress (its KV is freed then, as vLLM frees an aborted request's); a
+        migrating one when its KV lands (it may start migrating in that iteration, too)."""
         if state.status is Status.WAITING:
             self.instances[state.instance].remove(state)
             state.status = Status.FINISHED
@@ -344,14 +349,18 @@ class Cluster:
             self._aborted.add(state)
             inst = self.instances[state.instance]
             self._wake(inst, now)
+        elif state.status is Status.MIGRATING:
+            self._aborted.add(state)
 
     def _drop_aborted(self, inst: Instance) -> None:
         for state in list(self._aborted):
-            if state.status is Status.RUNNING and state.instance == inst.index:
+            # Running, or preempted back to waiting in that iteration: it leaves now.
+            if state.status in (Status.RUNNING, Status.WAITING) and state.instance == inst.index:
                 inst.remove(state)
                 state.status = Status.FINISHED
-            if state.status is not Status.RUNNING:
+            if state.status in (Status.FINISHED, Status.REJECTED):
                 self._aborted.discard(state)  # removed now, or it finished first
+            # A request that began migrating in the iteration stays: dropped when it lands.
 
     def _arrive(self, state: RequestState, now: float) -> None:
         reason = self.rejection_reason(state)
