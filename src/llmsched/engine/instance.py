@@ -334,7 +334,7 @@ class Instance(EngineState):
                     seconds += self._transfer_time(self.kv.drop_cpu_copy(state))
                 elif kv.caching and not state.computed:  # new, or preempted by recompute
                     hit = plan.hits.get(state, 0)
-                    kv.admit_cached(state, hit)
+                    kv.admit_cached(state, hit, plan.hit_blocks.get(state))
                     state.computed = hit
                     if state.cached_tokens < 0:
                         state.cached_tokens = hit

@@ -37,6 +37,10 @@ class BatchPlan:
     # Pins this plan releases (finished requests whose KV the policy kept, `view.pins`): their
     # blocks are freed before the plan's preemptions.
     released: list[RequestState] = field(default_factory=list)
+    # The cached blocks the plan found for the requests in `hits` (not counting blocks of chunks
+    # planned in this step), with their identities: the engine checks that they are still the
+    # cached ones rather than looking them up again.
+    hit_blocks: dict[RequestState, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -53,6 +57,7 @@ class BatchBuilder:
         "chunk_cap",
         "free",
         "free0",
+        "hit_blocks",
         "hits",
         "hold",
         "items",
@@ -80,6 +85,7 @@ class BatchBuilder:
         self.taken = 0  # cached free blocks that this plan's admissions take
         self.caching = view.kv.caching  # admissions look their prefix up in the cache
         self.hits: dict[RequestState, int] = {}
+        self.hit_blocks: dict[RequestState, tuple[np.ndarray, np.ndarray]] = {}
         # The prefix cache's reference counts as this plan leaves them (admissions touch their
         # hit blocks, preemptions release theirs); None until the plan changes one.
         self.plan_ref: np.ndarray | None = None
@@ -258,6 +264,7 @@ class BatchBuilder:
         self.budget -= tokens
         self.items[state] = tokens
         self.hits[state] = cached
+        self.hit_blocks[state] = (hit, self.kv.block_hash[hit])  # (blocks, their identities)
         self.taken += taken
         self._ref()[hit] += 1
         self.num_running += 1
@@ -355,4 +362,5 @@ class BatchBuilder:
             self.hold,
             self.hits,
             self.released,
+            self.hit_blocks,
         )

@@ -182,6 +182,7 @@ class PrefixCachingKV(KVBlockManager):
         "by_output",
         "cached",
         "chains",
+        "duplicate",
         "duplicates",
         "hasher",
         "hashed",
@@ -204,6 +205,7 @@ class PrefixCachingKV(KVBlockManager):
         # identity -> the blocks cached with it after the first (vLLM keeps duplicates: a block
         # computed again while an identical one is cached, e.g. a fully cached prompt's last)
         self.duplicates: dict[int, list[int]] = {}
+        self.duplicate = np.zeros(num_blocks, dtype=bool)  # a block in duplicates' lists
         self.tables: dict[RequestState, list[int]] = {}  # a request's blocks, in order
         self.hashed: dict[RequestState, int] = {}  # its leading blocks that have identities
         self.chains: dict[RequestState, list[tuple[int, int, int]]] = {}
@@ -229,9 +231,11 @@ class PrefixCachingKV(KVBlockManager):
         if full > self.hashed.get(state, 0):
             self._cache(state, full)
 
-    def lookup(self, state: RequestState) -> list[int]:
+    def lookup(self, state: RequestState, known: int = 0) -> list[int]:
         """The blocks a request admitted now would hit: the longest cached run of its blocks
-        from the start, below its last token (vLLM recomputes that one for its logits)."""
+        from the start, below its last token (vLLM recomputes that one for its logits).
+        With `known`, its first `known` blocks are known to be cached (the caller checked
+        them): only the blocks after them are returned, and only those are looked up."""
         bs = self.block_size
         limit = (state.num_tokens - 1) // bs
         cached = self.cached
@@ -239,6 +243,7 @@ class PrefixCachingKV(KVBlockManager):
         if not limit or not cached:
             return hit
         e_max = limit * bs
+        e_known = known * bs  # the end of the last known block
         get = cached.get
         holders = self.by_output
         for start, end, base in self.chain(state):
@@ -246,6 +251,8 @@ class PrefixCachingKV(KVBlockManager):
             if holder is not None and holder is not state:  # a running request's output
                 self._cache_output(holder)
             lo = (start // bs + 1) * bs
+            if lo <= e_known:
+                lo = e_known + bs
             hi = end - end % bs
             if hi > e_max:
                 hi = e_max
@@ -261,19 +268,39 @@ class PrefixCachingKV(KVBlockManager):
                 break
         return hit
 
+    def _still_cached(self, blocks: np.ndarray, idents: np.ndarray) -> bool:
+        """Whether these blocks, found by a lookup with these identities, are still what a
+        lookup returns: each still holds its identity and is the block cached under it (not a
+        duplicate)."""
+        return np.array_equal(self.block_hash[blocks], idents) and not self.duplicate[blocks].any()
+
     # --- admission, growth, freeing -----------------------------------------------------------
-    def admit_cached(self, state: RequestState, hit_tokens: int) -> None:
+    def admit_cached(
+        self,
+        state: RequestState,
+        hit_tokens: int,
+        found: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         """A request that has computed nothing is admitted with `hit_tokens` from the cache:
-        touch its hit blocks (vLLM's counters record the admission)."""
+        touch its hit blocks (vLLM's counters record the admission). `found`: the hit blocks
+        the plan found and their identities, if any; when they are still cached they are not
+        looked up again."""
         self.queries += state.num_tokens
         self.hits += hit_tokens
         if not hit_tokens:
             return
         if state not in self.chains:  # kept from now on (it holds blocks)
             self.chains[state] = self.hasher.chain(state.request.continuation)
-        blocks = self.lookup(state)[: hit_tokens // self.block_size]
-        if blocks:
+        n = hit_tokens // self.block_size
+        if found is not None and len(found[0]) and self._still_cached(*found):
+            k = len(found[0])
+            rest = self.lookup(state, k)[: n - k]
+            arr = np.concatenate((found[0], np.asarray(rest, dtype=np.int64))) if rest else found[0]
+            blocks = arr.tolist()
+        else:
+            blocks = self.lookup(state)[:n]
             arr = np.asarray(blocks)
+        if blocks:
             free = arr[self.ref[arr] == 0]
             self.lru.remove(free)
             self.used += len(free)
@@ -369,9 +396,11 @@ class PrefixCachingKV(KVBlockManager):
         if others is None:
             del self.cached[ident]
         elif self.cached[ident] == block:
-            self.cached[ident] = others.pop(0)
+            first = self.cached[ident] = others.pop(0)
+            self.duplicate[first] = False
         else:
             others.remove(block)
+            self.duplicate[block] = False
         if others is not None and not others:
             del self.duplicates[ident]
 
@@ -390,6 +419,7 @@ class PrefixCachingKV(KVBlockManager):
             for ident, b, c in zip(idents, blocks, first_cached):
                 if c != b:
                     duplicates.setdefault(ident, []).append(b)
+                    self.duplicate[b] = True
         self.hashed[state] = full
 
     def free_request(self, state: RequestState) -> None:
@@ -437,6 +467,8 @@ class PrefixCachingKV(KVBlockManager):
         for ident, others in self.duplicates.items():
             assert others and ident in self.cached
             holders.update((b, ident) for b in others)
+        dup = [b for others in self.duplicates.values() for b in others]
+        assert sorted(dup) == np.flatnonzero(self.duplicate).tolist()
         hashed = np.flatnonzero(self.block_hash)
         assert sorted(holders) == hashed.tolist()
         assert all(self.block_hash[b] == i for b, i in holders.items())
