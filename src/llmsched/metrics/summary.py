@@ -480,7 +480,7 @@ class MetricsCollector:
         if pc is None:
             return {}
         if not pc["enabled"]:
-            note = "off"
+            note = "off (not modelled with swap preemption)" if pc.get("swap") else "off"
         elif not pc["prefix_runs"]:
             note = "on; the workload shares no prefix runs: no hits are possible"
         else:
