@@ -288,6 +288,8 @@ def test_latencies_through_http_agree_with_simulate(tmp_path):
     sim = simulate(cfg, workload).summary
     with ServerProcess(ENGINE, log=tmp_path / "engine.log") as server:
         real = bench(workload, server.url, seed=cfg.seed)
+    for key in ("mean_ttft_ms", "mean_e2el_ms", "median_e2el_ms"):  # shown with pytest -s
+        print(f"{key}: HTTP {real[key]:.1f} against simulated {sim[key]:.1f}")
     assert real["completed"] == sim["completed"] == 30
     assert real["total_output_tokens"] == sim["total_output_tokens"]
     for key in ("mean_e2el_ms", "median_e2el_ms"):
