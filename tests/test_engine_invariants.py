@@ -352,7 +352,7 @@ def prefix_observer(last_end: dict):
         kv = inst.kv
         if kv.caching:
             kv.check()
-            assert kv.used == len({b for t in kv.tables.values() for b in t})
+            assert kv.used == len({b for s in kv.tables for b in kv.table(s).tolist()})
             assert set(kv.tables) == set(inst.running)
         for state, hit in span.plan.hits.items():
             assert hit % inst.config.block_size == 0 and 0 < hit < state.num_tokens

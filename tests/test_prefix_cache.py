@@ -128,7 +128,7 @@ def test_kv_usage_counts_referenced_blocks_only():
     cluster, _ = simulate([Request("a", 0.0, 100, 4, prefix=(("x", 100),))])
     kv = cluster.instances[0].kv
     assert kv.used == 0 and kv.free == kv.num_blocks and kv.usage == 0
-    assert len(kv.lru) == 6 and len(kv.cached) == 6  # 103 tokens computed: 6 full blocks
+    assert len(kv.lru) == 6 and len(kv.cached_blocks()) == 6  # 103 tokens computed: 6 full blocks
 
 
 # --- the pool, block by block ------------------------------------------------------------------
@@ -151,7 +151,7 @@ def test_freed_blocks_go_tail_first_and_the_least_recently_freed_is_evicted_firs
     kv = PrefixCachingKV(8, 16)
     a = state_of("a", 65, (("A", 64),))  # 4 full blocks, then one partial
     admit(kv, a)
-    blocks = list(kv.tables[a])
+    blocks = list(kv.table(a).tolist())
     kv.free_request(a)
     # tail first: the partial (unhashed) block to the head, full ones to the LRU tail last
     # block first, so the prompt's start is evicted last
@@ -180,7 +180,7 @@ def test_lru_order_follows_the_last_free_not_the_first_use():
     kv.free_request(a2)  # and freed last: now B's are the least recently freed
     d = state_of("d", 64, (("D", 64),))
     admit(kv, d)  # 4 blocks: 2 unhashed (partials), then B's two
-    assert not kv.lookup(state_of("b2", 33, (("B", 32),)))
+    assert not len(kv.lookup(state_of("b2", 33, (("B", 32),))))
     assert len(kv.lookup(state_of("a3", 33, (("A", 32),)))) == 2
     kv.check()
 
@@ -190,12 +190,12 @@ def test_shared_blocks_are_reference_counted():
     a, b = state_of("a", 80, (("S", 64),)), state_of("b", 80, (("S", 64),))
     admit(kv, a)
     assert admit(kv, b) == 4
-    assert kv.tables[a][:4] == kv.tables[b][:4]
-    assert [kv.ref[x] for x in kv.tables[a][:5]] == [2, 2, 2, 2, 1]
+    assert kv.table(a).tolist()[:4] == kv.table(b).tolist()[:4]
+    assert [kv.ref[x] for x in kv.table(a).tolist()[:5]] == [2, 2, 2, 2, 1]
     assert kv.used == 6  # a's 5 full blocks; b shares 4 (its hit stops below its last token)
-    assert sum(kv.ref[x] == 1 for x in kv.tables[a]) == 1  # freeing a returns one block
+    assert sum(kv.ref[x] == 1 for x in kv.table(a).tolist()) == 1  # freeing a returns one block
     kv.free_request(a)
-    assert [kv.ref[x] for x in kv.tables[b][:4]] == [1, 1, 1, 1]
+    assert [kv.ref[x] for x in kv.table(b).tolist()[:4]] == [1, 1, 1, 1]
     kv.free_request(b)
     assert kv.used == 0
     kv.check()

@@ -182,10 +182,9 @@ class BatchBuilder:
     def _lookup(self, state: RequestState) -> tuple[np.ndarray, int]:
         """The request's prefix-cache hit: the cached blocks, and how many blocks more come
         from prompt chunks planned in this step (other requests allocate them)."""
-        found = self.kv.lookup(state)
-        hit = np.fromiter(found, np.int64, len(found))  # (indexes arrays below, once)
+        hit = self.kv.lookup(state)
         evicted = self.free0 - self.free - self.taken - len(self.kv.plain)
-        if found and evicted > 0:  # the plan's allocations so far evict the LRU's head
+        if len(hit) and evicted > 0:  # the plan's allocations so far evict the LRU's head
             hit = hit[: self._surviving(hit, evicted)]
         bs = self.block_size
         limit = (state.num_tokens - 1) // bs
@@ -309,7 +308,7 @@ class BatchBuilder:
         # cache, only those that no other request holds.
         self.free += max(-(-held // self.block_size), victim.blocks)
         if self.caching and victim.blocks:
-            table = self.kv.tables[victim]
+            table = self.kv.table(victim)
             ref = self._ref()
             ref[table] -= 1
             self.free -= victim.blocks - int(np.count_nonzero(ref[table] == 0))
@@ -324,7 +323,7 @@ class BatchBuilder:
             raise ValueError(f"{pinned!r} holds no pin to release")
         self.free += pinned.blocks
         if self.caching and pinned.blocks:
-            table = self.kv.tables[pinned]
+            table = self.kv.table(pinned)
             ref = self._ref()
             ref[table] -= 1
             self.free -= pinned.blocks - int(np.count_nonzero(ref[table] == 0))

@@ -8,9 +8,13 @@ As `vllm/v1/core/block_pool.py` and `kv_cache_manager.py` do it, block by block:
   requests get the same identity for block i exactly when their runs agree on its tokens and
   all before them. Output tokens are the run ("out", request_id) after the prompt.
 * Blocks are shared by reference count. A block enters the cache when the step that computes
-  its last token is scheduled (`cache_blocks`), output blocks included. (Here output blocks
-  enter it lazily, when the request frees its blocks or another request's lookup reaches its
-  output, so that decoding costs nothing per block filled; lookups see the same cache.)
+  its last token is scheduled (`cache_blocks`), output blocks included. (Here blocks filled
+  by decoding enter it lazily, when the request frees its blocks or another request's lookup
+  reaches its output, so that decoding costs nothing per block filled; lookups see the same
+  cache. Output blocks recomputed after a preemption enter it when scheduled, as a prompt's.)
+* The cache itself (vLLM: a dict from block hash to block) is a table with a slot per block
+  position of each run cached here, side by side (`PrefixCachingKV`), so that caching,
+  looking up and evicting are array operations rather than a dict operation per block.
 * Admission (`get_computed_blocks`, only when a request has computed nothing: new or
   preempted by recompute): the longest run of cached identities from the start, capped at
   `num_tokens - 1` and so rounded down to whole blocks. Hit blocks are touched: ref + 1, and
@@ -31,7 +35,6 @@ is modelled and what is not.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Hashable
 
 import numpy as np
@@ -148,7 +151,7 @@ class FreeQueue:
         out = []
         while n:
             assert self.head < self.tail, "popped more cached free blocks than there are"
-            window = self.fifo[self.head : min(self.head + max(4 * n, 256), self.tail)]
+            window = self.fifo[self.head : min(self.head + n + 64, self.tail)]
             live = np.flatnonzero(self.pos[window] == np.arange(self.head, self.head + len(window)))
             if len(live) > n:
                 live = live[:n]
@@ -174,23 +177,34 @@ class FreeQueue:
 
 class PrefixCachingKV(KVBlockManager):
     """The GPU KV blocks of one instance with vLLM's prefix cache. `used` counts referenced
-    blocks; `queries` and `hits` are vLLM's prefix-cache counters (tokens, at admissions)."""
+    blocks; `queries` and `hits` are vLLM's prefix-cache counters (tokens, at admissions).
+
+    The cache (vLLM: a dict from block hash to block) is a table of slots, one per block
+    position of each run that has had a block cached here: the blocks of a run sit side by
+    side, so that caching, looking up and evicting a request's blocks are array operations,
+    not a dict operation per block. A slot's entry counts only while its block still holds the
+    slot's identity (`block_hash`): evicting a block just drops its identity, and entries left
+    behind are overwritten or compacted away."""
 
     caching = True
     __slots__ = (
         "block_hash",
         "by_output",
-        "cached",
-        "chains",
+        "compact_at",
         "duplicate",
         "duplicates",
         "hasher",
         "hashed",
         "hits",
         "lru",
+        "n_slots",
         "plain",
         "queries",
         "ref",
+        "slot_block",
+        "slot_ident",
+        "slots",
+        "steps",
         "tables",
     )
 
@@ -198,17 +212,28 @@ class PrefixCachingKV(KVBlockManager):
         super().__init__(num_blocks, block_size)
         self.hasher = hasher or BlockHasher()
         self.ref = np.zeros(num_blocks, dtype=np.int64)
-        self.block_hash = np.zeros(num_blocks, dtype=np.int64)  # 0: no identity
+        # a block's identity (0: none); one entry more, 0, for the table's empty mark
+        self.block_hash = np.zeros(num_blocks + 1, dtype=np.int64)
         self.plain = list(range(num_blocks - 1, -1, -1))  # free, no identity (head = end)
         self.lru = FreeQueue(num_blocks)  # free, with identity: head first
-        self.cached: dict[int, int] = {}  # identity -> block (the first one cached)
+        # run (its identity base) -> (first slot, slots, the run's first token)
+        self.slots: dict[int, tuple[int, int, int]] = {}
+        size = max(1024, 2 * num_blocks)
+        self.slot_block = np.full(
+            size, num_blocks, dtype=np.int64
+        )  # slot -> block (num_blocks: none)
+        self.slot_ident = np.zeros(size, dtype=np.int64)  # slot -> the identity it holds
+        self.steps = block_size * np.arange(1024, dtype=np.int64)  # identity steps in a run
+        self.n_slots = 0
+        self.compact_at = 2 * num_blocks
         # identity -> the blocks cached with it after the first (vLLM keeps duplicates: a block
         # computed again while an identical one is cached, e.g. a fully cached prompt's last)
         self.duplicates: dict[int, list[int]] = {}
         self.duplicate = np.zeros(num_blocks, dtype=bool)  # a block in duplicates' lists
-        self.tables: dict[RequestState, list[int]] = {}  # a request's blocks, in order
+        # a request's blocks in order: the first `state.blocks` of an array sized for its
+        # whole sequence (so that allocating and freeing are array operations)
+        self.tables: dict[RequestState, np.ndarray] = {}
         self.hashed: dict[RequestState, int] = {}  # its leading blocks that have identities
-        self.chains: dict[RequestState, list[tuple[int, int, int]]] = {}
         # the requests holding blocks, by the identity base of their output run: output blocks
         # are cached lazily (when the request frees them, or a lookup needs them)
         self.by_output: dict[int, RequestState] = {}
@@ -217,11 +242,12 @@ class PrefixCachingKV(KVBlockManager):
 
     # --- identities ---------------------------------------------------------------------------
     def chain(self, state: RequestState) -> list[tuple[int, int, int]]:
-        chain = self.chains.get(state)
-        if chain is None:
-            chain = self.hasher.chain(state.request.continuation)
-            if state in self.tables:  # kept while it holds blocks
-                self.chains[state] = chain
+        """The request's runs as (start, end, identity base), worked out once per request."""
+        known = state.block_chain
+        if known is not None and known[0] is self.hasher:
+            return known[1]
+        chain = self.hasher.chain(state.request.continuation)
+        state.block_chain = (self.hasher, chain)
         return chain
 
     def _cache_output(self, state: RequestState) -> None:
@@ -231,42 +257,133 @@ class PrefixCachingKV(KVBlockManager):
         if full > self.hashed.get(state, 0):
             self._cache(state, full)
 
-    def lookup(self, state: RequestState, known: int = 0) -> list[int]:
+    # --- the slot table -----------------------------------------------------------------------
+    def _place(self, base: int, start: int, end: int) -> int:
+        """The slot of the first block that ends in this run, with a slot for every block that
+        ends in it (a run seen again longer moves to a larger range; the caller made room)."""
+        bs = self.block_size
+        need = end // bs - start // bs
+        entry = self.slots.get(base)
+        if entry is not None and entry[1] >= need:
+            return entry[0]
+        first = self.n_slots
+        self.n_slots += need
+        # the identity of the run's k-th block: its end's offset in the run
+        if need > len(self.steps):
+            self.steps = bs * np.arange(2 * need, dtype=np.int64)
+        np.add(
+            self.steps[:need],
+            base + (start // bs + 1) * bs - start,
+            out=self.slot_ident[first : first + need],
+        )
+        if entry is not None:  # move the cached blocks along; the old range is left empty
+            old, n, _ = entry
+            self.slot_block[first : first + n] = self.slot_block[old : old + n]
+            self.slot_block[old : old + n] = self.num_blocks
+        self.slots[base] = (first, need, start)
+        return first
+
+    def _slot(self, ident: int) -> int:
+        """The slot of an identity whose run is in the table."""
+        offset = ident % STRIDE
+        first, _, start = self.slots[ident - offset]
+        return first + (start + offset) // self.block_size - 1 - start // self.block_size
+
+    def _make_room(self, need: int) -> None:
+        if self.n_slots > self.compact_at:
+            self._compact()
+        if self.n_slots + need > len(self.slot_block):
+            size = max(2 * len(self.slot_block), self.n_slots + need)
+            table = np.full(size, self.num_blocks, dtype=np.int64)
+            table[: self.n_slots] = self.slot_block[: self.n_slots]
+            ident = np.zeros(size, dtype=np.int64)
+            ident[: self.n_slots] = self.slot_ident[: self.n_slots]
+            self.slot_block, self.slot_ident = table, ident
+
+    def _compact(self) -> None:
+        """Drop the runs with no block cached any more and close up the others' ranges, so that
+        the table stays proportional to the cache, not to every run ever cached."""
+        n = self.n_slots
+        items = list(self.slots.items())
+        first = np.fromiter((e[0] for _, e in items), np.int64, len(items))
+        size = np.fromiter((e[1] for _, e in items), np.int64, len(items))
+        valid = self.block_hash[self.slot_block[:n]] == self.slot_ident[:n]
+        counts = np.concatenate(([0], np.cumsum(valid)))
+        live = np.flatnonzero(counts[first + size] > counts[first])
+        index = _ranges(first[live], size[live])
+        m = len(index)
+        self.slot_block[:m] = self.slot_block[index]
+        self.slot_ident[:m] = self.slot_ident[index]
+        self.slot_block[m:n] = self.num_blocks
+        moved = (np.cumsum(size[live]) - size[live]).tolist()
+        self.slots = {
+            items[i][0]: (new, items[i][1][1], items[i][1][2])
+            for i, new in zip(live.tolist(), moved)
+        }
+        self.n_slots = m
+        self.compact_at = max(2 * self.num_blocks, 2 * m)
+
+    def cached_blocks(self) -> dict[int, int]:
+        """Identity -> the block cached under it (the first, if duplicates): vLLM's hash map."""
+        out = {}
+        for first, n, _ in self.slots.values():
+            blocks = self.slot_block[first : first + n]
+            idents = self.slot_ident[first : first + n]
+            live = self.block_hash[blocks] == idents
+            out.update(zip(idents[live].tolist(), blocks[live].tolist()))
+        return out
+
+    def lookup(self, state: RequestState, known: int = 0) -> np.ndarray:
         """The blocks a request admitted now would hit: the longest cached run of its blocks
         from the start, below its last token (vLLM recomputes that one for its logits).
         With `known`, its first `known` blocks are known to be cached (the caller checked
         them): only the blocks after them are returned, and only those are looked up."""
         bs = self.block_size
-        limit = (state.num_tokens - 1) // bs
-        cached = self.cached
-        hit: list[int] = []
-        if not limit or not cached:
-            return hit
-        e_max = limit * bs
-        e_known = known * bs  # the end of the last known block
-        get = cached.get
+        limit = (state.num_tokens - 1) // bs  # blocks that may hit
+        if limit <= known:
+            return _NONE
+        chain = self.chain(state)
         holders = self.by_output
-        for start, end, base in self.chain(state):
+        for _, _, base in chain:
             holder = holders.get(base)
             if holder is not None and holder is not state:  # a running request's output
                 self._cache_output(holder)
-            lo = (start // bs + 1) * bs
-            if lo <= e_known:
-                lo = e_known + bs
-            hi = end - end % bs
-            if hi > e_max:
-                hi = e_max
-            if lo <= hi:
-                if get(base + lo - start) is None:
-                    return hit
-                found = list(map(get, range(base + lo - start, base + hi - start + 1, bs)))
-                if None in found:
-                    hit += found[: found.index(None)]
-                    return hit
-                hit += found
-            if hi == e_max:
+        slots = self.slots
+        ranges: list[tuple[int, int]] = []
+        for start, end, base in chain:
+            lo, hi = start // bs, end // bs  # the blocks ending in this run
+            if hi <= known:
+                continue
+            if lo < known:
+                lo = known
+            if hi > limit:
+                hi = limit
+            if lo < hi:
+                entry = slots.get(base)
+                if entry is None:
+                    break
+                first, n, run_start = entry
+                first -= run_start // bs
+                if hi > run_start // bs + n:  # seen shorter: the rest is not cached
+                    hi = run_start // bs + n
+                    if lo < hi:
+                        ranges.append((first + lo, hi - lo))
+                    break
+                ranges.append((first + lo, hi - lo))
+            if hi >= limit:
                 break
-        return hit
+        if not ranges:
+            return _NONE
+        if len(ranges) == 1:
+            s, n = ranges[0]
+            blocks, idents = self.slot_block[s : s + n], self.slot_ident[s : s + n]
+        else:
+            blocks = np.concatenate([self.slot_block[s : s + n] for s, n in ranges])
+            idents = np.concatenate([self.slot_ident[s : s + n] for s, n in ranges])
+        live = self.block_hash[blocks] == idents
+        if live.all():
+            return blocks.copy() if len(ranges) == 1 else blocks
+        return blocks[: int(np.argmin(live))].copy()
 
     def _still_cached(self, blocks: np.ndarray, idents: np.ndarray) -> bool:
         """Whether these blocks, found by a lookup with these identities, are still what a
@@ -289,23 +406,21 @@ class PrefixCachingKV(KVBlockManager):
         self.hits += hit_tokens
         if not hit_tokens:
             return
-        if state not in self.chains:  # kept from now on (it holds blocks)
-            self.chains[state] = self.hasher.chain(state.request.continuation)
         n = hit_tokens // self.block_size
         if found is not None and len(found[0]) and self._still_cached(*found):
             k = len(found[0])
-            rest = self.lookup(state, k)[: n - k]
-            arr = np.concatenate((found[0], np.asarray(rest, dtype=np.int64))) if rest else found[0]
-            blocks = arr.tolist()
+            blocks = found[0][:n]
+            if k < n:
+                blocks = np.concatenate((blocks, self.lookup(state, k)[: n - k]))
         else:
             blocks = self.lookup(state)[:n]
-            arr = np.asarray(blocks)
-        if blocks:
-            free = arr[self.ref[arr] == 0]
+        if len(blocks):
+            free = blocks[self.ref[blocks] == 0]
             self.lru.remove(free)
             self.used += len(free)
-            self.ref[arr] += 1
-        self.tables[state] = blocks
+            self.ref[blocks] += 1
+        table = self.tables[state] = self._new_table(state, len(blocks))
+        table[: len(blocks)] = blocks
         self.hashed[state] = len(blocks)
         self.by_output[self.chain(state)[-1][2]] = state
         state.blocks = len(blocks)
@@ -324,9 +439,11 @@ class PrefixCachingKV(KVBlockManager):
                 )
             table = self.tables.get(state)
             if table is None:
-                table = self.tables[state] = []
+                table = self.tables[state] = self._new_table(state, need)
                 self.by_output[self.chain(state)[-1][2]] = state
-            table += self._pop(need)
+            elif state.blocks + need > len(table):
+                table = self.tables[state] = np.concatenate((table, table))
+            self._pop(table, state.blocks, need)
             state.blocks += need
             self.used += need
         else:
@@ -334,29 +451,45 @@ class PrefixCachingKV(KVBlockManager):
         # (Comparisons, not min() and max(): this runs for every request in every step.)
         if computed is None:
             computed = tokens
-        if computed > state.prompt_tokens:  # the output's blocks: later (_cache_output)
-            computed = state.prompt_tokens
+        if (
+            computed > state.prompt_tokens
+            and state.computed + 1 >= state.prompt_tokens + state.generated
+        ):
+            computed = state.prompt_tokens  # a decode: its output's blocks later (_cache_output)
         full = computed // bs
         if full and full > self.hashed.get(state, 0):
             self._cache(state, full)
         return need
 
-    def _pop(self, n: int) -> list[int]:
-        """n blocks from the free queue's head: unhashed ones first, then the least recently
-        freed cached ones, whose identities are evicted now."""
+    def _new_table(self, state: RequestState, blocks: int) -> np.ndarray:
+        """An empty block table with room for the request's whole sequence."""
+        whole = -(-(state.prompt_tokens + state.output_tokens) // self.block_size)
+        return np.empty(whole if whole > blocks else blocks, dtype=np.int64)
+
+    def table(self, state: RequestState) -> np.ndarray:
+        """The blocks the request holds, in order."""
+        return self.tables[state][: state.blocks]
+
+    def _pop(self, table: np.ndarray, at: int, n: int) -> None:
+        """Put n blocks from the free queue's head in table[at : at + n]: unhashed ones first,
+        then the least recently freed cached ones, whose identities are evicted now (their
+        slots in the cache lapse)."""
         plain = self.plain
         rest = len(plain) - n
         if rest < 0:
             rest = 0
         take = len(plain) - rest
-        out = plain[rest:]
-        del plain[rest:]
         ref = self.ref
         if n <= 4:  # a decode's next block: scalar steps (item(), not numpy scalars) cost less
+            for b in plain[rest:]:
+                table[at] = b
+                ref[b] = 1
+                at += 1
+            del plain[rest:]
             if n > take:
                 lru = self.lru
                 fifo, pos, head = lru.fifo, lru.pos, lru.head
-                block_hash, cached, duplicates = self.block_hash, self.cached, self.duplicates
+                block_hash, duplicates = self.block_hash, self.duplicates
                 for _ in range(n - take):
                     b = fifo.item(head)
                     while pos.item(b) != head:  # stale entries
@@ -364,62 +497,84 @@ class PrefixCachingKV(KVBlockManager):
                         b = fifo.item(head)
                     head += 1
                     pos[b] = -1
-                    ident = block_hash.item(b)
+                    if duplicates:
+                        self._evict(block_hash.item(b), b)
                     block_hash[b] = 0
-                    if duplicates and ident in duplicates:
-                        self._evict(ident, b)
-                    else:
-                        del cached[ident]
-                    out.append(b)
+                    ref[b] = 1
+                    table[at] = b
+                    at += 1
                 lru.head = head
                 lru.size -= n - take
-            for b in out:
-                ref[b] = 1
-            return out
+            return
+        if take:
+            table[at : at + take] = plain[rest:]
+            del plain[rest:]
         if n > take:
             evicted = self.lru.pop(n - take)
-            idents = self.block_hash[evicted].tolist()
-            self.block_hash[evicted] = 0
-            ref[evicted] = 1
-            evicted = evicted.tolist()
-            if self.duplicates and not self.duplicates.keys().isdisjoint(idents):
-                for b, ident in zip(evicted, idents):
+            if self.duplicates:
+                for b, ident in zip(evicted.tolist(), self.block_hash[evicted].tolist()):
                     self._evict(ident, b)
-            else:
-                deque(map(self.cached.__delitem__, idents), maxlen=0)
-        if take:
-            ref[out] = 1
-        return out + evicted if n > take else out
+            self.block_hash[evicted] = 0
+            table[at + take : at + n] = evicted
+        ref[table[at : at + n]] = 1
 
     def _evict(self, ident: int, block: int) -> None:
+        """Evict a block that has duplicates: the next one becomes the cached one."""
         others = self.duplicates.get(ident)
         if others is None:
-            del self.cached[ident]
-        elif self.cached[ident] == block:
-            first = self.cached[ident] = others.pop(0)
+            return  # the table's entry lapses with the identity
+        slot = self._slot(ident)
+        if self.slot_block[slot] == block:
+            first = others.pop(0)
+            self.slot_block[slot] = first
             self.duplicate[first] = False
         else:
             others.remove(block)
             self.duplicate[block] = False
-        if others is not None and not others:
+        if not others:
             del self.duplicates[ident]
 
     def _cache(self, state: RequestState, full: int) -> None:
-        """Give blocks hashed .. full - 1 of the request their identities."""
+        """Give blocks hashed .. full - 1 of the request their identities, and enter each in
+        its run's slot unless an identical block is cached there already (a duplicate)."""
         first = self.hashed.get(state, 0)
+        bs = self.block_size
+        runs = [r for r in self.chain(state) if r[1] // bs > first and r[0] // bs < full]
+        need = 0  # slots for the runs not in the table yet (or longer now)
+        for start, end, base in runs:
+            entry = self.slots.get(base)
+            if entry is None or entry[1] < end // bs - start // bs:
+                need += end // bs - start // bs
+        if self.n_slots + need > len(self.slot_block):
+            self._make_room(need)
+        ranges = []
+        for start, end, base in runs:
+            lo, hi = start // bs, end // bs  # the blocks ending in this run
+            slot = self._place(base, start, end) - lo
+            if lo < first:
+                lo = first
+            if hi > full:
+                hi = full
+            if lo < hi:
+                ranges.append((slot + lo, hi - lo))
         blocks = self.tables[state][first:full]
-        idents = identities(self.chain(state), first, full, self.block_size)
-        m = len(blocks)  # (arrays from iterators: numpy converts lists more slowly)
-        self.block_hash[np.fromiter(blocks, np.int64, m)] = np.fromiter(idents, np.int64, m)
-        # (one pass: a block is new under its identity unless another one is cached there, a
-        # duplicate; the blocks given identities now had none, so none of them is cached yet)
-        first_cached = list(map(self.cached.setdefault, idents, blocks))
-        if first_cached != blocks:
-            duplicates = self.duplicates
-            for ident, b, c in zip(idents, blocks, first_cached):
-                if c != b:
-                    duplicates.setdefault(ident, []).append(b)
-                    self.duplicate[b] = True
+        if len(ranges) == 1:
+            a, n = ranges[0]
+            current, idents = self.slot_block[a : a + n], self.slot_ident[a : a + n]
+        else:
+            current = np.concatenate([self.slot_block[a : a + n] for a, n in ranges])
+            idents = np.concatenate([self.slot_ident[a : a + n] for a, n in ranges])
+        held = self.block_hash[current] == idents  # an identical block is cached: a duplicate
+        self.block_hash[blocks] = idents
+        if held.any():
+            for ident, b in zip(idents[held].tolist(), blocks[held].tolist()):
+                self.duplicates.setdefault(ident, []).append(b)
+                self.duplicate[b] = True
+            blocks = np.where(held, current, blocks)  # (those cached stay in their slots)
+        at = 0
+        for a, n in ranges:
+            self.slot_block[a : a + n] = blocks[at : at + n]
+            at += n
         self.hashed[state] = full
 
     def free_request(self, state: RequestState) -> None:
@@ -429,14 +584,13 @@ class PrefixCachingKV(KVBlockManager):
             state.blocks = 0
             return
         self._cache_output(state)
-        table = self.tables.pop(state)
+        blocks = self.table(state)[::-1]
+        del self.tables[state]
         self.hashed.pop(state, None)
         self.by_output.pop(self.chain(state)[-1][2], None)
-        self.chains.pop(state, None)
         state.blocks = 0
-        if not table:
+        if not len(blocks):
             return
-        blocks = np.asarray(table[::-1])
         ref = self.ref
         ref[blocks] -= 1
         freed = blocks[ref[blocks] == 0]
@@ -449,10 +603,11 @@ class PrefixCachingKV(KVBlockManager):
     # --- checks (tests) -----------------------------------------------------------------------
     def check(self) -> None:
         """Assert the pool's invariants: every block free or referenced, never both; counts
-        add up; reference counts equal the requests holding each block."""
+        add up; reference counts equal the requests holding each block; every identity is the
+        one its position in its holder's runs gives, and is found where lookups look."""
         held = np.zeros(self.num_blocks, dtype=np.int64)
-        for table in self.tables.values():
-            held[table] += 1  # (a request holds a block once)
+        for state in self.tables:
+            held[self.table(state)] += 1  # (a request holds a block once)
         assert np.array_equal(held, self.ref), "reference counts differ from holders"
         lru = list(self.lru)
         assert len(lru) == len(self.lru)
@@ -463,12 +618,33 @@ class PrefixCachingKV(KVBlockManager):
             assert (b in free) == (self.ref[b] == 0), f"block {b} free and referenced"
         assert all(self.block_hash[lru]) and not any(self.block_hash[self.plain])
         assert self.used == self.num_blocks - len(free), "used != referenced blocks"
-        holders = {b: i for i, b in self.cached.items()}
+        for state in self.tables:
+            hashed = self.hashed.get(state, 0)
+            want = identities(self.chain(state), 0, hashed, self.block_size)
+            assert self.block_hash[self.table(state)[:hashed]].tolist() == want, (
+                "identity off its position"
+            )
+        cached = self.cached_blocks()
+        holders = {b: i for i, b in cached.items()}
+        assert len(holders) == len(cached), "a block cached under two identities"
         for ident, others in self.duplicates.items():
-            assert others and ident in self.cached
+            assert others and ident in cached
             holders.update((b, ident) for b in others)
         dup = [b for others in self.duplicates.values() for b in others]
         assert sorted(dup) == np.flatnonzero(self.duplicate).tolist()
         hashed = np.flatnonzero(self.block_hash)
-        assert sorted(holders) == hashed.tolist()
+        assert sorted(holders) == hashed.tolist(), "a block with an identity is not cached"
         assert all(self.block_hash[b] == i for b, i in holders.items())
+        assert all(
+            self._slot(i) >= 0 and self.slot_block[self._slot(i)] == b for i, b in cached.items()
+        )
+
+
+_NONE = np.empty(0, dtype=np.int64)
+_NONE.flags.writeable = False
+
+
+def _ranges(first: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """The indexes first[0] .. first[0] + size[0] - 1, then first[1] .. , side by side."""
+    ends = np.cumsum(size)
+    return np.arange(ends[-1] if len(ends) else 0) + np.repeat(first - (ends - size), size)

@@ -34,6 +34,7 @@ class RequestState:
 
     __slots__ = (
         "arrival",
+        "block_chain",
         "blocks",
         "cached_tokens",
         "computed",
@@ -72,6 +73,7 @@ class RequestState:
         # num_cached_tokens); -1 until then
         self.cached_tokens = -1
         self.first_scheduled = float("nan")
+        self.block_chain = None  # (hasher, chain): its prefix-cache identities, once worked out
         self.preemptions = 0
         self.migrations = 0
         self.instance = -1
