@@ -147,6 +147,24 @@ def admit(kv, state):
     return len(hit)
 
 
+def test_a_recomputed_output_is_cached_when_its_chunk_is_scheduled():
+    """Blocks filled by decoding enter the cache lazily, but a preempted request recomputing
+    its output is scheduled like a prompt: vLLM caches those blocks in that step, so a next
+    turn admitted later in the same step finds them (the planner counts on it; found by the
+    hypothesis test, where the engine then over-allocated KV)."""
+    kv = PrefixCachingKV(40, 16)
+    turn = state_of("t0", 32, (("s", 32),), output=60)
+    turn.generated = 40  # preempted by recompute: 72 tokens to compute again, 40 of them output
+    kv.grow_to(turn, 72, 72)  # the recompute chunk, scheduled
+    follower = state_of("t1", 120, turn.request.continuation)
+    assert len(kv.lookup(follower)) == 4  # 72 tokens: 4 full blocks, 2 of them output
+    decoding = state_of("d", 32, (("s2", 32),), output=60)
+    decoding.computed, decoding.generated = 71, 40  # decoding: its next block is not cached yet
+    kv.grow_to(decoding, 72, 72)
+    assert len(kv.lookup(state_of("d1", 120, decoding.request.continuation))) == 4  # on lookup
+    kv.check()
+
+
 def test_freed_blocks_go_tail_first_and_the_least_recently_freed_is_evicted_first():
     kv = PrefixCachingKV(8, 16)
     a = state_of("a", 65, (("A", 64),))  # 4 full blocks, then one partial
