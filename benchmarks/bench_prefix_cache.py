@@ -9,8 +9,9 @@ document prefixes of 1 to 12 chunks, picked with Zipf popularity, each behind on
 prompts (one chunk); then the request's own tokens. Llama-3.1-8B (max_model_len 32k) on
 A100s, 8 instances behind least-outstanding routing, vLLM's FCFS, Poisson arrivals at 9
 requests/s. Each run is its own process (so peak memory is that run's maximum resident set
-size); runs alternate off and on, and the medians are reported. Results go to stdout and
-benchmarks/results/prefix_cache.json.
+size); runs alternate off and on, and the medians are reported. Then one run of each at a
+quarter and half the requests shows how peak memory grows with requests. Results go to stdout
+and benchmarks/results/prefix_cache.json.
 """
 
 from __future__ import annotations
@@ -91,10 +92,25 @@ def run_one(caching: bool, n: int) -> dict:
     }
 
 
+def run_process(mode: str, n: int) -> dict:
+    """One run in its own process (so that its peak RSS is its own)."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", mode, "--requests", str(n)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=12_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--no-scaling", action="store_true", help="skip the runs at 1/4 and 1/2 the requests"
+    )
     parser.add_argument("--one", choices=["on", "off"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -103,14 +119,7 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"off": [], "on": []}
     for i in range(args.repeats):
         for mode in ("off", "on"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", mode, "--requests", str(args.requests)],
-                capture_output=True,
-                text=True,
-                check=True,
-                cwd=ROOT,
-            ).stdout
-            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
+            runs[mode].append(run_process(mode, args.requests))
             r = runs[mode][-1]
             print(
                 f"run {i + 1} caching {mode:3}: {r['wall_s']:6.1f} s, peak "
@@ -129,6 +138,18 @@ def main() -> None:
         f"{med['on']['wall_s']:.1f} s, {med['on']['peak_rss_mb']:.0f} MB; on/off wall "
         f"{ratio:.2f}x (target <= 1.5x)"
     )
+    scaling = {}
+    if not args.no_scaling:
+        print("\npeak RSS (MB) by requests, one run each:")
+        for n in (args.requests // 4, args.requests // 2):
+            scaling[n] = {mode: run_process(mode, n)["peak_rss_mb"] for mode in ("off", "on")}
+        scaling[args.requests] = {mode: med[mode]["peak_rss_mb"] for mode in ("off", "on")}
+        for n, mb in scaling.items():
+            print(f"  {n:7,} requests: off {mb['off']:5.0f}, on {mb['on']:5.0f}")
+        sizes = sorted(scaling)
+        for mode in ("off", "on"):
+            per_k = np.polyfit(sizes, [scaling[n][mode] for n in sizes], 1)[0] * 1000
+            print(f"  caching {mode:3}: {per_k:.1f} MB per 1,000 requests (least squares)")
     print(
         f"reproduce: .venv/bin/python benchmarks/bench_prefix_cache.py --requests {args.requests}"
     )
@@ -144,6 +165,7 @@ def main() -> None:
                 "date": time.strftime("%Y-%m-%d"),
                 "median": med,
                 "on_over_off_wall": ratio,
+                "peak_rss_mb_by_requests": scaling,
                 "runs": runs,
             },
             indent=2,
