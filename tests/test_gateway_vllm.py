@@ -79,9 +79,9 @@ def test_a_vllm_server_killed_mid_stream_is_survived_on_the_other(stack):
     """The stream's first tokens come from one server; it is killed; the rest come from the
     other, which continues from the token ids received (the prompt is ids, so the gateway
     asks vLLM for `return_token_ids` and appends them): the client gets exactly max_tokens
-    tokens, one chunk each, and one [DONE]."""
+    tokens and one [DONE]."""
     servers, gateway = stack
-    max_tokens = 200
+    max_tokens = 300
 
     async def go():
         texts, usage, done = [], None, False
@@ -105,7 +105,7 @@ def test_a_vllm_server_killed_mid_stream_is_survived_on_the_other(stack):
                     assert "error" not in chunk, chunk
                     if chunk["choices"]:
                         texts.append(chunk["choices"][0]["text"])
-                        if len(texts) == 20 and not killed.is_set():
+                        if len(texts) == 5 and not killed.is_set():  # (well before its end)
                             killed.set()
                             busy = max(servers, key=lambda s: _running(s.url))
                             await asyncio.to_thread(busy.kill)
@@ -116,7 +116,9 @@ def test_a_vllm_server_killed_mid_stream_is_survived_on_the_other(stack):
     texts, usage, done, killed = asyncio.run(go())
     assert killed and done
     assert usage["completion_tokens"] == max_tokens
-    assert len(texts) == max_tokens  # one chunk per token: none lost, none repeated
+    # Each token's text is one word (" t123"): none lost, none repeated. (Not one chunk per
+    # token: a loaded vLLM V1 merges the deltas its client has not read yet into one chunk.)
+    assert len("".join(texts).split()) == max_tokens, texts
     with urllib.request.urlopen(gateway.url + "/metrics", timeout=10) as r:
         metrics = r.read().decode()
     assert any(
