@@ -22,9 +22,12 @@ def _csv_cells(column: np.ndarray) -> list[str]:
     """A column's cells as text: floats with full precision (``repr``), NaN as an empty cell."""
     values = column.tolist()
     if column.dtype.kind == "f":
-        return ["" if math.isnan(v) else repr(v) for v in values]
+        cells = list(map(float.__repr__, values))
+        for i in np.flatnonzero(np.isnan(column)).tolist():
+            cells[i] = ""
+        return cells
     if column.dtype.kind in "iub":
-        return [str(v) for v in values]
+        return list(map(str, values))
     return values
 
 

@@ -292,27 +292,34 @@ def bench_metrics(
     return result
 
 
-def outcome_arrays(outcomes: Outcomes) -> dict[str, list]:
-    """The per-request arrays of vLLM's result (:data:`DETAILED_FIELDS`), JSON-ready: failed
-    requests have output length 0 and TTFT/latency 0.0, as in vLLM."""
+def outcome_arrays(
+    outcomes: Outcomes, fields: Sequence[str] = DETAILED_FIELDS
+) -> dict[str, list]:
+    """The per-request arrays of vLLM's result named in `fields` (by default all of
+    :data:`DETAILED_FIELDS`), JSON-ready: failed requests have output length 0 and TTFT/latency
+    0.0, as in vLLM. Only the fields asked for are built (`itls` holds every gap)."""
     ok = np.asarray(outcomes.success, dtype=bool)
+    n = len(outcomes)
 
     def zero_failed(values) -> list[float]:
         return np.where(ok, np.nan_to_num(np.asarray(values, dtype=np.float64)), 0.0).tolist()
 
-    n = len(outcomes)
-    queue = outcomes.queue_times if outcomes.queue_times is not None else np.zeros(n)
-    return {
-        "input_lens": np.asarray(outcomes.input_lens, dtype=np.int64).tolist(),
-        "output_lens": np.where(ok, outcomes.output_lens, 0).astype(np.int64).tolist(),
-        "ttfts": zero_failed(outcomes.ttfts),
-        "itls": [np.asarray(g, dtype=np.float64).tolist() for g in outcomes.itls],
-        "latencies": zero_failed(outcomes.latencies),
-        "start_times": np.asarray(outcomes.start_times, dtype=np.float64).tolist(),
-        "queue_times": np.asarray(queue, dtype=np.float64).tolist(),
-        "generated_texts": list(outcomes.generated_texts or [""] * n),
-        "errors": list(outcomes.errors or [""] * n),
+    def queue_times() -> list[float]:
+        queue = outcomes.queue_times if outcomes.queue_times is not None else np.zeros(n)
+        return np.asarray(queue, dtype=np.float64).tolist()
+
+    build = {
+        "input_lens": lambda: np.asarray(outcomes.input_lens, dtype=np.int64).tolist(),
+        "output_lens": lambda: np.where(ok, outcomes.output_lens, 0).astype(np.int64).tolist(),
+        "ttfts": lambda: zero_failed(outcomes.ttfts),
+        "itls": lambda: [np.asarray(g, dtype=np.float64).tolist() for g in outcomes.itls],
+        "latencies": lambda: zero_failed(outcomes.latencies),
+        "start_times": lambda: np.asarray(outcomes.start_times, dtype=np.float64).tolist(),
+        "queue_times": queue_times,
+        "generated_texts": lambda: list(outcomes.generated_texts or [""] * n),
+        "errors": lambda: list(outcomes.errors or [""] * n),
     }
+    return {name: build[name]() for name in fields}
 
 
 def run_metadata(
@@ -355,9 +362,7 @@ def result_json(
     """`vllm bench serve`'s result: the run's metadata, its metrics, then the per-request
     arrays: every one of :data:`DETAILED_FIELDS` when `detailed` (vLLM's `--save-detailed`),
     else only :data:`BRIEF_FIELDS`, as vLLM does (a long run's `itls` hold every gap)."""
-    arrays = outcome_arrays(outcomes)
-    if not detailed:
-        arrays = {name: arrays[name] for name in BRIEF_FIELDS}
+    arrays = outcome_arrays(outcomes, DETAILED_FIELDS if detailed else BRIEF_FIELDS)
     return {**metadata, **metrics, **arrays}
 
 
