@@ -31,7 +31,7 @@ import math
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import IO
 
@@ -441,13 +441,21 @@ def _timestamp_ns(text: str) -> int:
         )
     whole, fraction, offset = m.groups()
     try:
-        dt = datetime.fromisoformat(whole + (offset or ""))
+        seconds = _epoch_seconds(whole + (offset or ""))
     except ValueError:
         raise ValueError(f"unparsable timestamp {text!r} (no such date or time)") from None
+    nanos = int(fraction.ljust(9, "0")) if fraction else 0
+    return seconds * 1_000_000_000 + nanos
+
+
+@lru_cache(maxsize=4096)
+def _epoch_seconds(whole: str) -> int:
+    """Seconds since the epoch of a date and time to the second (UTC when no offset is given);
+    remembered, since a trace's neighbouring rows mostly share their second."""
+    dt = datetime.fromisoformat(whole)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    nanos = int(fraction.ljust(9, "0")) if fraction else 0
-    return int(dt.timestamp()) * 1_000_000_000 + nanos
+    return int(dt.timestamp())
 
 
 # --- one generator of rows per format ---------------------------------------------------------
