@@ -84,6 +84,9 @@ def test_the_llmsched_entry_must_be_an_object(model):
         ({"score": float("nan")}, "finite"),
         ({"tbt": -0.1}, "vllm_xargs.tbt = -0.1: Input should be greater than 0"),
         ({"tier": "gold"}, "vllm_xargs.tier = 'gold' is not a known tier; known: free, paying"),
+        ({"turn": -1}, "vllm_xargs.turn = -1: Input should be greater than or equal to 0"),
+        ({"turn": 1.5}, "vllm_xargs.turn = 1.5"),
+        ({"is_last_step": "maybe"}, "vllm_xargs.is_last_step = 'maybe'"),
     ],
 )
 def test_bad_request_data_is_named_with_the_fix(args, expected):
@@ -96,6 +99,13 @@ def test_bad_request_data_is_named_with_the_fix(args, expected):
 def test_request_data_accepts_numbers_given_as_text_and_ignores_other_keys():
     args = request_args({"score": "3.5", "tbt": 1, "other_plugin": [1, 2]})
     assert (args.score, args.tbt) == (3.5, 1.0)
+
+
+def test_request_data_names_an_agent_programs_turn():
+    """Continuum's data: the program (aiperf's session ids are numbers), the turn, its tool."""
+    args = request_args({"session_id": 42, "turn": "3", "tool": "pytest", "is_last_step": 1})
+    assert (args.session_id, args.turn, args.tool, args.is_last_step) == ("42", 3, "pytest", True)
+    assert request_args({}).session_id is None and request_args({}).turn == 0
 
 
 def step(sched):

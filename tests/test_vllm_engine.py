@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import time
 import zlib
 from pathlib import Path
 
@@ -77,6 +78,8 @@ class Recorded:
         self.scheduler.schedule = recording
         self.ids: dict[str, str] = {}  # engine's request id -> ours
         self.tokens: dict[str, list[int]] = {}  # ours -> output token ids so far
+        self.prompts: dict[str, list[int]] = {}  # ours -> prompt token ids
+        self.cached: dict[str, int] = {}  # ours -> prompt tokens vLLM found in its prefix cache
         self.produced: list[set[str]] = []  # per step: requests that produced tokens
         self.finished: list[str] = []
 
@@ -92,6 +95,7 @@ class Recorded:
         )
         self.ids[self.engine.add_request(rid, TokensPrompt(prompt_token_ids=prompt), params)] = rid
         self.tokens[rid] = []
+        self.prompts[rid] = prompt
 
     def step(self) -> set[str]:
         produced = set()
@@ -101,6 +105,8 @@ class Recorded:
             if len(new) > len(self.tokens[rid]):
                 produced.add(rid)
                 self.tokens[rid] = new
+            if out.num_cached_tokens is not None:
+                self.cached[rid] = out.num_cached_tokens
             if out.finished:
                 self.finished.append(rid)
         self.produced.append(produced)
@@ -229,6 +235,41 @@ def test_slai_serves_the_decode_near_its_deadline_first(model):
     with engine(model, "SarathiScheduler", **kw) as e:
         prefill = serve(e)
     assert all({"T", "L"} <= p for p in prefill)
+
+
+def test_continuum_pins_a_finished_turn_until_its_program_moves_on(model):
+    """Continuum (the released code's rules) in vLLM: a turn whose tool is quick keeps its KV
+    blocks referenced when it finishes (vLLM holds them as for a KV transfer), so its program's
+    next turn hits all of them, its output's full blocks included; the pin goes when a later
+    turn of the program has finished, or when its TTL has passed with no turn of the program
+    waiting, each at the next step; then every block is free again. FCFS frees at once."""
+    settings = {"policy": "continuum-fixed", "params": {"ttl": 0.3}}
+    with engine(model, "FcfsScheduler") as fcfs:
+        fcfs.add("t0", 96, 33, session_id="s", turn=0, tool="ls")
+        fcfs.run()
+        total = fcfs.scheduler.kv_cache_manager.block_pool.get_num_free_blocks()
+        assert not fcfs.scheduler.requests
+    with engine(model, "LlmschedScheduler", settings=settings) as e:
+        pool = e.scheduler.kv_cache_manager.block_pool
+        e.add("t0", 96, 33, session_id="s", turn=0, tool="ls")
+        e.run()
+        # 96 + 33 - 1 tokens computed: 4 blocks of 32, held by the pin
+        assert pool.get_num_free_blocks() == total - 4 and len(e.scheduler.requests) == 1
+        assert [p.request_id for p in e.scheduler._engine.pins] == [
+            r for r, ours in e.ids.items() if ours == "t0"
+        ]
+        context = e.prompts["t0"] + e.tokens["t0"] + [7000 + i for i in range(20)]
+        e.add_tokens("t1", context, 4, session_id="s", turn=1)  # no tool: the program ends
+        e.run()
+        assert e.cached["t1"] == 128  # all 4 blocks: the prompt's 3 and the output's one
+        e.add("u0", 40, 4, session_id="u", turn=0, tool="ls")
+        e.run()  # its first step releases t0's pin (t1 replaced it); u0 is pinned for 0.3 s
+        assert pool.get_num_free_blocks() == total - 2 and len(e.scheduler.requests) == 1
+        time.sleep(0.4)
+        e.add("x", 8, 1)
+        e.run()  # u0's pin expired with no turn of u waiting: released at x's first step
+        assert pool.get_num_free_blocks() == total and not e.scheduler.requests
+        assert not e.scheduler._engine.pins and e.scheduler.num_deviations == 0
 
 
 def test_pars_scores_prompts_with_a_trained_ranker_at_arrival(model, tmp_path):

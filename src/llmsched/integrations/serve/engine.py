@@ -162,6 +162,10 @@ def create_app(engine: RealtimeEngine, settings: EngineSettings, faults: FaultPl
                 tpot_slo=args.tbt,
                 ttft_slo=args.ttft,
                 prefix=prompt_runs(req.context, engine.cluster.config.block_size),
+                session_id=args.session_id,
+                turn=args.turn,
+                tool=args.tool,
+                is_last_step=args.is_last_step,
             )
         )
         if isinstance(live, str):

@@ -396,6 +396,10 @@ class PolicySchedulerMixin:
             tpot_slo=args.tbt or (tier.tbt if tier else None),
             ttft_slo=args.ttft,
             score=score,
+            session_id=args.session_id,
+            turn=args.turn,
+            tool=args.tool,
+            is_last_step=args.is_last_step,
         )
 
     def _reasoning_of(self, request: VllmRequest) -> bool:
@@ -412,6 +416,8 @@ class PolicySchedulerMixin:
         now = self.clock()
         engine.start_iteration(now)
         free = self._block_pool.get_num_free_blocks()
+        if engine.pins and min(engine.pins.values()) <= now:
+            engine.changed = True  # a pin expired: the policy looks at it (the simulator's event)
         if self._repeats and not engine.changed and free >= self._repeat_blocks:
             # Nothing happened since the last plan, which the policy said may repeat: the
             # simulator's spans rest on the same promise (BatchPlan.repeat).
@@ -419,6 +425,15 @@ class PolicySchedulerMixin:
             plan, planned, holds = self._plan, self._planned, {}
         else:
             plan, planned, holds = self._new_plan(free)
+            while plan.released:  # (a plan that releases pins never repeats)
+                for pinned in plan.released:
+                    engine.release_pin(pinned)
+                    self._free_blocks(pinned.vllm)
+                if plan.items or plan.preempted:
+                    break
+                # It only released pins: it runs nothing, and the policy plans again on the
+                # freed KV at once, as the simulator's engine does.
+                plan, planned, holds = self._new_plan(self._block_pool.get_num_free_blocks())
         for victim, _ in plan.preempted:
             request = victim.vllm
             self.running.remove(request)
@@ -539,6 +554,23 @@ class PolicySchedulerMixin:
             self._engine.preempted(state, stale)
 
     def _free_request(self, request, delay_free_blocks: bool = False):
-        result = super()._free_request(request, delay_free_blocks)
-        self._engine.finished(request)
+        """A request is done. A policy that pins (Continuum) may keep the KV blocks of one that
+        finished normally: vLLM then keeps them referenced, as it does for a KV transfer
+        (`delay_free_blocks`), until a plan releases the pin (`schedule`)."""
+        engine = self._engine
+        state = engine.states.get(request.request_id)
+        until = None
+        if (
+            state is not None
+            and state.status is Status.RUNNING
+            and not delay_free_blocks
+            and request.status
+            in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH_CAPPED)
+        ):
+            until = self.policy.pin_until(state, engine.view)
+        result = super()._free_request(request, delay_free_blocks or until is not None)
+        if until is not None:
+            state.blocks = len(self._req_blocks.get(request.request_id, ()))
+            engine.pin(state, until)
+        engine.finished(request)
         return result

@@ -108,12 +108,26 @@ class RequestArgs(BaseModel):
     # its gateway resumes from it): all tokens, and those up to and including `</think>`.
     output_tokens: StrictInt | None = Field(default=None, ge=1)
     reasoning_tokens: StrictInt | None = Field(default=None, ge=0)
+    # Agent programs (Continuum): the program (session) the request is a turn of, which turn,
+    # the tool its answer calls (None: none, the program ends), and whether the program's step
+    # limit makes it the last. The released Continuum passes the same as its `job_id`.
+    session_id: str | None = None
+    turn: int = Field(default=0, ge=0)
+    tool: str | None = None
+    is_last_step: bool = False
 
     @field_validator("score", "tbt", "ttft", mode="before")
     @classmethod
     def _not_a_bool(cls, value):
         if isinstance(value, bool):
             raise ValueError("expected a number, not a boolean")
+        return value
+
+    @field_validator("session_id", mode="before")
+    @classmethod
+    def _id_as_text(cls, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # aiperf's session ids are numbers
         return value
 
 
