@@ -296,9 +296,7 @@ def bench_metrics(
     return result
 
 
-def outcome_arrays(
-    outcomes: Outcomes, fields: Sequence[str] = DETAILED_FIELDS
-) -> dict[str, list]:
+def outcome_arrays(outcomes: Outcomes, fields: Sequence[str] = DETAILED_FIELDS) -> dict[str, list]:
     """The per-request arrays of vLLM's result named in `fields` (by default all of
     :data:`DETAILED_FIELDS`), JSON-ready: failed requests have output length 0 and TTFT/latency
     0.0, as in vLLM. Only the fields asked for are built (`itls` holds every gap)."""
