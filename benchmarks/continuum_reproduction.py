@@ -1,7 +1,7 @@
 """Continuum (arXiv 2511.02230) reproduced in the simulator: mean job completion time (JCT) of
 agent programs against their arrival rate.
 
-    .venv/bin/python benchmarks/continuum_reproduction.py            # about 6 min on 2 cores
+    .venv/bin/python benchmarks/continuum_reproduction.py            # about 1 min on 2 cores
     .venv/bin/python benchmarks/continuum_reproduction.py --programs 60 --jobs 1  # quick
 
 Runs, on the identical programs at each rate:
