@@ -222,8 +222,13 @@ def peaks(
     buckets = int(math.ceil(float(end.max()) - origin)) + 1
     per_second = np.zeros(buckets, dtype=np.int64)
     for times in token_times:
-        b = np.floor(np.asarray(times, dtype=np.float64) - origin).astype(np.int64)
-        per_second += np.bincount(b[(b >= 0) & (b < buckets)], minlength=buckets)
+        t = np.asarray(times, dtype=np.float64) - origin
+        b = np.floor(t, out=t).astype(np.int64)
+        del t
+        if len(b) and (b.min() < 0 or b.max() >= buckets):
+            b = b[(b >= 0) & (b < buckets)]
+        per_second += np.bincount(b, minlength=buckets)
+        del times, b  # (before the next piece is made)
     # Concurrency: +1 at a request's first bucket, −1 after its last (a difference array).
     first = np.floor(start - origin).astype(np.int64)
     last = np.floor(end - origin).astype(np.int64)
@@ -257,7 +262,11 @@ def token_times_of(
         first = np.asarray(first_token[i:j], dtype=np.float64)
         yield first
         if hi > lo:
-            yield (sums - np.repeat(before, counts)) + np.repeat(first, counts)
+            # (sums - before) + first, in place: one block-sized temporary at a time
+            sums -= np.repeat(before, counts)
+            sums += np.repeat(first, counts)
+            yield sums
+        del sums  # (before the next block's is made)
         i = j
 
 
