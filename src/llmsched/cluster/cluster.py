@@ -205,6 +205,9 @@ class Cluster:
         arrivals = workload.arrivals
         n = len(workload)
         self._setup_prefix_cache(workload)
+        # Room for every gap a run can make (one fewer than each request's output tokens): the
+        # pool never grows by copying, and untouched room costs no resident memory.
+        self.collector.reserve_gaps(int(workload.columns["output_tokens"].sum()))
         follower = successors(workload)
         # Requests that arrive at their own times, in arrival order (closed-loop turns are
         # released by their predecessors instead).

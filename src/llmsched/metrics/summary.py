@@ -307,6 +307,10 @@ class _Growable:
         self._buf[self._n] = value
         self._n += 1
 
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` values in all (a no-op when there is)."""
+        self._reserve(capacity - self._n)
+
     def extend(self, values: np.ndarray) -> None:
         k = len(values)
         if k:
@@ -380,6 +384,11 @@ class MetricsCollector:
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def reserve_gaps(self, gaps: int) -> None:
+        """Make room for `gaps` inter-token gaps at once (a run knows its most: its requests'
+        output tokens), so that the pool never grows by copying."""
+        self._itl.reserve(gaps)
 
     def add(self, record: RequestRecord) -> dict[str, Any]:
         """Record one request; returns its :func:`per_request_metrics` (callers may ignore it)."""
