@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 512  # tokens per Mooncake hash id
@@ -160,9 +160,7 @@ def main() -> None:
             {
                 "requests": args.requests,
                 "repeats": args.repeats,
-                "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
-                "python": platform.python_version(),
-                "date": time.strftime("%Y-%m-%d"),
+                **provenance(),
                 "median": med,
                 "on_over_off_wall": ratio,
                 "peak_rss_mb_by_requests": scaling,

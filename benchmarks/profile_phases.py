@@ -24,12 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from provenance import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 AZURE = "traces/azure2023/AzureLLMInferenceTrace_conv.csv"
@@ -223,9 +224,7 @@ def main() -> None:
             {
                 "requests": args.requests,
                 "repeats": args.repeats,
-                "machine": f"{platform.processor() or platform.machine()}, {platform.system()}",
-                "python": platform.python_version(),
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                **provenance(),
                 "whole_command_s": total,
                 "peak_rss_mb": med(peaks),
                 "phases_s": rows,

@@ -374,16 +374,22 @@ class PrefixCachingKV(KVBlockManager):
                 break
         if not ranges:
             return _NONE
-        if len(ranges) == 1:
-            s, n = ranges[0]
-            blocks, idents = self.slot_block[s : s + n], self.slot_ident[s : s + n]
-        else:
-            blocks = np.concatenate([self.slot_block[s : s + n] for s, n in ranges])
-            idents = np.concatenate([self.slot_ident[s : s + n] for s, n in ranges])
+        blocks, idents = self._slots_of(ranges)
         live = self.block_hash[blocks] == idents
         if live.all():
             return blocks.copy() if len(ranges) == 1 else blocks
         return blocks[: int(np.argmin(live))].copy()
+
+    def _slots_of(self, ranges: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """The blocks and identities of these slot ranges (first slot, count), side by side:
+        views of the table for one range, copies for several."""
+        if len(ranges) == 1:
+            a, n = ranges[0]
+            return self.slot_block[a : a + n], self.slot_ident[a : a + n]
+        return (
+            np.concatenate([self.slot_block[a : a + n] for a, n in ranges]),
+            np.concatenate([self.slot_ident[a : a + n] for a, n in ranges]),
+        )
 
     def _still_cached(self, blocks: np.ndarray, idents: np.ndarray) -> bool:
         """Whether these blocks, found by a lookup with these identities, are still what a
@@ -558,12 +564,7 @@ class PrefixCachingKV(KVBlockManager):
             if lo < hi:
                 ranges.append((slot + lo, hi - lo))
         blocks = self.tables[state][first:full]
-        if len(ranges) == 1:
-            a, n = ranges[0]
-            current, idents = self.slot_block[a : a + n], self.slot_ident[a : a + n]
-        else:
-            current = np.concatenate([self.slot_block[a : a + n] for a, n in ranges])
-            idents = np.concatenate([self.slot_ident[a : a + n] for a, n in ranges])
+        current, idents = self._slots_of(ranges)
         held = self.block_hash[current] == idents  # an identical block is cached: a duplicate
         self.block_hash[blocks] = idents
         if held.any():
