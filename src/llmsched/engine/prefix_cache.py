@@ -218,7 +218,7 @@ class PrefixCachingKV(KVBlockManager):
         self.lru = FreeQueue(num_blocks)  # free, with identity: head first
         # run (its identity base) -> (first slot, slots, the run's first token)
         self.slots: dict[int, tuple[int, int, int]] = {}
-        size = max(1024, 2 * num_blocks)
+        size = 2 * num_blocks + 64  # (compacted at 2 * num_blocks: small caches compact too)
         self.slot_block = np.full(
             size, num_blocks, dtype=np.int64
         )  # slot -> block (num_blocks: none)
