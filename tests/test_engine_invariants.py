@@ -9,6 +9,7 @@ one iteration at a time gives.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -369,6 +370,36 @@ def prefix_observer(last_end: dict):
     st.sampled_from([0.0, 0.4]),
 )
 def test_prefix_sharing_keeps_every_block_accounted_for(scenario, seed, share, follow):
+    run_with_prefixes(scenario, seed, share, follow)
+
+
+def forced_slai_swap(scenario):
+    """The scenario as SLAI with swap preemption and 1-token blocks."""
+    workload, _, config, instances, router = scenario
+    config = dataclasses.replace(
+        config, preemption="swap", block_size=1, kv_bytes_per_block=1000, max_model_len=1 << 30
+    )
+    return workload, "slai", config, instances, router
+
+
+@pytest.mark.skipif(
+    not os.environ.get("LLMSCHED_HUNT"),
+    reason="a hunt, not a check: LLMSCHED_HUNT=1 runs it (docs/prefix-caching.md, swap)",
+)
+@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    scenarios().map(forced_slai_swap),
+    st.integers(0, 2**31),
+    st.sampled_from([0.3, 0.9]),
+    st.sampled_from([0.0, 0.4]),
+)
+def test_hunt_prefix_caching_under_swap(scenario, seed, share, follow):
+    """The case that once over-allocated KV on a swap-in beside cache hits (SLAI, swap,
+    1-token blocks), searched longer than the invariant test above searches every case."""
+    run_with_prefixes(scenario, seed, share, follow)
+
+
+def run_with_prefixes(scenario, seed, share, follow) -> None:
     workload, policy, config, instances, router = scenario
     workload = with_prefixes(workload, seed, share, follow)
     last_end: dict = {}

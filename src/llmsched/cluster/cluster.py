@@ -263,20 +263,13 @@ class Cluster:
             self.stats.busy_fraction.append(inst.busy_time / self.now if self.now > 0 else 0.0)
         return self.collector
 
-    @property
-    def prefix_caching(self) -> bool:
-        """Whether prefix caching is modelled: on, and not with swap preemption (PASCAL's; vLLM
-        V1 has none). With swap, a hypothesis case over-allocated KV on a swap-in planned
-        beside cache hits (2026-12-06, not yet found): the cache stays off rather than wrong."""
-        return self.config.enable_prefix_caching and self.config.preemption != "swap"
-
     def _setup_prefix_cache(self, workload: Workload) -> None:
         """vLLM's prefix cache, when the config has it on and some request of the workload has
         prefix runs. Without any, no request can hit another's blocks, so the cache is left out
         (its one remaining effect, a recompute-preempted request finding its own blocks again,
         is not modelled then): results are those of caching off, at no cost."""
         self._prefix_runs = has_prefix_runs(workload)
-        if self.prefix_caching and self._prefix_runs:
+        if self.config.enable_prefix_caching and self._prefix_runs:
             hasher = BlockHasher()  # shared: identities agree across instances
             for inst in self.instances:
                 inst.use_prefix_cache(hasher)
@@ -286,8 +279,7 @@ class Cluster:
         queries = sum(getattr(inst.kv, "queries", 0) for inst in self.instances)
         hits = sum(getattr(inst.kv, "hits", 0) for inst in self.instances)
         return {
-            "enabled": self.prefix_caching,
-            "swap": self.config.enable_prefix_caching and not self.prefix_caching,
+            "enabled": self.config.enable_prefix_caching,
             "prefix_runs": self._prefix_runs,
             "queries": queries,
             "hits": hits,

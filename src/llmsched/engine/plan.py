@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from llmsched.engine.prefix_cache import common_tokens
+from llmsched.engine.prefix_cache import NO_BLOCKS, common_tokens
 from llmsched.engine.state import RequestState, Status
 
 if TYPE_CHECKING:
@@ -166,9 +166,9 @@ class BatchBuilder:
         if reserve is None:
             reserve = self.watermark if self.num_running else 0
         if self.caching and not state.computed and not state.cpu_blocks:
-            hit, planned = self._lookup(state)
+            hit, planned, copies = self._lookup(state)
             if len(hit) or planned:
-                return self._admit_cached(state, hit, planned, max_tokens, reserve)
+                return self._admit_cached(state, hit, planned, copies, max_tokens, reserve)
         if (
             self.reserve_full_isl
             and -(-state.num_tokens // self.block_size) - state.blocks > self.free - reserve
@@ -179,9 +179,12 @@ class BatchBuilder:
             self.num_running += 1
         return tokens
 
-    def _lookup(self, state: RequestState) -> tuple[np.ndarray, int]:
-        """The request's prefix-cache hit: the cached blocks, and how many blocks more come
-        from prompt chunks planned in this step (other requests allocate them)."""
+    def _lookup(self, state: RequestState) -> tuple[np.ndarray, int, np.ndarray]:
+        """The request's prefix-cache hit: the cached blocks; how many blocks more come from
+        prompt chunks planned in this step (other requests allocate them); and, among those,
+        the free cached copies that survive this step's evictions, which vLLM's lookup returns
+        first (the chunk's own blocks become their duplicates), so admitting the request takes
+        them off the free queue too."""
         hit = self.kv.lookup(state)
         evicted = self.free0 - self.free - self.taken - len(self.kv.plain)
         if len(hit) and evicted > 0:  # the plan's allocations so far evict the LRU's head
@@ -195,21 +198,40 @@ class BatchBuilder:
                 common = common_tokens(self.kv.chain(state), self.kv.chain(other)) // bs
                 if common > first:
                     planned = min(common, end // bs, limit) - len(hit)
-        return hit, planned
+        copies = NO_BLOCKS
+        if planned:
+            ref = self.kv.ref if self.plan_ref is None else self.plan_ref
+            survives = None
+            if evicted > 0:
+                boundary = self._eviction_boundary(evicted)
+
+                def survives(blocks: np.ndarray) -> np.ndarray:
+                    pos = self.kv.lru.pos[blocks]
+                    return (pos < 0) | (pos >= boundary) | (ref[blocks] > 0)
+
+            at = self.kv.cached_at(state, len(hit), len(hit) + planned, survives)
+            at = at[at < self.kv.num_blocks]
+            copies = at[ref[at] == 0]  # (copies held by a request cost nothing)
+        return hit, planned, copies
 
     def _surviving(self, hit: np.ndarray, evicted: int) -> int:
         """How many of the hit blocks stay cached once the `evicted` least recently freed
         blocks (those not taken by this plan's admissions) are reused (vLLM looks a request up
         after the step's earlier allocations)."""
         ref = self.kv.ref if self.plan_ref is None else self.plan_ref
-        queue = self.kv.lru
-        pos = queue.pos[hit]
+        pos = self.kv.lru.pos[hit]
         free = (ref[hit] == 0) & (pos >= 0)
         if not free.any():
             return len(hit)
-        # The queue position of the first survivor: past `evicted` live entries not taken by
-        # the plan, found a window at a time from the head (rather than over the whole queue).
-        boundary = lo = queue.head
+        gone = free & (pos < self._eviction_boundary(evicted))
+        return int(np.argmax(gone)) if gone.any() else len(hit)
+
+    def _eviction_boundary(self, evicted: int) -> int:
+        """The free queue position of the first block to survive `evicted` evictions: past
+        `evicted` live entries not taken by the plan, found a window at a time from the head
+        (rather than over the whole queue)."""
+        queue = self.kv.lru
+        lo = queue.head
         step = max(2 * evicted, 1024)
         while True:
             hi = min(lo + step, queue.tail)
@@ -219,30 +241,28 @@ class BatchBuilder:
                 live &= self.plan_ref[window] == 0
             order = np.flatnonzero(live)
             if evicted < len(order):
-                boundary = lo + int(order[evicted])
-                break
+                return lo + int(order[evicted])
             evicted -= len(order)
             if hi == queue.tail:
-                boundary = hi
-                break
+                return hi
             lo = hi
-        gone = free & (pos < boundary)
-        return int(np.argmax(gone)) if gone.any() else len(hit)
 
     def _admit_cached(
         self,
         state: RequestState,
         hit: np.ndarray,
         planned: int,
+        copies: np.ndarray,
         max_tokens: int | None,
         reserve: int,
     ) -> int:
         """`admit` for a request whose first blocks are in the prefix cache (`hit`) or in
-        chunks planned in this step (`planned` blocks more): it starts from there, and its hit
-        blocks that are free now count against the free blocks (vLLM's `allocate_slots` with
+        chunks planned in this step (`planned` blocks more, of which `copies` are free cached
+        copies that its lookup will find first): it starts from there, and its hit blocks and
+        copies that are free now count against the free blocks (vLLM's `allocate_slots` with
         new computed blocks)."""
         bs = self.block_size
-        taken = self._free_among(hit)
+        taken = self._free_among(hit) + len(copies)
         cached = (len(hit) + planned) * bs
         extra = taken - len(hit) - planned  # blocks to take beyond the tokens' own
         if self.reserve_full_isl and -(-state.num_tokens // bs) + extra > self.free - reserve:
@@ -265,7 +285,9 @@ class BatchBuilder:
         self.hits[state] = cached
         self.hit_blocks[state] = (hit, self.kv.block_hash[hit])  # (blocks, their identities)
         self.taken += taken
-        self._ref()[hit] += 1
+        ref = self._ref()
+        ref[hit] += 1
+        ref[copies] += 1
         self.num_running += 1
         if cached < state.prompt_tokens:
             self.pending.append((state, cached, cached + tokens))
@@ -286,8 +308,8 @@ class BatchBuilder:
         that its later chunks never wait for blocks (Sarathi-Serve's and vLLM v0's rule)."""
         whole = -(-(state.num_tokens) // self.block_size) - state.blocks
         if self.caching and not state.computed and not state.cpu_blocks:
-            hit, planned = self._lookup(state)  # cached blocks are not allocated; free ones are
-            whole += self._free_among(hit) - len(hit) - planned  # taken off the free queue
+            hit, planned, copies = self._lookup(state)  # cached blocks are not allocated...
+            whole += self._free_among(hit) + len(copies) - len(hit) - planned  # free ones taken
         free = self.free
         if whole > free - reserve:
             return 0

@@ -35,7 +35,7 @@ is modelled and what is not.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import numpy as np
 
@@ -341,7 +341,7 @@ class PrefixCachingKV(KVBlockManager):
         bs = self.block_size
         limit = (state.num_tokens - 1) // bs  # blocks that may hit
         if limit <= known:
-            return _NONE
+            return NO_BLOCKS
         chain = self.chain(state)
         holders = self.by_output
         for _, _, base in chain:
@@ -373,12 +373,55 @@ class PrefixCachingKV(KVBlockManager):
             if hi >= limit:
                 break
         if not ranges:
-            return _NONE
+            return NO_BLOCKS
         blocks, idents = self._slots_of(ranges)
         live = self.block_hash[blocks] == idents
         if live.all():
             return blocks.copy() if len(ranges) == 1 else blocks
         return blocks[: int(np.argmin(live))].copy()
+
+    def cached_at(
+        self,
+        state: RequestState,
+        j0: int,
+        j1: int,
+        survives: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """The block a lookup would find at each of the request's block positions j0 .. j1 - 1
+        (`num_blocks` where none), past misses too: the cached one, or, where it does not
+        `survive` (evictions a caller foresees), the first surviving duplicate (vLLM keeps
+        identical blocks in the order they were cached and returns the first)."""
+        bs = self.block_size
+        nb = self.num_blocks
+        out = np.full(j1 - j0, nb, dtype=np.int64)
+        idents = np.zeros(j1 - j0, dtype=np.int64)
+        for start, end, base in self.chain(state):
+            lo, hi = start // bs, end // bs  # the blocks ending in this run
+            if hi <= j0:
+                continue
+            if lo >= j1:
+                break
+            entry = self.slots.get(base)
+            if entry is None:
+                continue
+            first, n = entry[0] - lo, entry[1]
+            a, b = max(lo, j0), min(hi, j1, lo + n)
+            if a < b:
+                blocks, ids = self._slots_of([(first + a, b - a)])
+                live = self.block_hash[blocks] == ids
+                out[a - j0 : b - j0] = np.where(live, blocks, nb)
+                idents[a - j0 : b - j0] = ids
+        if survives is not None:
+            cached = out < nb
+            lost = cached.copy()
+            lost[cached] = ~survives(out[cached])
+            out[lost] = nb
+            for k in np.flatnonzero(lost).tolist() if self.duplicates else ():
+                for b in self.duplicates.get(int(idents[k]), ()):
+                    if survives(np.array([b]))[0]:
+                        out[k] = b
+                        break
+        return out
 
     def _slots_of(self, ranges: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
         """The blocks and identities of these slot ranges (first slot, count), side by side:
@@ -641,8 +684,8 @@ class PrefixCachingKV(KVBlockManager):
         )
 
 
-_NONE = np.empty(0, dtype=np.int64)
-_NONE.flags.writeable = False
+NO_BLOCKS = np.empty(0, dtype=np.int64)
+NO_BLOCKS.flags.writeable = False
 
 
 def _ranges(first: np.ndarray, size: np.ndarray) -> np.ndarray:

@@ -489,7 +489,7 @@ class MetricsCollector:
         if pc is None:
             return {}
         if not pc["enabled"]:
-            note = "off (not modelled with swap preemption)" if pc.get("swap") else "off"
+            note = "off"
         elif not pc["prefix_runs"]:
             note = "on; the workload shares no prefix runs: no hits are possible"
         else:

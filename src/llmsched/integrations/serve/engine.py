@@ -367,7 +367,7 @@ def build(args: argparse.Namespace):
     cfg = config_from_flags(args, policy=args.policy, instances=1)
     cfg.validate()
     cluster, resolved = build_cluster(cfg)
-    if cluster.prefix_caching:  # on by default, as in vLLM V1 (requests come with runs)
+    if cluster.config.enable_prefix_caching:  # on by default, as in vLLM V1 (prompts bring runs)
         hasher = BlockHasher()
         for inst in cluster.instances:
             inst.use_prefix_cache(hasher)
