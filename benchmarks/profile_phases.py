@@ -79,7 +79,6 @@ def steps(requests: int, modules: list[str], inner: bool) -> dict[str, float]:
     """The command's steps in this process, after importing `modules`; seconds per phase."""
     import_all(modules)
     from llmsched import cli, experiment
-    from llmsched.metrics.programs import program_metrics
     from llmsched.metrics.report import format_summary
 
     out: dict[str, float] = {}
@@ -116,17 +115,7 @@ def steps(requests: int, modules: list[str], inner: bool) -> dict[str, float]:
         out["  latency model (timed per call)"] = latency[0]
 
     t = time.perf_counter()
-    summary = collector.summary(goodput=cfg.goodput)
-    summary |= {"policy": cfg.policy, "router": cfg.router, "instances": cfg.instances}
-    summary |= cluster.stats.as_dict()
-    summary["skipped_trace_rows"] = getattr(workload, "skipped", 0)
-    summary |= program_metrics(workload, collector) or {}
-    resolved |= {
-        "workload": workload.describe(),
-        "workload_source": workload.source or "synthetic",
-        "skipped_trace_rows": summary["skipped_trace_rows"],
-    }
-    result = experiment.RunResult(cfg, collector, summary, resolved)
+    result = experiment.summarize(cfg, cluster, workload, collector, resolved)
     table = format_summary(result.summary, title=experiment.run_title(cfg, len(workload)))
     out["metrics and the console table"] = time.perf_counter() - t
     assert table

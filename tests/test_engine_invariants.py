@@ -373,8 +373,15 @@ def test_prefix_sharing_keeps_every_block_accounted_for(scenario, seed, share, f
     run_with_prefixes(scenario, seed, share, follow)
 
 
-def forced_slai_swap(scenario):
-    """The scenario as SLAI with swap preemption and 1-token blocks."""
+def with_swap(scenario):
+    """The scenario with swap preemption, whatever its policy."""
+    workload, policy, config, instances, router = scenario
+    return workload, policy, dataclasses.replace(config, preemption="swap"), instances, router
+
+
+def as_slai_swap(scenario):
+    """The scenario as SLAI with swap preemption and 1-token blocks (the case that once
+    over-allocated KV on a swap-in beside cache hits)."""
     workload, _, config, instances, router = scenario
     config = dataclasses.replace(
         config, preemption="swap", block_size=1, kv_bytes_per_block=1000, max_model_len=1 << 30
@@ -386,17 +393,22 @@ def forced_slai_swap(scenario):
     not os.environ.get("LLMSCHED_HUNT"),
     reason="a hunt, not a check: LLMSCHED_HUNT=1 runs it (docs/prefix-caching.md, swap)",
 )
-@settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
-@given(
-    scenarios().map(forced_slai_swap),
-    st.integers(0, 2**31),
-    st.sampled_from([0.3, 0.9]),
-    st.sampled_from([0.0, 0.4]),
-)
-def test_hunt_prefix_caching_under_swap(scenario, seed, share, follow):
-    """The case that once over-allocated KV on a swap-in beside cache hits (SLAI, swap,
-    1-token blocks), searched longer than the invariant test above searches every case."""
-    run_with_prefixes(scenario, seed, share, follow)
+@pytest.mark.parametrize("force", [as_slai_swap, with_swap])
+def test_hunt_prefix_caching_under_swap(force):
+    """The invariant test above, longer, on scenarios forced to swap preemption: 1,500 cases
+    of each kind."""
+
+    @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(
+        scenarios().map(force),
+        st.integers(0, 2**31),
+        st.sampled_from([0.3, 0.9]),
+        st.sampled_from([0.0, 0.4]),
+    )
+    def hunt(scenario, seed, share, follow):
+        run_with_prefixes(scenario, seed, share, follow)
+
+    hunt()
 
 
 def run_with_prefixes(scenario, seed, share, follow) -> None:

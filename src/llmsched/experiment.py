@@ -267,6 +267,18 @@ def simulate(
     cluster, resolved = build_cluster(cfg)  # an unknown model or GPU before reading a trace
     workload = load_workload(cfg) if workload is None else workload
     collector = cluster.run(workload, progress=progress)
+    return summarize(cfg, cluster, workload, collector, resolved)
+
+
+def summarize(
+    cfg: SimulationConfig,
+    cluster: Cluster,
+    workload: Workload,
+    collector: MetricsCollector,
+    resolved: dict[str, Any],
+) -> RunResult:
+    """A finished run's result: the collector's summary with the run's settings, the cluster's
+    statistics and the programs' metrics, and the resolved config with the workload's."""
     summary = collector.summary(goodput=cfg.goodput)
     summary |= {"policy": cfg.policy, "router": cfg.router, "instances": cfg.instances}
     summary |= cluster.stats.as_dict()
