@@ -787,6 +787,7 @@ def _fake_view(loads: list[int], matches: list[int]) -> SimpleNamespace:
     return SimpleNamespace(
         num_instances=len(loads),
         outstanding=lambda i: loads[i],
+        loads=lambda: list(loads),
         prefix_match=lambda i, state: matches[i],
     )
 
@@ -821,6 +822,7 @@ def test_gateway_view_shows_routable_backends_renumbered():
     view = GatewayView([backends[0], backends[2]], mirrors, prefixes, now=3.0)  # 1 is down
     assert view.num_instances == 2 and view.now == 3.0
     assert view.outstanding(1) == 7  # the scrape (4 + 3) is more than the gateway's 1
+    assert view.loads() == [view.outstanding(i) for i in range(view.num_instances)]
     assert view.num_running(1) == 4 and view.kv_footprint(1) == 500 and view.kv_free(1) == 500
     assert view.outstanding(0) == 0 and view.kv_footprint(0) == 0
     assert view.prefix_match(1, _state("b", prompt)) == 2 * BLOCK

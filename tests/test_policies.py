@@ -501,6 +501,24 @@ def test_least_outstanding_router_picks_the_least_loaded():
     assert _placement(router_class("least-outstanding")(), LOAD_CASE) == [0, 1, 1, 0]
 
 
+def test_cluster_loads_are_every_instances_outstanding_requests():
+    """`ClusterView.loads()` (what the load-based routers read at each arrival) is
+    `outstanding(i)` of every instance, as the placements above see them."""
+
+    class Recording(Router):
+        seen: list[list[int]] = []
+
+        def route(self, state, cluster):
+            loads = cluster.loads()
+            assert loads == [cluster.outstanding(i) for i in range(cluster.num_instances)]
+            self.seen.append(loads)
+            return loads.index(min(loads))
+
+    router = Recording()
+    assert _placement(router, LOAD_CASE) == [0, 1, 1, 0]
+    assert router.seen == [[0, 0], [1, 0], [1, 0], [1, 1]]
+
+
 def test_least_kv_router_picks_the_smallest_kv_footprint():
     """R0's 1000-token prompt fills 63 blocks of instance 0; two 10-token requests on instance 1
     hold 1 block each. R3 goes to instance 1 (2 blocks < 63) although it has more requests."""

@@ -57,6 +57,12 @@ class ClusterView:
         """Requests running or waiting on instance i (migrations heading there included)."""
         return self._cluster.instances[i].outstanding + self._cluster.inbound[i]
 
+    def loads(self) -> list[int]:
+        """`outstanding` of every instance, in index order (a router reads them all at each
+        arrival: one call, not one per instance)."""
+        c = self._cluster
+        return [len(i.running) + len(i.waiting) + b for i, b in zip(c.instances, c.inbound)]
+
     def num_running(self, i: int) -> int:
         return len(self._cluster.instances[i].running)
 

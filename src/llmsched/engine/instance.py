@@ -325,10 +325,13 @@ class Instance(EngineState):
         the first iteration; returns the seconds spent swapping requests back in."""
         seconds = 0.0
         kv = self.kv
+        hold = plan.hold
+        running, waiting = Status.RUNNING, Status.WAITING
         for state, tokens in plan.items:
-            if state.status is Status.WAITING:
+            status = state.status
+            if status is waiting:
                 self.dequeue(state)
-                state.status = Status.RUNNING
+                state.status = running
                 self.running.append(state)
                 if state.cpu_blocks:
                     seconds += self._transfer_time(self.kv.drop_cpu_copy(state))
@@ -340,10 +343,13 @@ class Instance(EngineState):
                         state.cached_tokens = hit
                 if math.isnan(state.first_scheduled):
                     state.first_scheduled = now
-            elif state.status is not Status.RUNNING:
+            elif status is not running:
                 raise RuntimeError(f"policy {self.policy.name!r} scheduled {state!r}")
             end = state.computed + tokens
-            kv.grow_to(state, max(end, plan.hold.get(state, 0)), end)
+            if hold and hold.get(state, 0) > end:  # (most plans hold nothing: no dict lookup)
+                kv.grow_to(state, hold[state], end)
+            else:
+                kv.grow_to(state, end, end)
         if plan.num_tokens > self.config.max_num_batched_tokens:
             raise RuntimeError(
                 f"policy {self.policy.name!r} planned {plan.num_tokens} tokens, over the budget "
@@ -367,10 +373,13 @@ class Instance(EngineState):
         if k == 1:
             return 1
         for state, _ in plan.items:
-            if state.is_decode:  # finishes, or reaches </think>, at the span's last iteration
-                k = min(k, state.output_tokens - state.generated)
-                if state.generated < state.reasoning_tokens:
-                    k = min(k, state.reasoning_tokens - state.generated)
+            generated = state.generated
+            if generated and state.prompt_tokens + generated - state.computed == 1:  # a decode
+                # It finishes, or reaches </think>, at the span's last iteration.
+                if k > state.output_tokens - generated:
+                    k = state.output_tokens - generated
+                if generated < state.reasoning_tokens < generated + k:
+                    k = state.reasoning_tokens - generated
         if k > 1 and self._blocks_needed(plan, k) > self.kv.free:
             lo, hi = 1, k  # the largest k whose extra blocks still fit
             while lo < hi:
@@ -385,19 +394,25 @@ class Instance(EngineState):
     def _blocks_needed(self, plan: BatchPlan, k: int) -> int:
         """Blocks beyond those already held that k iterations of the plan need."""
         bs = self.config.block_size
-        return sum(
-            max(0, -(-(state.computed + tokens * k) // bs) - state.blocks)
-            for state, tokens in plan.items
-        )
+        need = 0
+        for state, tokens in plan.items:
+            more = -(-(state.computed + tokens * k) // bs) - state.blocks
+            if more > 0:
+                need += more
+        return need
 
     def _durations(self, plan: BatchPlan, k: int) -> np.ndarray:
-        decodes = [(s, t) for s, t in plan.items if s.is_decode]
-        if len(decodes) == len(plan.items):
-            kv_tokens = sum(s.computed + 1 for s, _ in decodes)
-            return np.array(self.latency.decode_iteration_times(len(decodes), kv_tokens, k))
-        chunks = [(s.computed, t) for s, t in plan.items if not s.is_decode]
-        n_dec = len(decodes)
-        dec_kv = sum(s.computed + 1 for s, _ in decodes)
+        n_dec = dec_kv = 0
+        chunks = []  # (tokens computed, chunk) of the prefill chunks
+        for state, tokens in plan.items:
+            generated, computed = state.generated, state.computed
+            if generated and state.prompt_tokens + generated - computed == 1:  # a decode
+                n_dec += 1
+                dec_kv += computed + 1
+            else:
+                chunks.append((computed, tokens))
+        if not chunks:
+            return np.array(self.latency.decode_iteration_times(n_dec, dec_kv, k))
         out = np.empty(k)
         for i in range(k):
             shape = BatchShape.from_chunks(
@@ -462,21 +477,22 @@ class Instance(EngineState):
         span.done += j
         events = []
         bs = self.config.block_size
+        kv = self.kv
         for state, tokens in span.plan.items:
-            before = state.to_compute
-            state.computed += tokens * j
+            generated = state.generated
+            before = state.prompt_tokens + generated - state.computed  # to compute
+            computed = state.computed = state.computed + tokens * j
             # (a decode within its blocks needs nothing: its prompt's blocks are cached)
-            if before != 1 or state.computed > state.blocks * bs:
-                self.kv.grow_to(state, state.computed)
+            if before != 1 or computed > state.blocks * bs:
+                kv.grow_to(state, computed)
             if tokens * j < before:
                 continue  # a prefill chunk that has not completed yet
             emitted = j if before == 1 else 1  # decodes emit every iteration, a prefill once
             self.record_tokens(state, first + j - emitted, emitted)
-            old = state.generated
-            state.generated += emitted
-            if state.generated >= state.output_tokens:
+            state.generated = generated + emitted
+            if generated + emitted >= state.output_tokens:
                 events.append((state, True))
-            elif old < state.reasoning_tokens <= state.generated:
+            elif generated < state.reasoning_tokens <= generated + emitted:
                 events.append((state, False))
         return events
 

@@ -50,8 +50,8 @@ class LeastOutstandingRouter(Router):
     name = "least-outstanding"
 
     def route(self, state: RequestState, cluster) -> int:
-        loads = [cluster.outstanding(i) for i in range(cluster.num_instances)]
-        return int(np.argmin(loads))
+        loads = cluster.loads()
+        return loads.index(min(loads))  # the first of the least loaded
 
 
 @register
@@ -93,7 +93,7 @@ class PrefixAffinityRouter(Router):
 
     def route(self, state: RequestState, cluster) -> int:
         n = cluster.num_instances
-        loads = [cluster.outstanding(i) for i in range(n)]
+        loads = cluster.loads()
         mean = sum(loads) / n
         scale = max(1.0, mean)
         prompt = max(1, state.prompt_tokens)

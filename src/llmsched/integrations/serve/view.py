@@ -248,6 +248,10 @@ class GatewayView:
         scraped = (s.running or 0) + (s.waiting or 0)
         return max(b.in_flight, scraped)
 
+    def loads(self) -> list[int]:
+        """`outstanding` of every backend, in router index order."""
+        return [self.outstanding(i) for i in range(len(self.backends))]
+
     def num_running(self, i: int) -> int:
         """The gateway's requests with a token back, or the scraped running count if larger."""
         return max(len(self._mirror(i).running), self.backends[i].scraped.running or 0)
