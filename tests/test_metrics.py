@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from llmsched.metrics import report
 from llmsched.metrics.ranking import kendall_tau
 from llmsched.metrics.record import RequestRecord
 from llmsched.metrics.report import (
@@ -507,6 +508,18 @@ def test_csv_round_trip(tmp_path):
     assert rows[2]["ttft"] == "" and rows[0]["tpot"] == ""
     assert rows[1]["tier"] == "gold" and rows[1]["preemptions"] == "1"
     assert float(rows[3]["ttft"]) == 1.75 and float(rows[3]["first_answer_token"]) == 3.75
+
+
+def test_csv_written_in_blocks_is_the_csv_written_at_once(tmp_path, monkeypatch):
+    """requests.csv is formatted a block of rows at a time (memory): blocks that end inside the
+    run, and at its end, give the bytes of one block."""
+    c = MetricsCollector()
+    c.extend([one_token(), four_tokens(), rejected(), reasoning(), four_tokens()])
+    write_requests_csv(c, tmp_path / "whole.csv")
+    for block in (1, 2, 5):
+        monkeypatch.setattr(report, "CSV_BLOCK", block)
+        write_requests_csv(c, tmp_path / f"{block}.csv")
+        assert (tmp_path / f"{block}.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
 
 
 def test_format_summary_block():

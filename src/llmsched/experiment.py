@@ -348,7 +348,7 @@ def save(result: RunResult, out: str | Path, *, gaps: bool = False, detailed: bo
         np.savez_compressed(out / "itl.npz", request_id=ids, offsets=offsets, gaps_s=values)
     # The wall time differs from run to run: left out, the same config gives the same bytes.
     metrics = {k: v for k, v in result.summary.items() if k != "sim_wall_seconds"}
-    outcomes = result.collector.outcomes()
+    outcomes = result.collector.outcomes(itls=detailed)  # (only a detailed result has them)
     summary = result_json(run_description(result), metrics, outcomes, detailed=detailed)
     write_result(summary, out / "summary.json")
     write_requests_csv(result.collector, out / "requests.csv")

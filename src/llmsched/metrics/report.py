@@ -18,6 +18,9 @@ from llmsched.metrics.summary import CSV_COLUMNS, CSV_HEADER, MetricsCollector
 # --------------------------------------------------------------------------------------------
 
 
+CSV_BLOCK = 1 << 16  # rows formatted at a time
+
+
 def _csv_cells(column: np.ndarray) -> list[str]:
     """A column's cells as text: floats with full precision (``repr``), NaN as an empty cell."""
     values = column.tolist()
@@ -39,12 +42,13 @@ def write_requests_csv(collector: MetricsCollector, path: str | os.PathLike[str]
     value (NaN: e.g. the TPOT of a one-token request, every time of a rejected request) and a
     missing tier are empty cells. A rejected request's token counts are those it asked for.
     """
-    cols = collector.columns()
-    data = [_csv_cells(cols[name]) for name in CSV_COLUMNS]
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(CSV_HEADER)
-        writer.writerows(zip(*data))
+        # A block of rows at a time: a million rows' cells at once would be gigabytes of str.
+        for start in range(0, len(collector), CSV_BLOCK):
+            cols = collector.columns(slice(start, start + CSV_BLOCK))
+            writer.writerows(zip(*[_csv_cells(cols[name]) for name in CSV_COLUMNS]))
 
 
 # --------------------------------------------------------------------------------------------
