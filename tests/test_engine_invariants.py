@@ -18,9 +18,12 @@ from hypothesis import strategies as st
 
 from llmsched.cluster.cluster import Cluster
 from llmsched.engine.config import EngineConfig
-from llmsched.engine.instance import token_times
+from llmsched.engine.instance import IterationLog, token_times
 from llmsched.engine.kv import blocks_for
 from llmsched.engine.prefix_cache import has_prefix_runs
+from llmsched.metrics.gaps import LoggedGaps
+from llmsched.metrics.record import RequestRecord
+from llmsched.metrics.summary import MetricsCollector
 from llmsched.policies import INSTANCE_POLICIES, ROUTERS, Router, policy_class, router_class
 from llmsched.workload.request import Workload
 
@@ -224,6 +227,68 @@ def assert_spans_equal_iterations(workload, policy, config, instances, router):
     np.testing.assert_allclose(
         np.sort(fast_metrics.itl()), np.sort(slow_metrics.itl()), rtol=1e-6, atol=1e-12
     )
+
+
+class PoolingCluster(CheckedCluster):
+    """Also gives every record to a collector that keeps the gaps themselves (a GapPool)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pooled = MetricsCollector()
+        add = self.collector.add
+
+        def both(record):
+            self.pooled.add(record)
+            return add(record)
+
+        self.collector.add = both
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.sampled_from([0.0, 0.0375]), st.data())
+def test_gaps_read_from_the_iteration_logs_are_the_pooled_gaps(scenario, frontend, data):
+    """A simulated run's collector reads its ITL gaps from the iteration logs (LoggedGaps):
+    the same float32 gaps in the same order as a collector that keeps them, in any block, the
+    same order statistics, and the same summary to the last bit, whatever the preemptions,
+    migrations, reasoning tokens and frontend latency."""
+    workload, policy, config, instances, router = scenario
+    cls = policy_class(policy)
+    cluster = PoolingCluster(
+        instances, config, lambda: cls(preemption=config.preemption), make_router(router),
+        LinearLatency(), frontend_latency=frontend,
+    )  # fmt: skip
+    logged, pooled = cluster.run(workload), cluster.pooled
+    assert isinstance(logged.gaps_by_request()[1], LoggedGaps)
+    assert np.array_equal(logged.itl(), pooled.itl())
+    assert logged.itl().dtype == pooled.itl().dtype == np.float32
+    (offsets, gaps), (pool_offsets, pool) = logged.gaps_by_request(), pooled.gaps_by_request()
+    assert np.array_equal(offsets, pool_offsets) and len(gaps) == len(pool)
+    n = len(gaps)
+    for _ in range(3):
+        lo = data.draw(st.integers(0, n))
+        hi = data.draw(st.integers(lo, n))
+        assert np.array_equal(gaps[lo:hi], pool[lo:hi]), (lo, hi)
+    if n:
+        ranks = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=5)))
+        assert np.array_equal(gaps.order_statistics(ranks), pool.order_statistics(ranks))
+    pooled.prefix_cache = logged.prefix_cache  # (the cluster's counters)
+    assert logged.summary() == pooled.summary()
+
+
+def test_logged_gaps_need_the_token_runs_of_a_finished_request():
+    """A finished record without its runs in the iteration logs, or with runs that do not
+    hold its tokens, is refused with the request named."""
+    log = IterationLog()
+    log.extend(np.array([1.0, 2.0, 3.0]))
+    collector = MetricsCollector(gaps=LoggedGaps([log]))
+    times = np.array([1.0, 2.0, 3.0])
+    record = RequestRecord("a", 0.0, 5, 3, token_times=times)
+    with pytest.raises(ValueError, match="'a' has no token_runs"):
+        collector.add(record)
+    with pytest.raises(ValueError, match="'b': its token runs hold 2 visible tokens"):
+        collector.add(dataclasses.replace(record, request_id="b", token_runs=[0, 0, 2]))
+    collector.add(dataclasses.replace(record, request_id="c", token_runs=[0, 0, 3]))
+    assert collector.itl().tolist() == [1.0, 1.0]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -25,6 +25,7 @@ from llmsched.engine.instance import Instance, Span, token_times
 from llmsched.engine.prefix_cache import BlockHasher, has_prefix_runs
 from llmsched.engine.state import RequestState, Status
 from llmsched.hardware.latency import LatencyModel
+from llmsched.metrics.gaps import LoggedGaps
 from llmsched.metrics.qoe import PASCAL_ANSWER_SLO, AnswerSLO
 from llmsched.metrics.record import RequestRecord
 from llmsched.metrics.summary import MetricsCollector
@@ -155,7 +156,8 @@ class Cluster:
         self.inbound = [0] * num_instances  # migrations in flight to each instance
         self.view = ClusterView(self)
         self.now = 0.0
-        self.collector = MetricsCollector(answer_slo)
+        # ITL gaps read from the iteration logs, not kept one by one (metrics/gaps.py)
+        self.collector = MetricsCollector(answer_slo, LoggedGaps(self.logs, frontend_latency))
         self.stats = RunStats()
         self._events: list = []
         self._seq = 0
@@ -211,9 +213,6 @@ class Cluster:
         arrivals = workload.arrivals
         n = len(workload)
         self._setup_prefix_cache(workload)
-        # Room for every gap a run can make (one fewer than each request's output tokens): the
-        # pool never grows by copying, and untouched room costs no resident memory.
-        self.collector.reserve_gaps(int(workload.columns["output_tokens"].sum()))
         follower = successors(workload)
         # Requests that arrive at their own times, in arrival order (closed-loop turns are
         # released by their predecessors instead).
@@ -466,6 +465,7 @@ def _record(state: RequestState, times: np.ndarray, reject_reason: str = "") -> 
         ttft_slo=r.ttft_slo,
         tpot_slo=r.tpot_slo,
         client_wait=state.arrival - r.arrival,
+        token_runs=state.segments,
     )
 
 

@@ -32,6 +32,9 @@ class RequestRecord:
     ttft_slo: float | None = None  # seconds; request-level SLOs, if the workload set them
     tpot_slo: float | None = None
     client_wait: float = 0.0  # s it waited for the client's concurrency limit before `arrival`
+    # A simulated request's tokens as runs in the run's iteration logs: flat (instance, first
+    # iteration, count, ...), `RequestState.segments` (metrics.gaps.LoggedGaps reads them).
+    token_runs: list[int] | None = None
 
     @property
     def finish(self) -> float:

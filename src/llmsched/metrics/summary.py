@@ -12,8 +12,9 @@ every place llmsched extends them, in ``docs/metrics.md``. In short, per finishe
 
 :class:`MetricsCollector` takes one :class:`~llmsched.metrics.record.RequestRecord` per request as
 it ends and keeps only per-request scalars (one row of a structured numpy array) and the pooled ITL
-gaps (one growing float64 buffer) — never the records nor their ``token_times`` arrays — so a run of
-a million requests costs memory proportional to its scalars plus its gaps.
+gaps — never the records nor their ``token_times`` arrays. The gaps are kept as float32 values, or,
+for a simulated run, read from its iteration logs when asked (``metrics/gaps.py``), so a run of a
+million requests costs memory proportional to its requests and iterations, not its tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from llmsched.metrics.gaps import GapPool, Growable, LoggedGaps
 from llmsched.metrics.qoe import PASCAL_ANSWER_SLO, AnswerSLO, answer_qoe
 from llmsched.metrics.record import RequestRecord
 from llmsched.metrics.vllm_bench import (
@@ -282,54 +284,6 @@ def _meets_own_slos(
 # --------------------------------------------------------------------------------------------
 
 
-class _Growable:
-    """A 1-D numpy array with amortised O(1) appends (capacity grows by `growth`)."""
-
-    __slots__ = ("_buf", "_n", "_growth")
-
-    def __init__(self, dtype: Any, capacity: int = 256, growth: float = 2.0) -> None:
-        self._buf = np.empty(capacity, dtype=dtype)
-        self._n = 0
-        self._growth = growth
-
-    def __len__(self) -> int:
-        return self._n
-
-    def _reserve(self, extra: int) -> None:
-        need = self._n + extra
-        if need > len(self._buf):
-            new = np.empty(max(need, int(self._growth * len(self._buf))), dtype=self._buf.dtype)
-            new[: self._n] = self._buf[: self._n]
-            self._buf = new
-
-    def append(self, value: Any) -> None:
-        self._reserve(1)
-        self._buf[self._n] = value
-        self._n += 1
-
-    def reserve(self, capacity: int) -> None:
-        """Make room for `capacity` values in all (a no-op when there is)."""
-        self._reserve(capacity - self._n)
-
-    def extend(self, values: np.ndarray) -> None:
-        k = len(values)
-        if k:
-            self._reserve(k)
-            self._buf[self._n : self._n + k] = values
-            self._n += k
-
-    def widen(self, dtype: Any) -> None:
-        """Change the element type (used to make a fixed-width string column wider)."""
-        self._buf = self._buf.astype(dtype)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self._buf.dtype
-
-    def view(self) -> np.ndarray:
-        return self._buf[: self._n]
-
-
 class _Categories:
     """Small string table: a value ↔ an int code (reasons, tiers: few distinct values)."""
 
@@ -363,18 +317,20 @@ class MetricsCollector:
 
     Call :meth:`add` once per request as it ends (finished or rejected). Memory: one fixed-size
     structured row per request, the request id in a fixed-width string column, and the pooled ITL
-    gaps in one float64 buffer with amortised growth. Nothing per request is kept as a Python
-    object, and records' ``token_times`` arrays are not retained.
+    gaps: a :class:`~llmsched.metrics.gaps.GapPool` of their values by default, or the
+    :class:`~llmsched.metrics.gaps.LoggedGaps` of a simulated run. Nothing per request is kept
+    as a Python object, and records' ``token_times`` arrays are not retained.
     """
 
-    def __init__(self, answer_slo: AnswerSLO = PASCAL_ANSWER_SLO) -> None:
+    def __init__(
+        self, answer_slo: AnswerSLO = PASCAL_ANSWER_SLO, gaps: GapPool | LoggedGaps | None = None
+    ) -> None:
         self.answer_slo = answer_slo
-        self._rows = _Growable(_ROW_DTYPE)
-        self._ids = _Growable("U16")
-        # The pooled gaps are the one store that grows with tokens: float32 (7 significant
-        # digits, far below a microsecond for any gap) and 1.5x growth keep a million-request
-        # run to about 2.5 bytes x 4 per token at its peak.
-        self._itl = _Growable(np.float32, capacity=4096, growth=1.5)
+        self._rows = Growable(_ROW_DTYPE)
+        self._ids = Growable("U16")
+        # The pooled gaps, the one store that grows with tokens: kept as values, or read from
+        # a simulated run's iteration logs (metrics/gaps.py).
+        self._itl = GapPool() if gaps is None else gaps
         self._reasons = _Categories()
         self._tiers = _Categories()
         self._sessions = _Categories()
@@ -384,11 +340,6 @@ class MetricsCollector:
 
     def __len__(self) -> int:
         return len(self._rows)
-
-    def reserve_gaps(self, gaps: int) -> None:
-        """Make room for `gaps` inter-token gaps at once (a run knows its most: its requests'
-        output tokens), so that the pool never grows by copying."""
-        self._itl.reserve(gaps)
 
     def add(self, record: RequestRecord) -> dict[str, Any]:
         """Record one request; returns its :func:`per_request_metrics` (callers may ignore it)."""
@@ -433,7 +384,7 @@ class MetricsCollector:
             )
         )
         self._ids.append(rid)
-        self._itl.extend(m["itl"])
+        self._itl.add(record, m["itl"])
         return m
 
     def extend(self, records: Iterable[RequestRecord]) -> None:
@@ -467,20 +418,22 @@ class MetricsCollector:
         return rows[name][rows["finished"]]
 
     def itl(self) -> np.ndarray:
-        """All pooled inter-token gaps (seconds), a read-only view."""
-        v = self._itl.view().view()
+        """All pooled inter-token gaps (seconds), read-only (read from the iteration logs at
+        once, for a simulated run's collector)."""
+        v = np.asarray(self._itl).view()
         v.flags.writeable = False
         return v
 
-    def gaps_by_request(self) -> tuple[np.ndarray, np.ndarray]:
+    def gaps_by_request(self) -> tuple[np.ndarray, GapPool | LoggedGaps]:
         """Every request's inter-token gaps: (offsets, gaps) with request i's gaps (seconds,
-        among its visible tokens) at ``gaps[offsets[i]:offsets[i + 1]]``, in request order."""
+        among its visible tokens) at ``gaps[offsets[i]:offsets[i + 1]]``, in request order.
+        `gaps` is the store: blocks of it are arrays, ``np.asarray`` gives all of it."""
         rows = self._rows.view()
         counts = np.where(rows["finished"], np.maximum(rows["visible_tokens"] - 1, 0), 0)
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
         assert offsets[-1] == len(self._itl), "pooled gaps out of step with the requests"
-        return offsets, self.itl()
+        return offsets, self._itl
 
     def _prefix_cache_summary(self) -> dict[str, Any]:
         """vLLM's prefix-cache hit rate: hit tokens / looked-up tokens, over every admission of
@@ -547,7 +500,8 @@ class MetricsCollector:
         r = rows[order]
         gaps_of: list[np.ndarray] = []
         if itls:
-            offsets, gaps = self.gaps_by_request()
+            offsets, store = self.gaps_by_request()
+            gaps = np.asarray(store)
             gaps_of = [gaps[offsets[i] : offsets[i + 1]] for i in order]
         return Outcomes(
             success=r["finished"].copy(),
@@ -565,7 +519,8 @@ class MetricsCollector:
         """Per tier (e.g. SLAI's paying and free users): TTFT, TPOT and ITL statistics of its
         finished requests, the ITL pooled over the tier's gaps (its time between tokens)."""
         rows = self._rows.view()
-        offsets, gaps = self.gaps_by_request()
+        offsets, store = self.gaps_by_request()
+        gaps = np.asarray(store)  # (all of them at once: tiers are for runs of modest size)
         gap_tier = np.repeat(rows["tier_code"], np.diff(offsets))  # the tier of every gap
         out = {}
         for code, name in enumerate(self._tiers.values):
@@ -639,7 +594,7 @@ class MetricsCollector:
             output_lens=fin["output_tokens"],
             ttft=fin["ttft"],
             tpot=fin["tpot"],
-            itl=self._itl.view(),
+            itl=self._itl,
             e2el=fin["e2el"],
             goodput=goodput,
             percentiles=percentiles,

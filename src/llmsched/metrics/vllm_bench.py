@@ -35,10 +35,14 @@ from typing import Any
 
 import numpy as np
 
+from llmsched.metrics.gaps import GapStore
+
 #: Keys a ``goodput`` SLO dict may hold (values in milliseconds), as ``vllm bench serve --goodput``.
 GOODPUT_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2el")
 #: Latency metrics with vLLM's names, in vLLM's order.
 VLLM_LATENCY_METRICS: tuple[str, ...] = ("ttft", "tpot", "itl", "e2el")
+#: Values a gap store's mean sums at a time (latency_stats_ms).
+MEAN_BLOCK = 1 << 22
 #: The per-request arrays vLLM writes (it drops all but `latencies` and `queue_times` unless
 #: `--save-detailed`).
 DETAILED_FIELDS: tuple[str, ...] = (
@@ -79,27 +83,39 @@ class Outcomes:
 
 
 def latency_stats_ms(
-    name: str, values_s: np.ndarray, percentiles: Sequence[float]
+    name: str, values_s: np.ndarray | GapStore, percentiles: Sequence[float]
 ) -> dict[str, float | None]:
     """``mean_/median_/std_/p{P}_{name}_ms`` of values in seconds, as vLLM computes them:
     mean, median, population std (``np.std``) and ``np.percentile`` (linear), times 1000.
     The 50th percentile is ``median_`` only: vLLM writes it twice when asked for 50, llmsched
     keeps one spelling per statistic. With no values every statistic is None.
+
+    `values_s` may be a gap store (metrics/gaps.py), read a block at a time: its mean is then
+    summed over blocks of :data:`MEAN_BLOCK` values (the same as ``np.mean`` up to that many;
+    beyond, it may differ in the last digit), its percentiles come from its order statistics.
     """
     percentiles = [p for p in percentiles if float(p) != 50]
     keys = [f"mean_{name}_ms", f"median_{name}_ms", f"std_{name}_ms"]
     keys += [f"p{_pct_key(p)}_{name}_ms" for p in percentiles]
-    v = np.asarray(values_s)
-    if v.dtype.kind != "f":
-        v = v.astype(np.float64)
-    n = v.size
+    v = values_s
+    if not isinstance(v, GapStore):
+        v = np.asarray(v)
+        if v.dtype.kind != "f":
+            v = v.astype(np.float64)
+    n = len(v)
     if n == 0:
         return dict.fromkeys(keys, None)
     # Frugal with memory (the pooled ITL can hold 10^8 gaps): one partitioned copy in the
     # input's dtype, float64 accumulation in chunks, and numpy's "linear" percentile rule by
     # hand: value at position (n - 1) * q / 100, interpolated between its neighbours. Only
     # those neighbours need to be in their sorted places (a partition, not a sort).
-    mean = float(np.mean(v, dtype=np.float64))
+    if isinstance(v, np.ndarray):
+        mean = float(np.mean(v, dtype=np.float64))
+    else:
+        total = sum(
+            float(np.sum(v[i : i + MEAN_BLOCK], dtype=np.float64)) for i in range(0, n, MEAN_BLOCK)
+        )
+        mean = total / n
     chunk = 1 << 20
     square_sum = sum(
         float(np.sum((v[i : i + chunk].astype(np.float64) - mean) ** 2)) for i in range(0, n, chunk)
@@ -110,7 +126,12 @@ def latency_stats_ms(
         return h, int(h), min(int(h) + 1, n - 1)
 
     wanted = [neighbours(q) for q in [50, *percentiles]]
-    ordered = np.partition(v, sorted({i for _, lo, hi in wanted for i in (lo, hi)}))
+    ranks = sorted({i for _, lo, hi in wanted for i in (lo, hi)})
+    if isinstance(v, np.ndarray):
+        at = np.partition(v, ranks)[ranks]
+    else:
+        at = v.order_statistics(ranks)
+    ordered = dict(zip(ranks, at.tolist()))
 
     def percentile(h: float, lo: int, hi: int) -> float:
         low = float(ordered[lo])
