@@ -135,6 +135,9 @@ class LoggedGaps:
         self._n = 0
         self._times_key: tuple[int, ...] = ()
         self._times = self._starts = np.zeros(0)
+        # The last block read, (gaps before it, its gaps): statistics read a block, then
+        # smaller pieces of it (latency_stats_ms's mean, then its squared deviations).
+        self._block: tuple[int, np.ndarray] = (0, np.zeros(0, dtype=np.float32))
 
     def add(self, record: RequestRecord, itl: np.ndarray) -> None:
         """The request's gaps between visible tokens are `itl`: its runs from its first visible
@@ -191,12 +194,16 @@ class LoggedGaps:
             raise ValueError("gaps are read in contiguous blocks")
         if hi <= lo:
             return np.zeros(0, dtype=np.float32)
+        at, block = self._block
+        if at <= lo and hi <= at + len(block):  # (a request's gaps never change)
+            return block[lo - at : hi - at]
         counts = self._per_request.view().astype(np.int64)
         ends = np.cumsum(counts)  # gap offsets: request k's gaps end at ends[k]
         a = int(np.searchsorted(ends, lo, side="right"))  # first request with a gap >= lo
         b = int(np.searchsorted(ends, hi, side="left")) + 1  # one past the last one needed
         gaps = self._gaps_of(a, min(b, len(counts)), counts)
         first = int(ends[a] - counts[a])  # the offset of request a's first gap
+        self._block = (first, gaps)
         return gaps[lo - first : hi - first]
 
     def _gaps_of(self, a: int, b: int, counts: np.ndarray) -> np.ndarray:
@@ -217,13 +224,17 @@ class LoggedGaps:
         count = mine[:, 2].astype(np.int64)
         total = int(count.sum())
         # Each run's token positions: start, start + 1, ..., start + count - 1.
-        pos = np.repeat(start - (np.cumsum(count) - count), count) + np.arange(total)
+        pos = np.repeat(start - (np.cumsum(count) - count), count)
+        pos += np.arange(total)
         t = times[pos]
-        gaps = t[1:] - t[:-1]
+        del pos
+        np.subtract(t[1:], t[:-1], out=t[:-1])  # the gaps, in place (as float64, then float32)
+        gaps = t[:-1].astype(np.float32)
+        del t
         # Not the step from one request's last token to the next one's first.
         keep = np.ones(len(gaps), dtype=bool)
         keep[np.cumsum(tokens[a:b][tokens[a:b] > 0])[:-1] - 1] = False
-        return gaps[keep].astype(np.float32)
+        return gaps[keep]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         v = self[0 : self._n]
@@ -237,14 +248,17 @@ class LoggedGaps:
         start = starts[runs[:, 0]] + runs[:, 1]
         last = start + runs[:, 2] - 1
         # How many runs step from token position p to p + 1: +1 where a run starts, -1 where it
-        # ends (a difference array over the positions), summed in place. (int32 throughout: at a
-        # million requests the positions are ten million iterations.)
+        # ends (a difference array over the positions), summed in place. Frugal: at a million
+        # requests the positions are ten million iterations; about 25 bytes each at the peak.
         steps = np.zeros(len(times), dtype=np.int32)
         np.add.at(steps, start, 1)
         np.add.at(steps, last, -1)
         np.cumsum(steps, out=steps)
-        used = np.flatnonzero(steps[:-1] > 0)
-        inside = (times[used + 1] - times[used]).astype(np.float32)
+        steps = steps[:-1]
+        used = steps > 0
+        inside = np.diff(times).astype(np.float32)[used]
+        weights = steps[used]
+        del steps, used
         # A run after another of the same request: the gap over the wait between them.
         tokens = self._per_request.view().astype(np.int64)
         tokens = tokens[tokens > 0] + 1
@@ -257,13 +271,15 @@ class LoggedGaps:
         between = (times[start[later_idx]] - times[last[later_idx - 1]]).astype(np.float32)
         # Sort (value, weight) pairs as one uint64 each: a non-negative float32's bits order as
         # the float does, and the weight fits the low half. One array, sorted in place.
-        keys = np.empty(len(used) + len(between), dtype=np.uint64)
-        keys[: len(used)] = inside.view(np.uint32)
-        keys[len(used) :] = between.view(np.uint32)
+        k = len(inside)
+        keys = np.empty(k + len(between), dtype=np.uint64)
+        keys[:k] = inside.view(np.uint32)
+        keys[k:] = between.view(np.uint32)
+        del inside, between
         keys <<= np.uint64(32)
-        keys[: len(used)] |= steps[used].astype(np.uint64)
-        keys[len(used) :] |= np.uint64(1)
-        del inside, between, steps, used
+        keys[:k] |= weights.astype(np.uint64)
+        keys[k:] |= np.uint64(1)
+        del weights
         keys.sort()
         cum = np.cumsum(keys & np.uint64(0xFFFFFFFF))
         assert int(cum[-1]) == self._n, "gap runs out of step with the requests"

@@ -577,8 +577,10 @@ class MetricsCollector:
         serialises as strict JSON.
         """
         rows = self._rows.view()
-        fin = rows[rows["finished"]]
-        rejected = rows[~rows["finished"]]
+        finished = rows["finished"]
+        everyone = bool(finished.all())  # (then no copy of every row: 222 bytes a request)
+        fin = rows if everyone else rows[finished]
+        rejected = rows[:0] if everyone else rows[~finished]
         if len(rows):
             end = max(
                 float(fin["finish"].max()) if len(fin) else -math.inf,
