@@ -2,12 +2,19 @@
 
     .venv/bin/python benchmarks/bench_simulator.py            # all cases (needs ../shared/data)
     .venv/bin/python benchmarks/bench_simulator.py --quick    # skip the 1M-request case
+    .venv/bin/python benchmarks/bench_simulator.py --vidur 'CMD'   # and Vidur, side by side
 
-Cases: the full Azure 2023 conversation trace (19,366 requests) with Llama-2-70B, TP 2, A100,
-Sarathi-Serve (chunk 512, batch 128) on 1 instance (arrival gaps × 4: loaded but stable) and on
-8 instances (the trace's own arrivals); then 10k, 100k and 1M synthetic requests on 64
-instances, to show how cost grows. Each case runs as its own process; peak memory is that
-process's maximum resident set size. Results go to stdout and benchmarks/results/*.json.
+Cases: issue 16's, the first 10,000 requests of the Azure 2023 conversation trace with
+Llama-2-70B, TP 2, A100, Sarathi-Serve (chunk 512, batch 128), on 8 instances (round-robin, the
+trace's arrivals) and on 1 (arrival gaps × 4: loaded but stable); the full trace (19,366
+requests) the same two ways (least-outstanding on 8); then 10k, 100k and 1M synthetic requests on
+64 instances, to show how cost grows. Each case runs as its own process; peak memory is that
+process's maximum resident set size; events are policy decisions plus engine iterations.
+
+Vidur: `--vidur CMD` times the shell command CMD (Vidur on the 10k case, as its user runs it)
+right after llmsched's 10k case, the same way. Without it, the figure issue 16 recorded for Vidur
+on that work on this machine kind is printed beside llmsched's, and labelled as recorded.
+Results go to stdout and benchmarks/results/simulator.json.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import argparse
 import json
 import os
 import platform
+import re
+import resource
 import subprocess
 import sys
 import time
@@ -24,6 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LLMSCHED = [sys.executable, "-m", "llmsched.cli"]
 AZURE = "traces/azure2023/AzureLLMInferenceTrace_conv.csv"
+VIDUR_CASE = "azure-conv first 10k, 8 instances"
+# Vidur on VIDUR_CASE, as issue 16 records it for this machine kind (not run by this script).
+VIDUR_RECORDED_S = 46.7
 
 
 def cases(data: Path | None, quick: bool) -> list[tuple[str, int, list[str]]]:
@@ -35,14 +47,21 @@ def cases(data: Path | None, quick: bool) -> list[tuple[str, int, list[str]]]:
             "--trace",
             str(data / AZURE),
         ]
-        out.append(
+        first = [*azure, "--num-requests", "10000"]
+        out += [
+            (VIDUR_CASE, 10000, [*first, "--instances", "8", "--router", "round-robin"]),
+            (
+                "azure-conv first 10k, 1 instance, gaps x4",
+                10000,
+                [*first, "--instances", "1", "--time-scale", "4"],
+            ),
             (
                 "azure-conv, 1 instance, gaps x4",
                 19366,
                 [*azure, "--instances", "1", "--time-scale", "4"],
-            )
-        )
-        out.append(("azure-conv, 8 instances", 19366, [*azure, "--instances", "8"]))
+            ),
+            ("azure-conv, 8 instances", 19366, [*azure, "--instances", "8"]),
+        ]
     else:
         print("shared data not found (LLMSCHED_DATA): skipping the Azure trace cases")
     for n in (10_000, 100_000) + (() if quick else (1_000_000,)):
@@ -84,16 +103,33 @@ def run_case(args: list[str]) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"llmsched failed ({proc.returncode}):\n{err}")
     line = next(x for x in out.splitlines() if x.startswith("simulated "))
-    return {"wall_s": wall, "report": line}
+    steps, iterations = (
+        int(m.replace(",", "")) for m in re.findall(r"(\d+) (?:policy|iter)", line)
+    )
+    return {"wall_s": wall, "report": line, "events": steps + iterations}
 
 
 def measure_one(args: list[str]) -> None:
     """Run one case in this (fresh) process and print its figures as JSON."""
-    import resource
-
     result = run_case(args)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps(result))
+
+
+def measure_command(command: str) -> dict:
+    """Wall time and peak memory of a shell command (Vidur), in a fresh process as the cases."""
+    code = (
+        "import json, resource, subprocess, sys, time\n"
+        "t = time.perf_counter()\n"
+        "subprocess.run(sys.argv[1], shell=True, check=True, capture_output=True)\n"
+        "wall = time.perf_counter() - t\n"
+        "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+        "print(json.dumps({'wall_s': wall, 'peak_rss_mb': rss}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, command], capture_output=True, text=True, check=True
+    )
+    return json.loads(proc.stdout)
 
 
 def main() -> None:
@@ -103,6 +139,11 @@ def main() -> None:
         "--profile", action="store_true", help="cProfile the 8-instance Azure case instead"
     )
     parser.add_argument("--latency", default="roofline", choices=["roofline", "calibrated"])
+    parser.add_argument(
+        "--vidur",
+        metavar="CMD",
+        help=f"a shell command that runs Vidur on the {VIDUR_CASE!r} case, timed beside it",
+    )
     parser.add_argument("--one", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.one is not None:
@@ -114,6 +155,7 @@ def main() -> None:
         return profile(opts.latency)
 
     rows = []
+    vidur = None
     for name, n, args in cases(data_dir(), opts.quick):
         print(f"running: {name} ...", flush=True)
         proc = subprocess.run(
@@ -121,19 +163,26 @@ def main() -> None:
         )
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         r |= {"case": name, "requests": n, "req_per_wall_s": n / r["wall_s"]}
+        r["events_per_wall_s"] = r["events"] / r["wall_s"]
         rows.append(r)
         print(
             f"  {r['wall_s']:.2f} s wall, {r['req_per_wall_s']:,.0f} requests/s, "
-            f"peak {r['peak_rss_mb']:.0f} MB\n  {r['report']}",
+            f"{r['events_per_wall_s']:,.0f} events/s, peak {r['peak_rss_mb']:.0f} MB\n"
+            f"  {r['report']}",
             flush=True,
         )
-    print("\n| case | requests | wall (s) | requests / wall-s | peak RSS (MB) |")
-    print("|---|---:|---:|---:|---:|")
+        if name == VIDUR_CASE:
+            vidur = vidur_beside(r["wall_s"], opts.vidur)
+    print("\n| case | requests | wall (s) | requests / wall-s | events / wall-s | peak RSS (MB) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['case']} | {r['requests']:,} | {r['wall_s']:.2f} | "
-            f"{r['req_per_wall_s']:,.0f} | {r['peak_rss_mb']:.0f} |"
+            f"{r['req_per_wall_s']:,.0f} | {r['events_per_wall_s']:,.0f} | "
+            f"{r['peak_rss_mb']:.0f} |"
         )
+    if vidur is not None:
+        print(f"\n{vidur['line']}")
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}"
@@ -141,7 +190,25 @@ def main() -> None:
     print(f"\nmachine: {machine}\nreproduce: .venv/bin/python benchmarks/bench_simulator.py")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
-    (out / "simulator.json").write_text(json.dumps({"machine": machine, "cases": rows}, indent=2))
+    result = {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    result |= {"cases": rows, "vidur": vidur}
+    (out / "simulator.json").write_text(json.dumps(result, indent=2))
+
+
+def vidur_beside(llmsched_s: float, command: str | None) -> dict:
+    """Vidur's wall time on the 10k case (run now with `command`, or the recorded figure) and
+    llmsched's speed-up over it."""
+    if command:
+        v = measure_command(command)
+        seconds, how = v["wall_s"], f"measured now, peak {v['peak_rss_mb']:.0f} MB"
+    else:
+        seconds, how = VIDUR_RECORDED_S, "recorded in issue 16 on this machine kind, not run here"
+    line = (
+        f"{VIDUR_CASE}: llmsched {llmsched_s:.2f} s, Vidur {seconds:.1f} s ({how}): "
+        f"{seconds / llmsched_s:.1f}x"
+    )
+    print(f"  {line}", flush=True)
+    return {"seconds": seconds, "how": how, "speedup": seconds / llmsched_s, "line": line}
 
 
 def profile(latency: str = "roofline") -> None:

@@ -289,7 +289,8 @@ class Instance(EngineState):
         k = self._span_length(plan)
         durations = self._durations(plan, k)
         durations[0] += extra
-        ends = now + np.cumsum(durations)
+        ends = durations.cumsum()  # (methods, not np.cumsum: no wrapper call, every step)
+        ends += now
         if self.pins and k > 1:
             # A pin's expiry is an event: the policy is asked again at the first iteration
             # that ends after it (as vLLM's scheduler looks at pins every step).
@@ -428,7 +429,7 @@ class Instance(EngineState):
         span = self.span
         if span is None:
             return
-        ended = int(np.searchsorted(span.ends, t, side="right"))
+        ended = int(span.ends.searchsorted(t, side="right"))
         if span.done < ended < span.k:
             self._advance(span, ended - span.done)
             for state, tokens in span.plan.items:
@@ -440,7 +441,7 @@ class Instance(EngineState):
         span = self.span
         assert span is not None
         self.sync(t)
-        j = int(np.searchsorted(span.ends, t, side="right")) + 1
+        j = int(span.ends.searchsorted(t, side="right")) + 1
         if j < span.k:
             span.ends = span.ends[:j]
             span.k = j
