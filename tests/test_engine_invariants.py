@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from llmsched.engine.config import EngineConfig
 from llmsched.engine.instance import IterationLog, token_times
 from llmsched.engine.kv import blocks_for
 from llmsched.engine.prefix_cache import has_prefix_runs
+from llmsched.metrics import gaps as gaps_module
 from llmsched.metrics.gaps import LoggedGaps
 from llmsched.metrics.record import RequestRecord
 from llmsched.metrics.summary import MetricsCollector
@@ -271,6 +273,12 @@ def test_gaps_read_from_the_iteration_logs_are_the_pooled_gaps(scenario, fronten
     if n:
         ranks = sorted(data.draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=5)))
         assert np.array_equal(gaps.order_statistics(ranks), pool.order_statistics(ranks))
+    # Read a few gaps at a time (as a long run's are, a million at a time): the same gaps.
+    with mock.patch.object(gaps_module, "PIECE", data.draw(st.integers(1, 7))):
+        assert np.array_equal(np.asarray(gaps), np.asarray(pool))
+        gaps._block = (0, np.zeros(0, dtype=np.float32))  # (not the block read above)
+        lo = data.draw(st.integers(0, n))
+        assert np.array_equal(gaps[lo:n], pool[lo:n])
     pooled.prefix_cache = logged.prefix_cache  # (the cluster's counters)
     assert logged.summary() == pooled.summary()
 

@@ -84,6 +84,10 @@ class GapStore(Protocol):
     def order_statistics(self, ranks: Sequence[int]) -> np.ndarray: ...
 
 
+#: Gaps a LoggedGaps reads at a time (its temporaries: 16 bytes a gap).
+PIECE = 1 << 20
+
+
 class GapPool:
     """The gaps themselves, float32 (7 significant digits: far below a microsecond for any
     gap), in a buffer that grows by half."""
@@ -94,11 +98,6 @@ class GapPool:
     def add(self, record: RequestRecord, itl: np.ndarray) -> None:
         """The request's gaps between visible tokens (`itl`, as per_request_metrics gives)."""
         self._pool.extend(itl)
-
-    def reserve(self, gaps: int) -> None:
-        """Room for `gaps` gaps at once (a run knows its most): the pool never grows by copying,
-        and room not used costs no resident memory."""
-        self._pool.reserve(gaps)
 
     def __len__(self) -> int:
         return len(self._pool)
@@ -192,40 +191,54 @@ class LoggedGaps:
         lo, hi, step = block.indices(self._n)
         if step != 1:
             raise ValueError("gaps are read in contiguous blocks")
+        at, gaps = self._block
+        if not (at <= lo and hi <= at + len(gaps)):  # (a request's gaps never change)
+            at, gaps = self._block = self._read(lo, hi)
+        return gaps[lo - at : hi - at]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        at, gaps = self._read(0, self._n)  # (not kept: it may be every gap of a long run)
+        return gaps if dtype is None else gaps.astype(dtype)
+
+    def _read(self, lo: int, hi: int) -> tuple[int, np.ndarray]:
+        """The gaps of the requests that hold gaps lo..hi-1, and the offset of the first: read
+        PIECE gaps at a time into one float32 array (the reading takes 16 bytes a gap)."""
         if hi <= lo:
-            return np.zeros(0, dtype=np.float32)
-        at, block = self._block
-        if at <= lo and hi <= at + len(block):  # (a request's gaps never change)
-            return block[lo - at : hi - at]
+            return lo, np.zeros(0, dtype=np.float32)
         counts = self._per_request.view().astype(np.int64)
         ends = np.cumsum(counts)  # gap offsets: request k's gaps end at ends[k]
+        tokens = np.cumsum(np.where(counts > 0, counts + 1, 0))  # ... and its tokens, likewise
         a = int(np.searchsorted(ends, lo, side="right"))  # first request with a gap >= lo
-        b = int(np.searchsorted(ends, hi, side="left")) + 1  # one past the last one needed
-        gaps = self._gaps_of(a, min(b, len(counts)), counts)
-        first = int(ends[a] - counts[a])  # the offset of request a's first gap
-        self._block = (first, gaps)
-        return gaps[lo - first : hi - first]
+        b = min(int(np.searchsorted(ends, hi, side="left")) + 1, len(counts))  # one past the last
+        first = int(ends[a] - counts[a])
+        gaps = np.empty(int(ends[b - 1]) - first, dtype=np.float32)
+        i = a
+        while i < b:
+            j = int(np.searchsorted(ends, ends[i] - counts[i] + PIECE, side="right"))
+            j = min(max(j, i + 1), b)
+            done = int(ends[i] - counts[i]) - first
+            gaps[done : int(ends[j - 1]) - first] = self._gaps_of(i, j, counts, tokens)
+            i = j
+        return first, gaps
 
-    def _gaps_of(self, a: int, b: int, counts: np.ndarray) -> np.ndarray:
-        """The gaps of requests a..b-1, in order."""
+    def _gaps_of(self, a: int, b: int, counts: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """The gaps of requests a..b-1, in order (`tokens`: the requests' visible tokens kept,
+        cumulated: a request with gaps has runs holding exactly its gaps + 1 tokens)."""
         times, starts = self._token_times()
         runs = self._runs.view().reshape(-1, 3)
-        # Runs of the requests before a: each request with gaps has at least one run, and
-        # its runs hold exactly its gaps + 1 tokens.
-        tokens = np.where(counts > 0, counts + 1, 0)
-        run_tokens = runs[:, 2].astype(np.int64)
-        run_ends = np.cumsum(run_tokens)
-        tok_lo = int(tokens[:a].sum())
-        tok_hi = tok_lo + int(tokens[a:b].sum())
+        run_ends = np.cumsum(runs[:, 2], dtype=np.int64)
+        tok_lo = int(tokens[a - 1]) if a else 0
+        tok_hi = int(tokens[b - 1])
+        if tok_hi == tok_lo:
+            return np.zeros(0, dtype=np.float32)
         r0 = int(np.searchsorted(run_ends, tok_lo, side="right"))
         r1 = int(np.searchsorted(run_ends, tok_hi, side="left")) + 1
         mine = runs[r0:r1]
         start = starts[mine[:, 0]] + mine[:, 1]
         count = mine[:, 2].astype(np.int64)
-        total = int(count.sum())
         # Each run's token positions: start, start + 1, ..., start + count - 1.
         pos = np.repeat(start - (np.cumsum(count) - count), count)
-        pos += np.arange(total)
+        pos += np.arange(tok_hi - tok_lo)
         t = times[pos]
         del pos
         np.subtract(t[1:], t[:-1], out=t[:-1])  # the gaps, in place (as float64, then float32)
@@ -233,12 +246,9 @@ class LoggedGaps:
         del t
         # Not the step from one request's last token to the next one's first.
         keep = np.ones(len(gaps), dtype=bool)
-        keep[np.cumsum(tokens[a:b][tokens[a:b] > 0])[:-1] - 1] = False
+        boundaries = np.unique(tokens[a : b - 1]) - tok_lo  # (requests without gaps add none)
+        keep[boundaries[(boundaries > 0) & (boundaries <= len(gaps))] - 1] = False
         return gaps[keep]
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        v = self[0 : self._n]
-        return v if dtype is None else v.astype(dtype)
 
     def order_statistics(self, ranks: Sequence[int]) -> np.ndarray:
         """The gaps at these 0-based ranks of the sorted gaps, from the iterations' durations
