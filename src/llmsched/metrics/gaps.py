@@ -84,6 +84,7 @@ class GapStore(Protocol):
     def order_statistics(self, ranks: Sequence[int]) -> np.ndarray: ...
 
 
+LOW_HALF = np.uint64(0xFFFFFFFF)
 #: Gaps a LoggedGaps reads at a time (its temporaries: 16 bytes a gap).
 PIECE = 1 << 20
 
@@ -266,7 +267,9 @@ class LoggedGaps:
         np.cumsum(steps, out=steps)
         steps = steps[:-1]
         used = steps > 0
-        inside = np.diff(times).astype(np.float32)[used]
+        inside = np.empty(len(steps), dtype=np.float32)  # each step's gap, as the pool's:
+        np.subtract(times[1:], times[:-1], out=inside)  # float64, rounded to float32
+        inside = inside[used]
         weights = steps[used]
         del steps, used
         # A run after another of the same request: the gap over the wait between them.
@@ -284,14 +287,24 @@ class LoggedGaps:
         k = len(inside)
         keys = np.empty(k + len(between), dtype=np.uint64)
         keys[:k] = inside.view(np.uint32)
+        del inside
         keys[k:] = between.view(np.uint32)
-        del inside, between
         keys <<= np.uint64(32)
-        keys[:k] |= weights.astype(np.uint64)
+        np.bitwise_or(keys[:k], weights.view(np.uint32), out=keys[:k])  # (no uint64 copy)
         keys[k:] |= np.uint64(1)
         del weights
         keys.sort()
-        cum = np.cumsum(keys & np.uint64(0xFFFFFFFF))
-        assert int(cum[-1]) == self._n, "gap runs out of step with the requests"
-        at = np.searchsorted(cum, np.asarray(ranks, dtype=np.uint64), side="right")
-        return (keys[at] >> np.uint64(32)).astype(np.uint32).view(np.float32)
+        # The rank r-th gap is at the first key whose running sum of weights exceeds r; the sum
+        # is taken a piece at a time (a running sum of every key would double the memory).
+        ranks = np.asarray(ranks, dtype=np.int64)
+        out = np.empty(len(ranks), dtype=np.float32)
+        total = 0
+        for lo in range(0, len(keys), PIECE):
+            cum = np.cumsum(keys[lo : lo + PIECE] & LOW_HALF, dtype=np.uint64).astype(np.int64)
+            cum += total
+            here = (ranks >= total) & (ranks < cum[-1])
+            at = lo + np.searchsorted(cum, ranks[here], side="right")
+            out[here] = (keys[at] >> np.uint64(32)).astype(np.uint32).view(np.float32)
+            total = int(cum[-1])
+        assert total == self._n, "gap runs out of step with the requests"
+        return out
