@@ -138,6 +138,8 @@ class LoggedGaps:
         # The last block read, (gaps before it, its gaps): statistics read a block, then
         # smaller pieces of it (latency_stats_ms's mean, then its squared deviations).
         self._block: tuple[int, np.ndarray] = (0, np.zeros(0, dtype=np.float32))
+        self._index_of = -1  # the requests _index_cache was made for
+        self._index_cache: tuple[np.ndarray, ...] = ()
 
     def add(self, record: RequestRecord, itl: np.ndarray) -> None:
         """The request's gaps between visible tokens are `itl`: its runs from its first visible
@@ -206,9 +208,7 @@ class LoggedGaps:
         PIECE gaps at a time into one float32 array (the reading takes 16 bytes a gap)."""
         if hi <= lo:
             return lo, np.zeros(0, dtype=np.float32)
-        counts = self._per_request.view().astype(np.int64)
-        ends = np.cumsum(counts)  # gap offsets: request k's gaps end at ends[k]
-        tokens = np.cumsum(np.where(counts > 0, counts + 1, 0))  # ... and its tokens, likewise
+        counts, ends, tokens, run_ends = self._index()
         a = int(np.searchsorted(ends, lo, side="right"))  # first request with a gap >= lo
         b = min(int(np.searchsorted(ends, hi, side="left")) + 1, len(counts))  # one past the last
         first = int(ends[a] - counts[a])
@@ -218,16 +218,25 @@ class LoggedGaps:
             j = int(np.searchsorted(ends, ends[i] - counts[i] + PIECE, side="right"))
             j = min(max(j, i + 1), b)
             done = int(ends[i] - counts[i]) - first
-            gaps[done : int(ends[j - 1]) - first] = self._gaps_of(i, j, counts, tokens)
+            gaps[done : int(ends[j - 1]) - first] = self._gaps_of(i, j, tokens, run_ends)
             i = j
         return first, gaps
 
-    def _gaps_of(self, a: int, b: int, counts: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """The gaps of requests a..b-1, in order (`tokens`: the requests' visible tokens kept,
-        cumulated: a request with gaps has runs holding exactly its gaps + 1 tokens)."""
+    def _index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per request, its gaps, where they end and where its tokens end (cumulated: a request
+        with gaps has runs holding exactly its gaps + 1 tokens); where each run's tokens end."""
+        if self._index_of != len(self._per_request):
+            counts = self._per_request.view().astype(np.int64)
+            tokens = np.cumsum(np.where(counts > 0, counts + 1, 0))
+            run_ends = np.cumsum(self._runs.view()[2::3], dtype=np.int64)
+            self._index_cache = (counts, np.cumsum(counts), tokens, run_ends)
+            self._index_of = len(self._per_request)
+        return self._index_cache
+
+    def _gaps_of(self, a: int, b: int, tokens: np.ndarray, run_ends: np.ndarray) -> np.ndarray:
+        """The gaps of requests a..b-1, in order (`tokens`, `run_ends`: from _index)."""
         times, starts = self._token_times()
         runs = self._runs.view().reshape(-1, 3)
-        run_ends = np.cumsum(runs[:, 2], dtype=np.int64)
         tok_lo = int(tokens[a - 1]) if a else 0
         tok_hi = int(tokens[b - 1])
         if tok_hi == tok_lo:
