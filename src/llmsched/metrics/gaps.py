@@ -282,11 +282,9 @@ class LoggedGaps:
         weights = steps[used]
         del steps, used
         # A run after another of the same request: the gap over the wait between them.
-        tokens = self._per_request.view().astype(np.int64)
-        tokens = tokens[tokens > 0] + 1
-        first_runs = np.searchsorted(
-            np.cumsum(runs[:, 2].astype(np.int64)), np.cumsum(tokens) - tokens, side="right"
-        )
+        counts, _, tokens, run_ends = self._index()
+        has = counts > 0  # (each request with gaps starts a run where its tokens start)
+        first_runs = np.searchsorted(run_ends, tokens[has] - counts[has] - 1, side="right")
         later = np.ones(len(runs), dtype=bool)
         later[first_runs] = False  # (run 0 is a request's first)
         later_idx = np.flatnonzero(later)
