@@ -221,6 +221,7 @@ class Cluster:
         else:
             order = np.flatnonzero(~workload.columns["closed_loop"])
         m = len(order)
+        requests = workload.requests(order)  # (made a block at a time)
         self._workload, self._follower = workload, follower
         released = self._released
         bar = _progress_bar(n, progress)
@@ -241,7 +242,7 @@ class Cluster:
                     state = RequestState(replace(workload[index], arrival=sent))
                 else:
                     index = int(order[i])
-                    state = RequestState(workload[index])
+                    state = RequestState(next(requests))
                     i += 1
                 if follower is not None and follower[index] >= 0:
                     self._next_turn[state] = int(follower[index])

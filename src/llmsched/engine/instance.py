@@ -414,12 +414,23 @@ class Instance(EngineState):
                 chunks.append((computed, tokens))
         if not chunks:
             return np.array(self.latency.decode_iteration_times(n_dec, dec_kv, k))
+        iteration_time = self.latency.iteration_time
+        if len(chunks) == 1:  # (the usual batch: one prompt's chunk beside the decodes)
+            done, c = chunks[0]
+            return np.array(
+                [
+                    iteration_time(
+                        BatchShape(c, c * (p + (c + 1) / 2), p + c, 1, n_dec, dec_kv + i * n_dec)
+                    )
+                    for i, p in enumerate(range(done, done + k * c, c))
+                ]
+            )
         out = np.empty(k)
         for i in range(k):
             shape = BatchShape.from_chunks(
                 ((c, done + i * c) for done, c in chunks), n_dec, dec_kv + i * n_dec
             )
-            out[i] = self.latency.iteration_time(shape)
+            out[i] = iteration_time(shape)
         return out
 
     # --- applying a span's iterations ---------------------------------------------------------

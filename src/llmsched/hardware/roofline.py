@@ -232,6 +232,8 @@ class RooflineModel:
             self._down,
         )
         self._decode_terms = (qc, qw, qt, oc, ow, ot, uc, uw, ut, dc, dw, dt)
+        self._decode_constants: dict[int, tuple[float, float, float]] = {}  # by batch size
+        self._ramp = np.arange(1024, dtype=np.float64)  # 0, 1, 2, ...: iteration offsets
 
     @classmethod
     def calibrated(
@@ -309,6 +311,27 @@ class RooflineModel:
         n = num_decodes
         if n <= 0:
             return np.zeros(k)
+        terms = self._decode_constants.get(n)
+        if terms is None:
+            terms = self._decode_constants[n] = self._decode_terms_of(n)
+        fixed, q_bytes, rest = terms
+        if k > len(self._ramp):
+            self._ramp = np.arange(max(k, 2 * len(self._ramp)), dtype=np.float64)
+        # In place, but the same operations on each element as iteration_time's:
+        # fixed + max(flop·kv, kv_byte·kv + q_byte·n) + rest, with kv = kv_tokens + n·i.
+        kv = self._ramp[:k] * n
+        kv += kv_tokens
+        out = kv * self._attn_flop
+        kv *= self._attn_kv_byte
+        kv += q_bytes
+        np.maximum(out, kv, out=out)
+        out += fixed
+        out += rest
+        return out
+
+    def _decode_terms_of(self, n: int) -> tuple[float, float, float]:
+        """What a decode-only iteration of n requests costs besides attention over their
+        context: (the GEMMs, attention's per-query bytes, everything else)."""
         qc, qw, qt, oc, ow, ot, uc, uw, ut, dc, dw, dt = self._decode_terms
         tile = self._tile
         nq = n if tile == 1 else -(-n // tile) * tile
@@ -319,8 +342,6 @@ class RooflineModel:
             + max(uc * nq, uw + ut * n)
             + max(dc * nq, dw + dt * n)
         )
-        kv = kv_tokens + n * np.arange(k, dtype=np.float64)
-        attn = np.maximum(self._attn_flop * kv, self._attn_kv_byte * kv + self._attn_q_byte * n)
         rest = (
             self._attn_k
             + self._elem_k
@@ -332,9 +353,7 @@ class RooflineModel:
             + self._iter_overhead
             + self._seq_overhead * n
         )
-        out = fixed + attn
-        out += rest
-        return out
+        return fixed, self._attn_q_byte * n, rest
 
     # ------------------------------------------------------------------ reports
 

@@ -221,18 +221,25 @@ def per_request_metrics(
             f"request {rid!r}: reasoning_tokens {r} must lie in 0..output_tokens ({n})"
         )
     arrival = base["arrival"]
+    first_token = float(times[0])
+    finish = float(times[-1])
     gaps = np.diff(times)
-    if not (np.isfinite(times[0]) and np.isfinite(times[-1]) and np.isfinite(gaps).all()):
+    # (min and max propagate NaN: both finite means every gap is)
+    smallest, largest = (float(gaps.min()), float(gaps.max())) if n > 1 else (0.0, _NAN)
+    if not (
+        math.isfinite(first_token)
+        and math.isfinite(finish)
+        and math.isfinite(smallest)
+        and (n == 1 or math.isfinite(largest))
+    ):
         raise ValueError(f"request {rid!r}: token_times contains NaN or infinite values")
-    if n > 1 and gaps.min() < 0:
+    if smallest < 0:
         raise ValueError(f"request {rid!r}: token_times must be non-decreasing")
-    if times[0] < arrival:
+    if first_token < arrival:
         raise ValueError(
             f"request {rid!r}: first token at {times[0]} s precedes its arrival at {arrival} s"
         )
 
-    first_token = float(times[0])
-    finish = float(times[-1])
     visible = n - r
     e2el = finish - arrival
     if visible > 0:
@@ -257,7 +264,7 @@ def per_request_metrics(
         ttft_any=first_token - arrival,
         tpot=tpot,
         e2el=e2el,
-        max_gap=float(gaps.max()) if n > 1 else _NAN,
+        max_gap=largest,
         answer_gap=float(gaps[r - 1]) if 0 < r < n else _NAN,
         qoe=answer_qoe(times, r, answer_slo),
         itl=itl,

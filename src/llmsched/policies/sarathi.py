@@ -36,11 +36,13 @@ class SarathiServe(InstancePolicy):
 
     def schedule_decodes(self, view, b: BatchBuilder, decodes) -> None:
         """Give each decode in `decodes` its token; preempt the newest arrival when KV is out."""
-        alive = dict.fromkeys(sorted(view.running, key=lambda r: r.arrival))  # victims: last
-        for state in list(decodes):
-            if not b.budget or not state.is_decode or state not in alive:
+        alive = None  # the running requests by arrival, victims from the back (made when needed)
+        for state in decodes:
+            if not b.budget or not state.is_decode or (alive is not None and state not in alive):
                 continue
             while not b.schedule(state):
+                if alive is None:
+                    alive = dict.fromkeys(sorted(view.running, key=lambda r: r.arrival))
                 victim, _ = alive.popitem()
                 b.preempt(victim, self.preemption)
                 if victim is state:
