@@ -18,8 +18,9 @@ import pytest
 from llmsched.cluster.cluster import Cluster
 from llmsched.engine.config import EngineConfig
 from llmsched.engine.instance import Instance
+from llmsched.engine.plan import BatchPlan
 from llmsched.engine.state import RequestState, Status
-from llmsched.policies import Router, policy_class, router_class
+from llmsched.policies import InstancePolicy, Router, policy_class, router_class
 from llmsched.workload.request import Request, Workload
 
 from .helpers import LinearLatency
@@ -364,6 +365,34 @@ def test_sarathi_victim_is_the_latest_arrival_not_the_latest_admission():
         assert [s.request_id for s, _ in plan.items] == [
             r.request_id for r, _ in running if r.request_id != victim
         ]
+
+
+class _Greedy(InstancePolicy):
+    """Plans every waiting request's whole prompt at once: over the engine's limits."""
+
+    name = "greedy"
+
+    def schedule(self, view):
+        return BatchPlan([(s, s.prompt_tokens) for s in view.waiting])
+
+
+@pytest.mark.parametrize(
+    "config, error",
+    [
+        (
+            EngineConfig(num_blocks=100, max_num_batched_tokens=6),
+            "planned 8 tokens, over the budget of 6",
+        ),
+        (EngineConfig(num_blocks=100, max_num_seqs=1), "runs 2 sequences, over max_num_seqs=1"),
+    ],
+    ids=["token-budget", "sequence-cap"],
+)
+def test_a_plan_over_the_engines_limits_is_refused_naming_the_policy(config, error):
+    inst = Instance(0, config, _Greedy(), LAT, listener=None)
+    for rid in "AB":
+        inst.enqueue(RequestState(req(rid, prompt=4)))
+    with pytest.raises(RuntimeError, match=f"policy 'greedy' {error}"):
+        inst.start_step(0.0)
 
 
 # --- round-robin --------------------------------------------------------------------------------

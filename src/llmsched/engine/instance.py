@@ -286,8 +286,9 @@ class Instance(EngineState):
                 )
             return None
         extra += self._admit_and_allocate(plan, now)
-        k = self._span_length(plan)
-        durations = self._durations(plan, k)
+        n_dec, dec_kv, chunks, k, tokens = self._batch(plan)
+        k = self._span_length(plan, k, tokens)
+        durations = self._durations(n_dec, dec_kv, chunks, k)
         durations[0] += extra
         ends = durations.cumsum()  # (methods, not np.cumsum: no wrapper call, every step)
         ends += now
@@ -326,6 +327,7 @@ class Instance(EngineState):
         the first iteration; returns the seconds spent swapping requests back in."""
         seconds = 0.0
         kv = self.kv
+        caching, bs = kv.caching, self.config.block_size
         hold = plan.hold
         running, waiting = Status.RUNNING, Status.WAITING
         for state, tokens in plan.items:
@@ -349,13 +351,8 @@ class Instance(EngineState):
             end = state.computed + tokens
             if hold and hold.get(state, 0) > end:  # (most plans hold nothing: no dict lookup)
                 kv.grow_to(state, hold[state], end)
-            else:
+            elif caching or end > state.blocks * bs:  # (else it has the blocks: nothing to do)
                 kv.grow_to(state, end, end)
-        if plan.num_tokens > self.config.max_num_batched_tokens:
-            raise RuntimeError(
-                f"policy {self.policy.name!r} planned {plan.num_tokens} tokens, over the budget "
-                f"of {self.config.max_num_batched_tokens}"
-            )
         if len(self.running) > self.config.max_num_seqs:
             raise RuntimeError(
                 f"policy {self.policy.name!r} runs {len(self.running)} sequences, over "
@@ -368,24 +365,48 @@ class Instance(EngineState):
         self.swap_bytes += moved
         return moved / self.config.pcie_bandwidth
 
-    def _span_length(self, plan: BatchPlan) -> int:
-        """How many times the plan can repeat before an internal event."""
+    def _batch(self, plan: BatchPlan) -> tuple[int, int, list[tuple[int, int]], int, int]:
+        """The plan's batch in one pass over its requests: the decodes (how many, the KV tokens
+        they read), the prefill chunks as (tokens computed, chunk), how many times the plan can
+        repeat before a decode finishes or reaches `</think>` (at the span's last iteration),
+        and the tokens of one iteration."""
         k = plan.repeat if self.fast_forward else 1
-        if k == 1:
-            return 1
-        for state, _ in plan.items:
-            generated = state.generated
-            if generated and state.prompt_tokens + generated - state.computed == 1:  # a decode
-                # It finishes, or reaches </think>, at the span's last iteration.
+        n_dec = dec_kv = total = 0
+        chunks = []
+        for state, tokens in plan.items:
+            total += tokens
+            generated, computed = state.generated, state.computed
+            if generated and state.prompt_tokens + generated - computed == 1:  # a decode
+                n_dec += 1
+                dec_kv += computed + 1
                 if k > state.output_tokens - generated:
                     k = state.output_tokens - generated
                 if generated < state.reasoning_tokens < generated + k:
                     k = state.reasoning_tokens - generated
-        if k > 1 and self._blocks_needed(plan, k) > self.kv.free:
+            else:
+                chunks.append((computed, tokens))
+        if total > self.config.max_num_batched_tokens:
+            raise RuntimeError(
+                f"policy {self.policy.name!r} planned {total} tokens, over the budget of "
+                f"{self.config.max_num_batched_tokens}"
+            )
+        return n_dec, dec_kv, chunks, k, total
+
+    def _span_length(self, plan: BatchPlan, k: int, tokens: int) -> int:
+        """How many of the plan's k repeats (of `tokens` tokens each) fit in the free KV
+        blocks."""
+        if k == 1:
+            return 1
+        free = self.kv.free
+        # A request holds the blocks of its first iteration, so k iterations need at most
+        # ⌈k·tokens / block⌉ more each: when their sum fits, k does (no exact count needed).
+        if -(-k * tokens // self.config.block_size) + len(plan.items) <= free:
+            return k
+        if self._blocks_needed(plan, k) > free:
             lo, hi = 1, k  # the largest k whose extra blocks still fit
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                if self._blocks_needed(plan, mid) <= self.kv.free:
+                if self._blocks_needed(plan, mid) <= free:
                     lo = mid
                 else:
                     hi = mid - 1
@@ -402,16 +423,11 @@ class Instance(EngineState):
                 need += more
         return need
 
-    def _durations(self, plan: BatchPlan, k: int) -> np.ndarray:
-        n_dec = dec_kv = 0
-        chunks = []  # (tokens computed, chunk) of the prefill chunks
-        for state, tokens in plan.items:
-            generated, computed = state.generated, state.computed
-            if generated and state.prompt_tokens + generated - computed == 1:  # a decode
-                n_dec += 1
-                dec_kv += computed + 1
-            else:
-                chunks.append((computed, tokens))
+    def _durations(
+        self, n_dec: int, dec_kv: int, chunks: list[tuple[int, int]], k: int
+    ) -> np.ndarray:
+        """The latency model's times of k iterations of the batch (the chunks advance by their
+        length and the decodes' context by one token each, every iteration)."""
         if not chunks:
             return np.array(self.latency.decode_iteration_times(n_dec, dec_kv, k))
         iteration_time = self.latency.iteration_time
@@ -490,17 +506,25 @@ class Instance(EngineState):
         events = []
         bs = self.config.block_size
         kv = self.kv
+        caching = kv.caching
+        index = self.index
         for state, tokens in span.plan.items:
             generated = state.generated
             before = state.prompt_tokens + generated - state.computed  # to compute
             computed = state.computed = state.computed + tokens * j
-            # (a decode within its blocks needs nothing: its prompt's blocks are cached)
-            if before != 1 or computed > state.blocks * bs:
+            # Within its blocks, a request needs no more; with a prefix cache, a chunk may
+            # complete blocks to cache (a decode's prompt blocks are cached already).
+            if computed > state.blocks * bs or (caching and before != 1):
                 kv.grow_to(state, computed)
             if tokens * j < before:
                 continue  # a prefill chunk that has not completed yet
             emitted = j if before == 1 else 1  # decodes emit every iteration, a prefill once
-            self.record_tokens(state, first + j - emitted, emitted)
+            # (record_tokens, inline: this runs for every request of every span)
+            at, seg = first + j - emitted, state.segments
+            if seg and seg[-3] == index and seg[-2] + seg[-1] == at:
+                seg[-1] += emitted
+            else:
+                seg.extend((index, at, emitted))
             state.generated = generated + emitted
             if generated + emitted >= state.output_tokens:
                 events.append((state, True))
