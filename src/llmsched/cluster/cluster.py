@@ -62,7 +62,7 @@ class ClusterView:
         """`outstanding` of every instance, in index order (a router reads them all at each
         arrival: one call, not one per instance)."""
         c = self._cluster
-        return [len(i.running) + len(i.waiting) + b for i, b in zip(c.instances, c.inbound)]
+        return [len(i.running) + i.num_waiting + b for i, b in zip(c.instances, c.inbound)]
 
     def num_running(self, i: int) -> int:
         return len(self._cluster.instances[i].running)

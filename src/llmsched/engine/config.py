@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 PREEMPTION_MODES = ("recompute", "swap")
 
@@ -50,7 +51,7 @@ class EngineConfig:
         if problems:
             raise ValueError("invalid engine config: " + "; ".join(problems))
 
-    @property
+    @cached_property  # (read at every step; the config is frozen)
     def watermark_blocks(self) -> int:
         # vLLM takes the fraction of all its blocks, its null block included
         return int(self.watermark * (self.num_blocks + 1))

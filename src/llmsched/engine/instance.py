@@ -108,7 +108,7 @@ class InstanceView:
 
     @property
     def num_waiting(self) -> int:
-        return len(self._inst.waiting)
+        return self._inst.num_waiting
 
     @property
     def pins(self) -> dict[RequestState, float]:
@@ -163,6 +163,7 @@ class EngineState:
         self.policy = policy
         self.kv = KVBlockManager(config.num_blocks, config.block_size)
         self.waiting: SortedList = SortedList()  # (policy's key, enqueue order, request)
+        self.num_waiting = 0  # len(waiting), read every step (SortedList's len is Python code)
         self.running: list[RequestState] = []  # admission order
         # Pins: finished requests still holding their KV blocks (Continuum), until when.
         self.pins: dict[RequestState, float] = {}
@@ -190,10 +191,12 @@ class EngineState:
         self._enqueued += 1
         state.queue_entry = (self.policy.waiting_key(state), self._enqueued, state)
         self.waiting.add(state.queue_entry)
+        self.num_waiting += 1
 
     def dequeue(self, state: RequestState) -> None:
         """Take a request off the waiting queue."""
         self.waiting.remove(state.queue_entry)
+        self.num_waiting -= 1
         state.queue_entry = None
 
     def pin(self, state: RequestState, until: float) -> None:
@@ -261,7 +264,7 @@ class Instance(EngineState):
 
     @property
     def outstanding(self) -> int:
-        return len(self.running) + len(self.waiting)
+        return len(self.running) + self.num_waiting
 
     # --- one step: plan, then a span of identical iterations ------------------------------------
     def start_step(self, now: float) -> float | None:

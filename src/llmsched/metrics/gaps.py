@@ -46,7 +46,8 @@ class Growable:
             self._buf = new
 
     def append(self, value: Any) -> None:
-        self._reserve(1)
+        if self._n == len(self._buf):
+            self._reserve(1)
         self._buf[self._n] = value
         self._n += 1
 

@@ -108,16 +108,26 @@ def pack_in_order(
     """
     b = builder or BatchBuilder(view)
     if running is None:
-        running = sorted(view.running, key=key) if sort_running and key else list(view.running)
-    alive = dict.fromkeys(running)  # still running, in order: candidates for preemption
+        running = sorted(view.running, key=key) if sort_running and key else view.running
+    # Still running, in order: the candidates for preemption (made at the first preemption).
+    alive: dict[RequestState, None] | None = None
+
+    def candidates() -> dict[RequestState, None]:
+        nonlocal alive
+        if alive is None:
+            alive = dict.fromkeys(running)
+        return alive
 
     def worst() -> RequestState:
-        return next(reversed(alive)) if key is None else max(alive, key=key)
+        order = candidates()
+        return next(reversed(order)) if key is None else max(order, key=key)
 
     for state in running:
         if not b.budget:
             break
-        if state not in alive or state.computed == state.prompt_tokens + state.generated:
+        if (alive is not None and state not in alive) or (
+            state.computed == state.prompt_tokens + state.generated
+        ):
             # Preempted earlier in this loop; or nothing to compute, its last token in flight
             # (vLLM's async scheduling; never in the simulator): vLLM skips it, seat and KV held.
             continue
@@ -154,7 +164,7 @@ def pack_in_order(
                     continue
             if not preempt_for_waiting or key is None:
                 return b
-            worse = [r for r in alive if key(r) > key(state)]
+            worse = [r for r in candidates() if key(r) > key(state)]
             if not worse:
                 return b
             victim = max(worse, key=key)
