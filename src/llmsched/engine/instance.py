@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Protocol
+from operator import itemgetter
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 from sortedcontainers import SortedList
 
 from llmsched.engine.config import EngineConfig
@@ -70,6 +72,7 @@ class Listener(Protocol):
     def on_phase_change(self, state: RequestState, instance: Instance, time: float) -> None: ...
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # (when compiled: setup.py)
 class InstanceView:
     """The read-only view of an instance that a policy decides on. It reads an
     :class:`EngineState`: the simulator's :class:`Instance`, or the mirror of a vLLM scheduler's
@@ -104,7 +107,7 @@ class InstanceView:
     @property
     def waiting(self) -> Iterator[RequestState]:
         """Queued requests in the policy's order (its `waiting_key`, ties by enqueue order)."""
-        return (entry[2] for entry in self._inst.waiting)
+        return map(itemgetter(2), self._inst.waiting)  # (lazy: a policy may stop early)
 
     @property
     def num_waiting(self) -> int:
@@ -151,6 +154,7 @@ class Span:
         return float(self.ends[-1])
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # (when compiled: setup.py)
 class EngineState:
     """What a policy's view reads of one engine: its requests in the policy's order, its KV
     blocks, its clock and the end times of its iterations (which the requests' token times
@@ -343,7 +347,7 @@ class Instance(EngineState):
                     seconds += self._transfer_time(self.kv.drop_cpu_copy(state))
                 elif kv.caching and not state.computed:  # new, or preempted by recompute
                     hit = plan.hits.get(state, 0)
-                    kv.admit_cached(state, hit, plan.hit_blocks.get(state))
+                    cast(PrefixCachingKV, kv).admit_cached(state, hit, plan.hit_blocks.get(state))
                     state.computed = hit
                     if state.cached_tokens < 0:
                         state.cached_tokens = hit

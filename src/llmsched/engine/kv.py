@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mypy_extensions import mypyc_attr
+
 from llmsched.engine.state import RequestState
 
 
@@ -10,20 +12,23 @@ def blocks_for(tokens: int, block_size: int) -> int:
     return -(-tokens // block_size)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # (when compiled: setup.py)
 class KVBlockManager:
     """GPU KV blocks of one instance. Host (swap) memory is unbounded, as in PASCAL's setup.
     Blocks are only counted: nothing is shared (prefix caching off; engine/prefix_cache.py)."""
 
-    caching = False  # whether admissions look blocks up in a prefix cache
-    __slots__ = ("block_size", "cpu_used", "num_blocks", "used")
+    __slots__ = ("block_size", "caching", "cpu_used", "num_blocks", "used")
 
-    def __init__(self, num_blocks: int, block_size: int = 16) -> None:
+    def __init__(self, num_blocks: int, block_size: int = 16, caching: bool = False) -> None:
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         if block_size < 1:
             raise ValueError(f"block size must be >= 1 token, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        # Whether admissions look blocks up in a prefix cache (a PrefixCachingKV's are). An
+        # instance attribute, not a class one: compiled code reads it from the object.
+        self.caching = caching
         self.used = 0
         self.cpu_used = 0
 

@@ -10,7 +10,7 @@ policy file says *in which order* to schedule, admit and preempt, and nothing el
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -80,7 +80,7 @@ class BatchBuilder:
         cfg = view.config
         self.view = view
         self.budget = cfg.max_num_batched_tokens if budget is None else budget
-        self.kv = view.kv
+        self.kv: Any = view.kv  # (a PrefixCachingKV when kv.caching)
         self.free = self.free0 = view.kv.free
         self.taken = 0  # cached free blocks that this plan's admissions take
         self.caching = view.kv.caching  # admissions look their prefix up in the cache

@@ -186,7 +186,6 @@ class PrefixCachingKV(KVBlockManager):
     slot's identity (`block_hash`): evicting a block just drops its identity, and entries left
     behind are overwritten or compacted away."""
 
-    caching = True
     __slots__ = (
         "block_hash",
         "by_output",
@@ -209,7 +208,7 @@ class PrefixCachingKV(KVBlockManager):
     )
 
     def __init__(self, num_blocks: int, block_size: int = 16, hasher: BlockHasher | None = None):
-        super().__init__(num_blocks, block_size)
+        super().__init__(num_blocks, block_size, caching=True)
         self.hasher = hasher or BlockHasher()
         self.ref = np.zeros(num_blocks, dtype=np.int64)
         # a block's identity (0: none); one entry more, 0, for the table's empty mark

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from mypy_extensions import mypyc_attr
+
 from llmsched.workload.request import Request
 
 
@@ -29,6 +31,7 @@ class Phase(Enum):
     ANSWER = "answer"  # generating visible tokens
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # (when compiled: setup.py)
 class RequestState:
     """Mutable progress of one request. The engine updates it; policies only read it."""
 
@@ -73,7 +76,8 @@ class RequestState:
         # num_cached_tokens); -1 until then
         self.cached_tokens = -1
         self.first_scheduled = float("nan")
-        self.block_chain = None  # (hasher, chain): its prefix-cache identities, once worked out
+        # (hasher, chain): its prefix-cache identities, once worked out
+        self.block_chain: tuple | None = None
         self.preemptions = 0
         self.migrations = 0
         self.instance = -1

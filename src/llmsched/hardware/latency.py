@@ -31,7 +31,8 @@ class BatchShape:
     ) -> BatchShape:
         """The shape of prefill chunks given as (chunk length, KV already cached), beside
         `num_decodes` decodes that read `decode_kv_tokens` KV tokens in all."""
-        tokens = pairs = kv = n = 0
+        tokens = kv = n = 0
+        pairs = 0.0
         for c, p in chunks:
             tokens += c
             pairs += c * (p + (c + 1) / 2)

@@ -43,6 +43,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from llmsched.hardware.latency import BatchShape
 from llmsched.hardware.memory import kv_heads_per_gpu
@@ -67,6 +68,7 @@ TERMS = (
 )
 
 
+@mypyc_attr(native_class=False)  # (a setting checked in __post_init__, not a hot path)
 @dataclass(frozen=True, slots=True)
 class Efficiency:
     """Achieved fractions of the datasheet peaks, and fixed overheads (seconds)."""
@@ -118,16 +120,14 @@ class Efficiency:
             v = getattr(self, name)
             if v < 0:
                 raise ValueError(f"Efficiency.{name} must be non-negative, got {v}")
-        if not isinstance(self.gemm_token_tile, int) or self.gemm_token_tile < 1:
-            raise ValueError(
-                "Efficiency.gemm_token_tile must be a positive integer, got "
-                f"{self.gemm_token_tile!r}"
-            )
-        if not isinstance(self.elementwise_min_tokens, int) or self.elementwise_min_tokens < 0:
-            raise ValueError(
-                "Efficiency.elementwise_min_tokens must be a non-negative integer, got "
-                f"{self.elementwise_min_tokens!r}"
-            )
+        # (getattr: read as given, when compiled too, not as the int it should be)
+        for name, least, kind in (
+            ("gemm_token_tile", 1, "a positive"),
+            ("elementwise_min_tokens", 0, "a non-negative"),
+        ):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < least:
+                raise ValueError(f"Efficiency.{name} must be {kind} integer, got {v!r}")
         d = self.attn_diag_compute
         if d is not None and not 0 < d <= 1:
             raise ValueError(f"Efficiency.attn_diag_compute must be in (0, 1] or None, got {d}")
@@ -233,7 +233,9 @@ class RooflineModel:
         )
         self._decode_terms = (qc, qw, qt, oc, ow, ot, uc, uw, ut, dc, dw, dt)
         self._decode_constants: dict[int, tuple[float, float, float]] = {}  # by batch size
-        self._ramp = np.arange(1024, dtype=np.float64)  # 0, 1, 2, ...: iteration offsets
+        self._ramp: np.ndarray = np.arange(
+            1024, dtype=np.float64
+        )  # 0, 1, 2, ...: iteration offsets
 
     @classmethod
     def calibrated(
@@ -319,7 +321,7 @@ class RooflineModel:
             self._ramp = np.arange(max(k, 2 * len(self._ramp)), dtype=np.float64)
         # In place, but the same operations on each element as iteration_time's:
         # fixed + max(flop·kv, kv_byte·kv + q_byte·n) + rest, with kv = kv_tokens + n·i.
-        kv = self._ramp[:k] * n
+        kv: np.ndarray = self._ramp[:k] * n
         kv += kv_tokens
         out = kv * self._attn_flop
         kv *= self._attn_kv_byte
