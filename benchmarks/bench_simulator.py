@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_simulator.py            # all cases (needs ../shared/data)
     .venv/bin/python benchmarks/bench_simulator.py --quick    # skip the 1M-request case
     .venv/bin/python benchmarks/bench_simulator.py --vidur 'CMD'   # and Vidur, side by side
+    LLMSCHED_PURE_PYTHON=1 .venv/bin/python benchmarks/bench_simulator.py   # the engine interpreted
 
 Cases: issue 16's, the first 10,000 requests of the Azure 2023 conversation trace with
 Llama-2-70B, TP 2, A100, Sarathi-Serve (chunk 512, batch 128), on 8 instances (round-robin, the
@@ -149,7 +150,10 @@ def main() -> None:
     if opts.one is not None:
         return measure_one(opts.one)
     sys.path.insert(0, str(ROOT / "src"))
+    from llmsched import native
     from llmsched.data import data_dir
+
+    print(f"engine: {native.MODE}", flush=True)  # (each case's process decides the same way)
 
     if opts.profile:
         return profile(opts.latency)
@@ -187,10 +191,12 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}"
     )
-    print(f"\nmachine: {machine}\nreproduce: .venv/bin/python benchmarks/bench_simulator.py")
+    print(f"\nmachine: {machine}\nengine: {native.MODE}")
+    print("reproduce: .venv/bin/python benchmarks/bench_simulator.py")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(exist_ok=True)
     result = {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    result["engine"] = native.MODE
     result |= {"cases": rows, "vidur": vidur}
     (out / "simulator.json").write_text(json.dumps(result, indent=2))
 
