@@ -65,6 +65,14 @@ def timed_calls(obj, names: list[str], into: list[float]) -> None:
         setattr(obj, name, wrapper)
 
 
+class TimedLatency:
+    """A latency model's two methods, on an object whose methods timed_calls can wrap."""
+
+    def __init__(self, model) -> None:
+        self.iteration_time = model.iteration_time
+        self.decode_iteration_times = model.decode_iteration_times
+
+
 def import_all(modules: list[str]) -> None:
     import importlib
 
@@ -102,10 +110,12 @@ def steps(requests: int, modules: list[str], inner: bool) -> dict[str, float]:
 
     decisions, latency = [0.0], [0.0]
     if inner:
-        timed_calls(
-            cluster.instances[0].latency, ["iteration_time", "decode_iteration_times"], latency
-        )
+        # The instances share one latency model: a timed stand-in for it (a compiled model's
+        # methods cannot be replaced on the object).
+        timed = TimedLatency(cluster.instances[0].latency)
+        timed_calls(timed, ["iteration_time", "decode_iteration_times"], latency)
         for inst in cluster.instances:
+            inst.latency = timed
             timed_calls(inst.policy, ["schedule"], decisions)
     t = time.perf_counter()
     collector = cluster.run(workload)
