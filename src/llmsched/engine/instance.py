@@ -297,8 +297,14 @@ class Instance(EngineState):
         k = self._span_length(plan, k, tokens)
         durations = self._durations(n_dec, dec_kv, chunks, k)
         durations[0] += extra
-        ends = durations.cumsum()  # (methods, not np.cumsum: no wrapper call, every step)
-        ends += now
+        # Each iteration ends at the previous end plus its time, added in that order, as when
+        # iterations run one at a time: a span's times are theirs to the last bit (a sum of
+        # the durations first, then `now`, rounds otherwise, and a policy comparing times
+        # could then decide otherwise).
+        ends = np.empty(k + 1)
+        ends[0] = now
+        ends[1:] = durations
+        ends = ends.cumsum()[1:]  # (methods, not np.cumsum: no wrapper call, every step)
         if self.pins and k > 1:
             # A pin's expiry is an event: the policy is asked again at the first iteration
             # that ends after it (as vLLM's scheduler looks at pins every step).

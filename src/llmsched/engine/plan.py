@@ -177,6 +177,10 @@ class BatchBuilder:
         tokens = self.schedule(state, max_tokens, reserve=reserve)
         if tokens:
             self.num_running += 1
+            if self.caching and state.cpu_blocks:
+                # Swapped back in, its blocks are cached again in this step: a waiting
+                # request's lookup may hit them in the next, so the plan must not repeat.
+                self.limit_repeat(1)
         return tokens
 
     def _lookup(self, state: RequestState) -> tuple[np.ndarray, int, np.ndarray]:
