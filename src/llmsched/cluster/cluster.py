@@ -256,8 +256,9 @@ class Cluster:
                     state.arrival = self.now  # sent now: the client's clock starts here
                 self._arrive(state, self.now)
             if bar is not None and len(self.collector) - done_before >= 256:
-                bar.update(len(self.collector) - done_before)
-                done_before = len(self.collector)
+                done = len(self.collector)
+                bar.update(done - done_before)
+                done_before = done
         if bar is not None:
             bar.update(len(self.collector) - done_before)
             bar.close()
@@ -410,7 +411,7 @@ class Cluster:
         follower = self._next_turn.pop(state, None)
         if follower is not None:  # closed loop: the next turn after the tool call
             assert self._workload is not None
-            sent = max(float(done) + state.request.tool_time, self._workload.arrivals[follower])
+            sent = max(done + state.request.tool_time, self._workload.arrivals[follower])
             self._seq += 1
             heapq.heappush(self._released, (sent, self._seq, follower))
 

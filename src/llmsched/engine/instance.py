@@ -351,7 +351,7 @@ class Instance(EngineState):
                 self.running.append(state)
                 if state.cpu_blocks:
                     seconds += self._transfer_time(self.kv.drop_cpu_copy(state))
-                elif kv.caching and not state.computed:  # new, or preempted by recompute
+                elif caching and not state.computed:  # new, or preempted by recompute
                     hit = plan.hits.get(state, 0)
                     cast(PrefixCachingKV, kv).admit_cached(state, hit, plan.hit_blocks.get(state))
                     state.computed = hit
