@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import time
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import cast
@@ -337,9 +338,9 @@ class Cluster:
         for inst in self.instances:
             span = inst.span
             if span is not None:
-                j = int(np.searchsorted(span.ends, self.now, side="right"))
+                j = bisect_right(span.ends, self.now)
                 if j < span.k:
-                    t = min(t, float(span.ends[j]))
+                    t = min(t, span.ends[j])
         return t
 
     def submit(self, state: RequestState, now: float) -> str | None:

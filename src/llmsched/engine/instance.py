@@ -12,7 +12,8 @@ progress, exactly where a per-iteration engine would first see the new request.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterator, Sequence
 from operator import itemgetter
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -49,7 +50,7 @@ class IterationLog:
         self.size += 1
         return self.size - 1
 
-    def extend(self, times: np.ndarray) -> int:
+    def extend(self, times: Sequence[float]) -> int:
         """Append times; returns the index of the first one."""
         first, n = self.size, len(times)
         if first + n > len(self.data):
@@ -141,17 +142,17 @@ class InstanceView:
 
 
 class Span:
-    """A plan being executed for k identical iterations, with their end times; the first
-    `done` of them are already applied to the requests' state."""
+    """A plan being executed for k identical iterations, with their end times (increasing); the
+    first `done` of them are already applied to the requests' state."""
 
     __slots__ = ("done", "ends", "k", "plan")
 
-    def __init__(self, plan: BatchPlan, ends: np.ndarray) -> None:
+    def __init__(self, plan: BatchPlan, ends: list[float]) -> None:
         self.plan, self.ends, self.k, self.done = plan, ends, len(ends), 0
 
     @property
     def end(self) -> float:
-        return float(self.ends[-1])
+        return self.ends[-1]
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # (when compiled: setup.py)
@@ -281,7 +282,7 @@ class Instance(EngineState):
             # to preempt itself) or releases pins: it runs nothing and takes no time; plan
             # again on freed KV.
             if self.observer is not None:
-                self.observer(self, Span(plan, np.array([now])))
+                self.observer(self, Span(plan, [now]))
             plan = self.policy.schedule(self.view)
             extra += self._apply_preemptions(plan)
         if not plan.items:
@@ -296,20 +297,20 @@ class Instance(EngineState):
         n_dec, dec_kv, chunks, k, tokens = self._batch(plan)
         k = self._span_length(plan, k, tokens)
         durations = self._durations(n_dec, dec_kv, chunks, k)
-        durations[0] += extra
         # Each iteration ends at the previous end plus its time, added in that order, as when
         # iterations run one at a time: a span's times are theirs to the last bit (a sum of
         # the durations first, then `now`, rounds otherwise, and a policy comparing times
         # could then decide otherwise).
-        ends = np.empty(k + 1)
-        ends[0] = now
-        ends[1:] = durations
-        ends = ends.cumsum()[1:]  # (methods, not np.cumsum: no wrapper call, every step)
+        end = now + (durations[0] + extra)
+        ends = [end]
+        for i in range(1, k):
+            end += durations[i]
+            ends.append(end)
         if self.pins and k > 1:
             # A pin's expiry is an event: the policy is asked again at the first iteration
             # that ends after it (as vLLM's scheduler looks at pins every step).
             expiry = min((t for t in self.pins.values() if t > now), default=math.inf)
-            ends = ends[: int(np.searchsorted(ends, expiry, side="left")) + 1]
+            del ends[bisect_left(ends, expiry) + 1 :]
         self.span = Span(plan, ends)
         if self.observer is not None:
             self.observer(self, self.span)
@@ -438,29 +439,29 @@ class Instance(EngineState):
 
     def _durations(
         self, n_dec: int, dec_kv: int, chunks: list[tuple[int, int]], k: int
-    ) -> np.ndarray:
+    ) -> list[float]:
         """The latency model's times of k iterations of the batch (the chunks advance by their
         length and the decodes' context by one token each, every iteration)."""
         if not chunks:
-            return np.array(self.latency.decode_iteration_times(n_dec, dec_kv, k))
+            times = self.latency.decode_iteration_times(n_dec, dec_kv, k)
+            return times if isinstance(times, list) else [float(t) for t in times]
         iteration_time = self.latency.iteration_time
         if len(chunks) == 1:  # (the usual batch: one prompt's chunk beside the decodes)
             done, c = chunks[0]
-            return np.array(
-                [
-                    iteration_time(
-                        BatchShape(c, c * (p + (c + 1) / 2), p + c, 1, n_dec, dec_kv + i * n_dec)
-                    )
-                    for i, p in enumerate(range(done, done + k * c, c))
-                ]
+            return [
+                iteration_time(
+                    BatchShape(c, c * (p + (c + 1) / 2), p + c, 1, n_dec, dec_kv + i * n_dec)
+                )
+                for i, p in enumerate(range(done, done + k * c, c))
+            ]
+        return [
+            iteration_time(
+                BatchShape.from_chunks(
+                    ((c, done + i * c) for done, c in chunks), n_dec, dec_kv + i * n_dec
+                )
             )
-        out = np.empty(k)
-        for i in range(k):
-            shape = BatchShape.from_chunks(
-                ((c, done + i * c) for done, c in chunks), n_dec, dec_kv + i * n_dec
-            )
-            out[i] = iteration_time(shape)
-        return out
+            for i in range(k)
+        ]
 
     # --- applying a span's iterations ---------------------------------------------------------
     def sync(self, t: float) -> None:
@@ -469,7 +470,7 @@ class Instance(EngineState):
         span = self.span
         if span is None:
             return
-        ended = int(span.ends.searchsorted(t, side="right"))
+        ended = bisect_right(span.ends, t)
         if span.done < ended < span.k:
             self._advance(span, ended - span.done)
             for state, tokens in span.plan.items:
@@ -481,7 +482,7 @@ class Instance(EngineState):
         span = self.span
         assert span is not None
         self.sync(t)
-        j = int(span.ends.searchsorted(t, side="right")) + 1
+        j = bisect_right(span.ends, t) + 1
         if j < span.k:
             span.ends = span.ends[:j]
             span.k = j

@@ -1,17 +1,15 @@
 """The latency model's interface: the time of one engine iteration from the batch's shape.
 
 A batch's cost depends on a few sums over its requests, so a shape is six numbers. Decode-only
-stretches, where the same requests decode for many iterations, are priced in one vectorised call
+stretches, where the same requests decode for many iterations, are priced in one call
 (`decode_iteration_times`), which is what lets the simulator advance by events, not tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
-
-import numpy as np
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +52,8 @@ class LatencyModel(Protocol):
 
     def iteration_time(self, shape: BatchShape) -> float: ...
 
-    def decode_iteration_times(self, num_decodes: int, kv_tokens: int, k: int) -> np.ndarray:
+    def decode_iteration_times(self, num_decodes: int, kv_tokens: int, k: int) -> Sequence[float]:
         """Times of k decode-only iterations of the same `num_decodes` requests, whose summed
-        context starts at `kv_tokens` and grows by `num_decodes` each iteration."""
+        context starts at `kv_tokens` and grows by `num_decodes` each iteration (a list of
+        floats, or any sequence of them, e.g. a numpy array)."""
         ...

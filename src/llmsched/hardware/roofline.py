@@ -42,7 +42,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import numpy as np
 from mypy_extensions import mypyc_attr
 
 from llmsched.hardware.latency import BatchShape
@@ -233,9 +232,6 @@ class RooflineModel:
         )
         self._decode_terms = (qc, qw, qt, oc, ow, ot, uc, uw, ut, dc, dw, dt)
         self._decode_constants: dict[int, tuple[float, float, float]] = {}  # by batch size
-        self._ramp: np.ndarray = np.arange(
-            1024, dtype=np.float64
-        )  # 0, 1, 2, ...: iteration offsets
 
     @classmethod
     def calibrated(
@@ -305,30 +301,27 @@ class RooflineModel:
             self._attn_kv_byte * shape.prefill_kv_tokens + self._attn_q_byte * shape.prefill_tokens,
         )
 
-    def decode_iteration_times(self, num_decodes: int, kv_tokens: int, k: int) -> np.ndarray:
+    def decode_iteration_times(self, num_decodes: int, kv_tokens: int, k: int) -> list[float]:
         """Times of k decode-only iterations of `num_decodes` requests whose summed context starts
-        at `kv_tokens` and grows by `num_decodes` per iteration (vectorised iteration_time)."""
-        if k <= 0:
-            return np.zeros(0)
+        at `kv_tokens` and grows by `num_decodes` per iteration (iteration_time's terms, those
+        that do not change with the context computed once)."""
         n = num_decodes
         if n <= 0:
-            return np.zeros(k)
+            return [0.0] * max(k, 0)
         terms = self._decode_constants.get(n)
         if terms is None:
             terms = self._decode_constants[n] = self._decode_terms_of(n)
         fixed, q_bytes, rest = terms
-        if k > len(self._ramp):
-            self._ramp = np.arange(max(k, 2 * len(self._ramp)), dtype=np.float64)
-        # In place, but the same operations on each element as iteration_time's:
-        # fixed + max(flop·kv, kv_byte·kv + q_byte·n) + rest, with kv = kv_tokens + n·i.
-        kv: np.ndarray = self._ramp[:k] * n
-        kv += kv_tokens
-        out = kv * self._attn_flop
-        kv *= self._attn_kv_byte
-        kv += q_bytes
-        np.maximum(out, kv, out=out)
-        out += fixed
-        out += rest
+        flop, kv_byte = self._attn_flop, self._attn_kv_byte
+        # A loop, not numpy: spans are short (median 2-4 iterations), and compiled (mypyc) a
+        # loop of a few floats costs less than one numpy call.
+        out = []
+        context = kv_tokens
+        for _ in range(k):
+            kv = float(context)
+            compute, memory = kv * flop, kv * kv_byte + q_bytes
+            out.append((compute if compute >= memory else memory) + fixed + rest)
+            context += n
         return out
 
     def _decode_terms_of(self, n: int) -> tuple[float, float, float]:
