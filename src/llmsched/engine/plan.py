@@ -1,4 +1,4 @@
-"""Batch plans, and the packing mechanics that policies share.
+"""Batch plans, and the packing mechanics that policies share: the builder and vLLM's loop.
 
 A policy answers "what runs in the next iteration" with a :class:`BatchPlan`: requests with
 their token counts, preemption victims, and how many identical iterations the plan may repeat
@@ -9,6 +9,7 @@ policy file says *in which order* to schedule, admit and preempt, and nothing el
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -389,3 +390,103 @@ class BatchBuilder:
             self.released,
             self.hit_blocks,
         )
+
+
+# --- vLLM's scheduling loop, in an order a policy chooses ---------------------------------------
+Key = Callable[[RequestState], Any]
+# A policy's choice of a pin to release for a request that finds no KV (None: none).
+Reclaim = Callable[[BatchBuilder, RequestState], "RequestState | None"]
+
+
+def pack_in_order(
+    view: Any,  # an InstanceView, or any object with its `running` and `waiting` (PARS's order)
+    *,
+    mode: str,
+    key: Key | None = None,
+    sort_running: bool = False,
+    preempt_for_waiting: bool = False,
+    admit_waiting: bool = True,
+    builder: BatchBuilder | None = None,
+    running: list[RequestState] | None = None,
+    waiting: Iterable[RequestState] | None = None,
+    reclaim: Reclaim | None = None,
+) -> BatchBuilder:
+    """vLLM V1's scheduling loop, ordered by `key` (None = FCFS).
+
+    Running requests are served first (in admission order, or by `key` when `sort_running`);
+    one that cannot get KV preempts the running request that comes last (by `key`, or the most
+    recently admitted), possibly itself, and if it preempted itself no further running request
+    is served this step. If nothing was preempted, waiting requests are admitted in queue order
+    until one does not fit (`BatchBuilder.admit`). This is vLLM 0.32's `Scheduler.schedule`
+    (tests/test_vllm_differential.py runs both). With `preempt_for_waiting` (vLLM v0.6's
+    priority preemption), a waiting request that does not fit preempts running requests with a
+    worse key, worst first, until it fits. `admit_waiting=False` stops after the running
+    requests. `running`: the running requests already in `key` order (a policy that computed
+    the keys anyway saves sorting by calling `key` again). `waiting`: the waiting requests in
+    the order to admit them (default: the queue's). `reclaim(b, state)`: called when `state`
+    finds no KV (a running request that cannot grow, or a waiting one that does not fit), it
+    names a pin to release first (Continuum), or None: preempt or stop as above.
+
+    The loop is the engine's mechanics (compiled with it, see llmsched.native); the policy's
+    decisions are its arguments.
+    """
+    b = builder or BatchBuilder(view)
+    if running is None:
+        running = sorted(view.running, key=key) if sort_running and key else view.running
+    # Still running, in order: the candidates for preemption (made at the first preemption).
+    alive: dict[RequestState, None] | None = None
+    for state in running:
+        if not b.budget:
+            break
+        if (alive is not None and state not in alive) or (
+            state.computed == state.prompt_tokens + state.generated
+        ):
+            # Preempted earlier in this loop; or nothing to compute, its last token in flight
+            # (vLLM's async scheduling; never in the simulator): vLLM skips it, seat and KV held.
+            continue
+        # vLLM sizes the request's tokens once, on the budget left now: a victim served
+        # earlier this step gives its tokens back to the budget, but not to this request.
+        budget = b.budget
+        if b.schedule(state):
+            continue
+        victim = None
+        while True:  # no KV for it: preempt from the back, until it fits or it is the victim
+            pin = reclaim(b, state) if reclaim is not None else None
+            if pin is not None:  # the policy releases a pin instead
+                b.release(pin)
+            else:
+                alive = dict.fromkeys(running) if alive is None else alive
+                victim = next(reversed(alive)) if key is None else max(alive, key=key)
+                del alive[victim]
+                b.preempt(victim, mode)
+                if victim is state:
+                    break
+            if b.schedule(state, budget):
+                break
+        if victim is state:
+            break  # it preempted itself: vLLM serves no running request after it this step
+    if not admit_waiting or (b.preempted and not preempt_for_waiting):
+        return b
+    for state in view.waiting if waiting is None else waiting:
+        if b.budget_left == 0:
+            break
+        while not b.admit(state):
+            if reclaim is not None and b.seqs_left > 0:  # it found no KV: a pin may go
+                pin = reclaim(b, state)
+                if pin is not None:
+                    b.release(pin)
+                    continue
+            if not preempt_for_waiting or key is None:
+                return b
+            alive = dict.fromkeys(running) if alive is None else alive
+            worse = [r for r in alive if key(r) > key(state)]
+            if not worse:
+                return b
+            victim = max(worse, key=key)
+            del alive[victim]
+            b.preempt(victim, mode)
+        if sort_running:
+            # Next iteration the newcomer is sorted among the running requests, possibly ahead
+            # of those served before it this time: the plan is not repeatable.
+            b.limit_repeat(1)
+    return b

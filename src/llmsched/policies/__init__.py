@@ -1,5 +1,6 @@
 """Scheduling policies: importing this package registers every policy and router by name."""
 
+from llmsched.engine.plan import pack_in_order  # noqa: F401
 from llmsched.policies import (  # noqa: F401
     continuum,
     oracle,
@@ -17,7 +18,6 @@ from llmsched.policies.base import (  # noqa: F401
     ROUTERS,
     InstancePolicy,
     Router,
-    pack_in_order,
     policy_class,
     router_class,
 )

@@ -55,9 +55,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from llmsched.engine.plan import BatchBuilder, BatchPlan
+from llmsched.engine.plan import BatchBuilder, BatchPlan, pack_in_order
 from llmsched.engine.state import RequestState, Status
-from llmsched.policies.base import InstancePolicy, pack_in_order, register
+from llmsched.policies.base import InstancePolicy, register
 
 if TYPE_CHECKING:
     from llmsched.engine.instance import InstanceView

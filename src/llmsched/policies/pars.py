@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import math
 
-from llmsched.engine.plan import BatchBuilder, BatchPlan
+from llmsched.engine.plan import BatchBuilder, BatchPlan, pack_in_order
 from llmsched.engine.state import RequestState, Status
-from llmsched.policies.base import InstancePolicy, pack_in_order, register
+from llmsched.policies.base import InstancePolicy, register
 from llmsched.policies.vllm import Priority
 
 

@@ -37,10 +37,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from llmsched.engine.kv import blocks_for
-from llmsched.engine.plan import BatchPlan
+from llmsched.engine.plan import BatchPlan, pack_in_order
 from llmsched.engine.state import RequestState
 from llmsched.metrics.qoe import PASCAL_ANSWER_SLO, AnswerSLO, qoe_terms
-from llmsched.policies.base import InstancePolicy, Router, pack_in_order, register
+from llmsched.policies.base import InstancePolicy, Router, register
 
 if TYPE_CHECKING:
     from llmsched.cluster.cluster import ClusterView

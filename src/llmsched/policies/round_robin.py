@@ -7,9 +7,9 @@ preempted so that requests ahead of it run. New arrivals join the back.
 
 from __future__ import annotations
 
-from llmsched.engine.plan import BatchPlan
+from llmsched.engine.plan import BatchPlan, pack_in_order
 from llmsched.engine.state import RequestState
-from llmsched.policies.base import InstancePolicy, pack_in_order, register
+from llmsched.policies.base import InstancePolicy, register
 
 
 @register

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from llmsched.engine.plan import BatchBuilder, BatchPlan
-from llmsched.policies.base import InstancePolicy, pack_in_order, register
+from llmsched.engine.plan import BatchBuilder, BatchPlan, pack_in_order
+from llmsched.policies.base import InstancePolicy, register
 
 
 @register
