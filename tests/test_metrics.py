@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gc
 import itertools
 import json
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llmsched.metrics import report
+from llmsched.metrics.qoe import PASCAL_ANSWER_SLO
 from llmsched.metrics.ranking import kendall_tau
 from llmsched.metrics.record import RequestRecord
 from llmsched.metrics.report import (
@@ -35,6 +37,7 @@ from llmsched.metrics.summary import (
     PERCENTILES,
     VLLM_LATENCY_METRICS,
     MetricsCollector,
+    RequestMetrics,
     max_concurrency,
     per_request_metrics,
     summarize,
@@ -870,6 +873,80 @@ def test_collector_matches_direct_computation(recs, goodput):
     cols = c.columns()
     assert cols["request_id"].tolist() == [r.request_id for r in recs]
     assert cols["status"].tolist() == ["finished" if r.finished else "rejected" for r in recs]
+
+
+def _one_by_one(record) -> dict:
+    """Reference: a finished request's timeline metrics in plain Python floats, in the order of
+    operations of their definitions (so equal to the last bit)."""
+    t, n, r, a = [float(x) for x in record.token_times], record.output_tokens, 0, record.arrival
+    r = record.reasoning_tokens
+    gaps = [t[i + 1] - t[i] for i in range(n - 1)]
+    visible = n - r
+    e2el = t[-1] - a
+    ttft = t[r] - a if visible else e2el
+    return {
+        "first_token": t[0],
+        "first_answer_token": t[r] if visible else math.nan,
+        "finish": t[-1],
+        "ttft": ttft,
+        "ttft_any": t[0] - a,
+        "e2el": e2el,
+        "tpot": (e2el - ttft) / (visible - 1) if visible > 1 else math.nan,
+        "max_gap": max(gaps) if gaps else math.nan,
+        "answer_gap": gaps[r - 1] if 0 < r < n else math.nan,
+        "visible_tokens": visible,
+        "itl": gaps[r:] if visible > 1 else [],
+    }
+
+
+def _same(a, b) -> bool:
+    return a == b or (a != a and b != b)  # (NaN is NaN)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(recs=records())
+def test_request_metrics_of_many_requests_at_once_are_each_ones_own(recs):
+    """Computed together (vectorised, as a collector does), every request's metrics are its
+    own: those of it alone, and those of the definitions computed one float at a time."""
+    together = RequestMetrics(recs, PASCAL_ANSWER_SLO)
+    for i, record in enumerate(recs):
+        alone = per_request_metrics(record)
+        for name, values in together.columns.items():
+            if name in alone and name not in ("ttft_slo", "tpot_slo", "slo_met"):  # (None)
+                assert _same(values[i].item(), alone[name]), (record.request_id, name)
+        assert together.itl(i).tolist() == alone["itl"].tolist()
+        if record.finished:
+            for name, value in _one_by_one(record).items():
+                got = alone[name].tolist() if name == "itl" else alone[name]
+                assert _same(got, value), (record.request_id, name, got, value)
+            assert together.columns["slo_met"][i] == (
+                -1 if alone["slo_met"] is None else alone["slo_met"]
+            )
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(recs=records(), batch=st.integers(2, 30))
+def test_a_collector_batching_its_records_stores_the_same(recs, batch):
+    one, many = MetricsCollector(), MetricsCollector(batch=batch)
+    for r in recs:
+        one.add(r)
+        many.add(r)
+        assert len(many) == len(one)
+    assert np.array_equal(one.itl(), many.itl())
+    for name, values in one.columns().items():
+        assert np.array_equal(values, many.columns()[name], equal_nan=values.dtype.kind == "f")
+    assert json.dumps(one.summary()) == json.dumps(many.summary())
+
+
+def test_a_batching_collector_refuses_the_first_inconsistent_record_by_name():
+    good = dataclasses.replace(four_tokens(), request_id="ok")
+    bad = dataclasses.replace(four_tokens(), request_id="late", arrival=0.75)
+    worse = dataclasses.replace(four_tokens(), request_id="later", output_tokens=3)
+    c = MetricsCollector(batch=4)
+    for record in (good, bad, worse):
+        c.add(record)  # (held: their metrics come with the fourth record, or when read)
+    with pytest.raises(ValueError, match=r"'late': first token at 0.5 s precedes its arrival"):
+        c.summary()
 
 
 # --- ranking ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from llmsched.hardware.latency import LatencyModel
 from llmsched.metrics.gaps import LoggedGaps
 from llmsched.metrics.qoe import PASCAL_ANSWER_SLO, AnswerSLO
 from llmsched.metrics.record import RequestRecord
-from llmsched.metrics.summary import MetricsCollector
+from llmsched.metrics.summary import RECORDS_BATCH, MetricsCollector
 from llmsched.policies.base import InstancePolicy, Router
 from llmsched.workload.request import Workload
 from llmsched.workload.sessions import PROGRAM_CUT, successors
@@ -163,7 +163,9 @@ class Cluster:
         self.view = ClusterView(self)
         self.now = 0.0
         # ITL gaps read from the iteration logs, not kept one by one (metrics/gaps.py)
-        self.collector = MetricsCollector(answer_slo, LoggedGaps(self.logs, frontend_latency))
+        self.collector = MetricsCollector(
+            answer_slo, LoggedGaps(self.logs, frontend_latency), batch=RECORDS_BATCH
+        )
         self.stats = RunStats()
         self._events: list = []
         self._seq = 0

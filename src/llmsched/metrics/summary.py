@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -138,6 +139,11 @@ _ROW_DTYPE = np.dtype(
     ]
 )
 _NAN = float("nan")
+#: Records a collector of a whole run's requests computes at once (`MetricsCollector.batch`).
+RECORDS_BATCH = 1024
+# A collector computes the metrics of the records it holds once their tokens reach this many
+# (float64 token times: 8 MB), however few records it waits for.
+_PENDING_TOKENS = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,49 +166,192 @@ def per_request_metrics(
     wait a phase change causes; ``qoe``: the answer's QoE against `answer_slo`).
 
     Raises ValueError, naming the request, for a finished record whose timeline is inconsistent.
-    :class:`MetricsCollector` stores exactly what this returns.
+    It is :class:`RequestMetrics` of this one record, which is what :class:`MetricsCollector`
+    stores.
     """
-    rid = record.request_id
-    base: dict[str, Any] = {
-        "request_id": rid,
-        "arrival": float(record.arrival),
-        "client_wait": float(record.client_wait),
-        "first_scheduled": float(record.first_scheduled),
-        "prompt_tokens": int(record.prompt_tokens),
-        "output_tokens": int(record.output_tokens),
-        "reasoning_tokens": int(record.reasoning_tokens),
-        "preemptions": int(record.preemptions),
-        "migrations": int(record.migrations),
-        "cached_tokens": int(record.cached_tokens),
-        "instance": int(record.instance),
-        "priority": int(record.priority),
+    m = RequestMetrics([record], answer_slo)
+    c = {name: values[0].item() for name, values in m.columns.items()}
+    slo_met = int(c["slo_met"])
+    return {
+        "request_id": record.request_id,
+        "arrival": c["arrival"],
+        "client_wait": c["client_wait"],
+        "first_scheduled": c["first_scheduled"],
+        "prompt_tokens": c["prompt_tokens"],
+        "output_tokens": c["output_tokens"],
+        "reasoning_tokens": c["reasoning_tokens"],
+        "preemptions": c["preemptions"],
+        "migrations": c["migrations"],
+        "cached_tokens": c["cached_tokens"],
+        "instance": c["instance"],
+        "priority": c["priority"],
         "tier": record.tier,
         "session_id": record.session_id,
         "turn": record.turn,
         "ttft_slo": record.ttft_slo,
         "tpot_slo": record.tpot_slo,
+        "status": "finished" if record.finished else "rejected",
+        "reject_reason": m.reject_reasons[0],
+        **{name: c[name] for name in _TIMELINE},
+        "visible_tokens": c["visible_tokens"],
+        "itl": m.itl(0),
+        "slo_met": None if slo_met < 0 else bool(slo_met),
     }
-    if not record.finished:
-        base.update(
-            status="rejected",
-            reject_reason=record.reject_reason or "unspecified",
-            first_token=_NAN,
-            first_answer_token=_NAN,
-            finish=_NAN,
-            visible_tokens=0,
-            queue_time=base["first_scheduled"] - base["arrival"],
-            ttft=_NAN,
-            ttft_any=_NAN,
-            tpot=_NAN,
-            e2el=_NAN,
-            max_gap=_NAN,
-            answer_gap=_NAN,
-            qoe=_NAN,
-            itl=np.zeros(0),
-            slo_met=None,
-        )
-        return base
 
+
+# What a finished request's token times give (NaN for a rejected request).
+_TIMELINE = (
+    "first_token",
+    "first_answer_token",
+    "finish",
+    "queue_time",
+    "ttft",
+    "ttft_any",
+    "tpot",
+    "e2el",
+    "max_gap",
+    "answer_gap",
+    "qoe",
+)
+_RECORD_FLOATS = ("arrival", "client_wait", "first_scheduled")
+_RECORD_INTS = (
+    "prompt_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "preemptions",
+    "migrations",
+    "cached_tokens",
+    "instance",
+    "priority",
+    "turn",
+)
+
+
+class RequestMetrics:
+    """The metrics of many requests at once, as numpy columns (:func:`per_request_metrics` says
+    what each is): a simulated run finishes requests by the thousand, and one vectorised pass
+    over their token times costs far less than a pass per request.
+
+    ``columns``: every numeric per-request column of the collector's rows (times, counts,
+    ``finished``, ``visible_tokens``, ``slo_met`` as 1/0/-1) but its string codes;
+    ``reject_reasons``: a string per request ("" when finished); ``itl(i)``: request i's gaps
+    between visible tokens. Raises ValueError, naming the first such request, when a finished
+    record's timeline is inconsistent.
+    """
+
+    def __init__(self, records: Sequence[RequestRecord], answer_slo: AnswerSLO) -> None:
+        n_req = len(records)
+        floats = np.array(list(map(attrgetter(*_RECORD_FLOATS), records)), np.float64)
+        ints = np.array(list(map(attrgetter(*_RECORD_INTS), records)), np.int64)
+        floats = floats.reshape(n_req, len(_RECORD_FLOATS))
+        ints = ints.reshape(n_req, len(_RECORD_INTS))
+        cols: dict[str, np.ndarray] = {name: floats[:, i] for i, name in enumerate(_RECORD_FLOATS)}
+        cols |= {name: ints[:, i] for i, name in enumerate(_RECORD_INTS)}
+        finished = np.array([r.finished for r in records], dtype=bool)
+        cols["finished"] = finished
+        cols["ttft_slo"] = np.array([_NAN if r.ttft_slo is None else r.ttft_slo for r in records])
+        cols["tpot_slo"] = np.array([_NAN if r.tpot_slo is None else r.tpot_slo for r in records])
+        cols["queue_time"] = cols["first_scheduled"] - cols["arrival"]
+        for name in _TIMELINE:
+            if name != "queue_time":
+                cols[name] = np.full(n_req, _NAN)
+        cols["visible_tokens"] = np.zeros(n_req, np.int64)
+        cols["slo_met"] = np.full(n_req, -1, np.int8)
+        self.reject_reasons = [
+            "" if r.finished else (r.reject_reason or "unspecified") for r in records
+        ]
+        self.columns = cols
+        self._itl_bounds = np.zeros((n_req, 2), np.int64)
+        self.gaps = np.zeros(0)
+        fin = np.flatnonzero(finished)
+        if len(fin):
+            self._timelines([records[i] for i in fin.tolist()], fin, answer_slo)
+
+    def itl(self, i: int) -> np.ndarray:
+        lo, hi = self._itl_bounds[i].tolist()
+        return self.gaps[lo:hi]
+
+    def _timelines(
+        self, records: list[RequestRecord], fin: np.ndarray, answer_slo: AnswerSLO
+    ) -> None:
+        """The finished requests' (rows `fin`) metrics from their token times, laid end to end:
+        request i's at offsets first[i]..last[i]."""
+        cols = self.columns
+        times = [np.asarray(r.token_times, dtype=np.float64) for r in records]
+        n, r = cols["output_tokens"][fin], cols["reasoning_tokens"][fin]
+        sizes = np.array([len(t) if t.ndim == 1 else -1 for t in times], np.int64)
+        _refuse_first(records, (sizes != n) | (n < 1) | (r < 0) | (r > n))
+        t = np.concatenate(times)
+        first = np.zeros(len(n), np.int64)
+        np.cumsum(n[:-1], out=first[1:])
+        last = first + n - 1
+        # Every token's gap to the next, NaN after each request's last token: the reductions
+        # over a request's [first, last] then skip that NaN (fmin/fmax) and see its gaps only.
+        gaps = np.empty(len(t))
+        np.subtract(t[1:], t[:-1], out=gaps[:-1])
+        gaps[last] = _NAN
+        smallest, largest = np.fmin.reduceat(gaps, first), np.fmax.reduceat(gaps, first)
+        one = n == 1
+        smallest[one], largest[one] = 0.0, _NAN
+        arrival = cols["arrival"][fin]
+        first_token, finish = t[first], t[last]
+        finite = np.logical_and.reduceat(np.isfinite(t), first) & np.isfinite(smallest)
+        finite &= one | np.isfinite(largest)  # (an overflowing gap)
+        _refuse_first(records, ~finite | (smallest < 0) | (first_token < arrival))
+
+        visible = n - r
+        e2el = finish - arrival
+        answers = visible > 0
+        # (Reasoning that never reached an answer: the user sees nothing until the response
+        # ends, so its TTFT is its E2EL.)
+        first_answer = np.where(answers, t[np.minimum(first + r, last)], _NAN)
+        ttft = np.where(answers, first_answer - arrival, e2el)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tpot = np.where(visible > 1, (e2el - ttft) / (visible - 1), _NAN)
+        thinking = (r > 0) & (r < n)
+        qoe = np.full(len(n), _NAN)
+        for i in np.flatnonzero(thinking).tolist():
+            qoe[i] = answer_qoe(times[i], int(r[i]), answer_slo)
+        for name, values in (
+            ("first_token", first_token),
+            ("first_answer_token", first_answer),
+            ("finish", finish),
+            ("ttft", ttft),
+            ("ttft_any", first_token - arrival),
+            ("tpot", tpot),
+            ("e2el", e2el),
+            ("max_gap", largest),
+            ("answer_gap", np.where(thinking, gaps[np.maximum(first + r - 1, 0)], _NAN)),
+            ("qoe", qoe),
+            ("visible_tokens", visible),
+        ):
+            cols[name][fin] = values
+        # Judged by its own SLOs, where it has any.
+        ttft_slo, tpot_slo = cols["ttft_slo"][fin], cols["tpot_slo"][fin]
+        own = ~np.isnan(ttft_slo) | ~np.isnan(tpot_slo)
+        met = (np.isnan(ttft_slo) | (ttft <= ttft_slo)) & (
+            np.isnan(tpot_slo) | (np.where(np.isnan(tpot), 0.0, tpot) <= tpot_slo)
+        )
+        cols["slo_met"][fin] = np.where(own, met, -1)
+        # gaps[i] = t[i+1] - t[i]: a request's gaps between visible tokens are from index r on.
+        self.gaps = gaps
+        self._itl_bounds[fin] = np.where(
+            (visible > 1)[:, None], np.stack([first + r, last], axis=1), 0
+        )
+
+
+def _refuse_first(records: list[RequestRecord], bad: np.ndarray) -> None:
+    """When `bad` flags any record, raise the error of the first inconsistent one (the checks
+    one record at a time say which, and what is wrong: errors are rare, and this is exact)."""
+    if bad.any():
+        for record in records:
+            _check_timeline(record)
+        raise AssertionError(f"request {records[int(np.argmax(bad))].request_id!r} flagged")
+
+
+def _check_timeline(record: RequestRecord) -> None:
+    """Raise ValueError, naming the request, for a finished record's inconsistent timeline."""
+    rid = record.request_id
     times = np.asarray(record.token_times, dtype=np.float64)
     n = int(record.output_tokens)
     r = int(record.reasoning_tokens)
@@ -220,70 +369,15 @@ def per_request_metrics(
         raise ValueError(
             f"request {rid!r}: reasoning_tokens {r} must lie in 0..output_tokens ({n})"
         )
-    arrival = base["arrival"]
-    first_token = float(times[0])
-    finish = float(times[-1])
-    gaps = times[1:] - times[:-1]  # (np.diff, without its wrapper: once per request)
-    # (min and max propagate NaN: both finite means every gap is)
-    smallest, largest = (float(gaps.min()), float(gaps.max())) if n > 1 else (0.0, _NAN)
-    if not (
-        math.isfinite(first_token)
-        and math.isfinite(finish)
-        and math.isfinite(smallest)
-        and (n == 1 or math.isfinite(largest))
-    ):
+    if not np.isfinite(times).all() or not np.isfinite(np.diff(times)).all():
         raise ValueError(f"request {rid!r}: token_times contains NaN or infinite values")
-    if smallest < 0:
+    if (np.diff(times) < 0).any():
         raise ValueError(f"request {rid!r}: token_times must be non-decreasing")
-    if first_token < arrival:
+    if times[0] < record.arrival:
         raise ValueError(
-            f"request {rid!r}: first token at {times[0]} s precedes its arrival at {arrival} s"
+            f"request {rid!r}: first token at {times[0]} s precedes its arrival at "
+            f"{float(record.arrival)} s"
         )
-
-    visible = n - r
-    e2el = finish - arrival
-    if visible > 0:
-        first_answer = float(times[r])
-        ttft = first_answer - arrival
-    else:
-        # Reasoning that never reached an answer: the user sees nothing until the response ends.
-        first_answer = _NAN
-        ttft = e2el
-    tpot = (e2el - ttft) / (visible - 1) if visible > 1 else _NAN
-    # gaps[i] = times[i+1] - times[i]; gaps between visible tokens are those from index r on.
-    itl = gaps[r:] if visible > 1 else np.zeros(0)
-    base.update(
-        status="finished",
-        reject_reason="",
-        first_token=first_token,
-        first_answer_token=first_answer,
-        finish=finish,
-        visible_tokens=visible,
-        queue_time=base["first_scheduled"] - arrival,
-        ttft=ttft,
-        ttft_any=first_token - arrival,
-        tpot=tpot,
-        e2el=e2el,
-        max_gap=largest,
-        answer_gap=float(gaps[r - 1]) if 0 < r < n else _NAN,
-        qoe=answer_qoe(times, r, answer_slo),
-        itl=itl,
-        slo_met=_meets_own_slos(ttft, tpot, record.ttft_slo, record.tpot_slo),
-    )
-    return base
-
-
-def _meets_own_slos(
-    ttft: float, tpot: float, ttft_slo: float | None, tpot_slo: float | None
-) -> bool | None:
-    if ttft_slo is None and tpot_slo is None:
-        return None
-    ok = True
-    if ttft_slo is not None:
-        ok = ok and ttft <= ttft_slo
-    if tpot_slo is not None:
-        ok = ok and (0.0 if math.isnan(tpot) else tpot) <= tpot_slo
-    return bool(ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,9 +424,18 @@ class MetricsCollector:
     """
 
     def __init__(
-        self, answer_slo: AnswerSLO = PASCAL_ANSWER_SLO, gaps: GapPool | LoggedGaps | None = None
+        self,
+        answer_slo: AnswerSLO = PASCAL_ANSWER_SLO,
+        gaps: GapPool | LoggedGaps | None = None,
+        batch: int = 1,
     ) -> None:
         self.answer_slo = answer_slo
+        # Records wait until `batch` of them (or their tokens) are added, then their metrics
+        # are computed together (RequestMetrics): a simulated run's collector batches
+        # thousands. 1: each at once, and an inconsistent record is refused when added.
+        self.batch = batch
+        self._pending: list[RequestRecord] = []
+        self._pending_tokens = 0
         self._rows = Growable(_ROW_DTYPE)
         self._ids = Growable("U16")
         # The pooled gaps, the one store that grows with tokens: kept as values, or read from
@@ -346,64 +449,51 @@ class MetricsCollector:
         self.prefix_cache: dict[str, Any] | None = None
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._rows) + len(self._pending)
 
-    def add(self, record: RequestRecord) -> dict[str, Any]:
-        """Record one request; returns its :func:`per_request_metrics` (callers may ignore it)."""
-        m = per_request_metrics(record, self.answer_slo)
-        rid = str(m["request_id"])
-        if len(rid) > self._ids.dtype.itemsize // 4:
-            self._ids.widen(f"U{max(len(rid), 2 * (self._ids.dtype.itemsize // 4))}")
-        slo_met = m["slo_met"]
-        self._rows.append(
-            (
-                m["arrival"],
-                m["client_wait"],
-                m["first_scheduled"],
-                m["first_token"],
-                m["first_answer_token"],
-                m["finish"],
-                m["queue_time"],
-                m["ttft"],
-                m["ttft_any"],
-                m["tpot"],
-                m["e2el"],
-                m["max_gap"],
-                m["answer_gap"],
-                m["qoe"],
-                _NAN if m["ttft_slo"] is None else m["ttft_slo"],
-                _NAN if m["tpot_slo"] is None else m["tpot_slo"],
-                m["prompt_tokens"],
-                m["output_tokens"],
-                m["reasoning_tokens"],
-                m["visible_tokens"],
-                m["preemptions"],
-                m["migrations"],
-                m["cached_tokens"],
-                m["instance"],
-                m["priority"],
-                m["status"] == "finished",
-                -1 if slo_met is None else int(slo_met),
-                self._reasons.code(m["reject_reason"]),
-                self._tiers.code(m["tier"]),
-                self._sessions.code(m["session_id"]),
-                m["turn"],
-            )
-        )
-        self._ids.append(rid)
-        self._itl.add(record, m["itl"])
-        return m
+    def add(self, record: RequestRecord) -> None:
+        """Record one request (its metrics are computed at once, or with the next `batch`)."""
+        self._pending.append(record)
+        self._pending_tokens += len(record.token_times)
+        if len(self._pending) >= self.batch or self._pending_tokens > _PENDING_TOKENS:
+            self._flush()
 
     def extend(self, records: Iterable[RequestRecord]) -> None:
         """:meth:`add` each record."""
         for record in records:
             self.add(record)
 
+    def _flush(self) -> None:
+        """Compute and store the metrics of the records added since the last flush."""
+        records = self._pending
+        if not records:
+            return
+        self._pending, self._pending_tokens = [], 0
+        m = RequestMetrics(records, self.answer_slo)
+        for i, record in enumerate(records):
+            self._itl.add(record, m.itl(i))
+        rows = np.empty(len(records), _ROW_DTYPE)
+        for name, values in m.columns.items():
+            rows[name] = values
+        rows["reject_code"] = [self._reasons.code(x) for x in m.reject_reasons]
+        rows["tier_code"] = [self._tiers.code(r.tier) for r in records]
+        rows["session_code"] = [self._sessions.code(r.session_id) for r in records]
+        self._rows.extend(rows)
+        ids = [str(r.request_id) for r in records]
+        longest = max(map(len, ids))
+        if longest > self._ids.dtype.itemsize // 4:
+            self._ids.widen(f"U{max(longest, 2 * (self._ids.dtype.itemsize // 4))}")
+        self._ids.extend(ids)
+
     # ---- views -------------------------------------------------------------------------------
+    def _table(self) -> np.ndarray:
+        """The rows, every record added so far among them."""
+        self._flush()
+        return self._rows.view()
 
     @property
     def num_finished(self) -> int:
-        return int(np.count_nonzero(self._rows.view()["finished"]))
+        return int(np.count_nonzero(self._table()["finished"]))
 
     @property
     def num_rejected(self) -> int:
@@ -412,21 +502,23 @@ class MetricsCollector:
     def column(self, name: str) -> np.ndarray:
         """One per-request numeric column (a read-only view), e.g. ``"ttft"`` or ``"finished"``."""
         if name == "request_id":
+            self._flush()
             col = self._ids.view()
         else:
-            col = self._rows.view()[name]
+            col = self._table()[name]
         col = col.view()
         col.flags.writeable = False
         return col
 
     def finished_values(self, name: str) -> np.ndarray:
         """A numeric column restricted to finished requests (e.g. the TTFTs to plot)."""
-        rows = self._rows.view()
+        rows = self._table()
         return rows[name][rows["finished"]]
 
     def itl(self) -> np.ndarray:
         """All pooled inter-token gaps (seconds), read-only (read from the iteration logs at
         once, for a simulated run's collector)."""
+        self._flush()
         v = np.asarray(self._itl).view()
         v.flags.writeable = False
         return v
@@ -435,7 +527,7 @@ class MetricsCollector:
         """Every request's inter-token gaps: (offsets, gaps) with request i's gaps (seconds,
         among its visible tokens) at ``gaps[offsets[i]:offsets[i + 1]]``, in request order.
         `gaps` is the store: blocks of it are arrays, ``np.asarray`` gives all of it."""
-        rows = self._rows.view()
+        rows = self._table()
         counts = np.where(rows["finished"], np.maximum(rows["visible_tokens"] - 1, 0), 0)
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
@@ -465,7 +557,7 @@ class MetricsCollector:
     def _peaks(self) -> dict[str, float | int]:
         """vLLM's one-second peaks (vllm_bench.peaks) over the finished requests' visible
         tokens: the first at arrival + TTFT, the rest after their gaps."""
-        rows = self._rows.view()
+        rows = self._table()
         offsets, gaps = self.gaps_by_request()
         fin = np.flatnonzero(rows["finished"])
         counts = np.diff(offsets)[fin]
@@ -480,7 +572,7 @@ class MetricsCollector:
     def _rejected_examples(self) -> dict[str, list[dict[str, Any]]]:
         """The first few requests rejected for each reason, with the lengths they asked for:
         a reason names the limit, these show which requests ran into it."""
-        rows = self._rows.view()
+        rows = self._table()
         rejected = ~rows["finished"]
         ids = self._ids.view()
         out = {}
@@ -502,7 +594,7 @@ class MetricsCollector:
         a rejected one failed, with its reason as the error; `queue_times` what it waited for
         the client's concurrency limit. `itls=False` leaves the gaps out (empty), for a result
         without them: a million requests' views of them alone take a hundred megabytes."""
-        rows = self._rows.view()
+        rows = self._table()
         order = np.argsort(rows["arrival"], kind="stable")
 
         def r(name: str) -> np.ndarray:  # a column in arrival order (not every row copied)
@@ -529,7 +621,7 @@ class MetricsCollector:
     def tier_summary(self, percentiles: Sequence[float] = PERCENTILES) -> dict[str, dict]:
         """Per tier (e.g. SLAI's paying and free users): TTFT, TPOT and ITL statistics of its
         finished requests, the ITL pooled over the tier's gaps (its time between tokens)."""
-        rows = self._rows.view()
+        rows = self._table()
         offsets, store = self.gaps_by_request()
         gaps = np.asarray(store)  # (all of them at once: tiers are for runs of modest size)
         gap_tier = np.repeat(rows["tier_code"], np.diff(offsets))  # the tier of every gap
@@ -551,7 +643,7 @@ class MetricsCollector:
         String columns (request_id, status, reject_reason, tier) are numpy ``str`` arrays (``""``
         for none); numeric ones are copies of the stored columns.
         """
-        rows = self._rows.view()[requests]
+        rows = self._table()[requests]
         finished = rows["finished"]
         out: dict[str, np.ndarray] = {}
         for name in CSV_COLUMNS:
@@ -587,7 +679,7 @@ class MetricsCollector:
         Statistics with no data (e.g. no finished request) are None, never NaN, so the dict
         serialises as strict JSON.
         """
-        rows = self._rows.view()
+        rows = self._table()
         finished = rows["finished"]
         everyone = bool(finished.all())  # (then no copy of every row: 222 bytes a request)
         fin = rows if everyone else rows[finished]
@@ -677,6 +769,6 @@ def summarize(
     percentiles: Sequence[float] = PERCENTILES,
 ) -> dict[str, Any]:
     """Summary of a finished collection of records (a :class:`MetricsCollector` under the hood)."""
-    collector = MetricsCollector()
+    collector = MetricsCollector(batch=RECORDS_BATCH)
     collector.extend(records)
     return collector.summary(goodput=goodput, percentiles=percentiles)

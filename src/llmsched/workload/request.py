@@ -10,6 +10,7 @@ megabytes, not a million Python objects; :class:`Request` rows are made on deman
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, fields
 
@@ -111,7 +112,7 @@ def runs_problem(prefix: Runs, prompt: int) -> str | None:
 
 def request_problem(arrival: float, prompt: int, output: int, reasoning: int) -> str | None:
     """What is wrong with these request fields, or None. Shared by readers and constructors."""
-    if not np.isfinite(arrival) or arrival < 0:
+    if not math.isfinite(arrival) or arrival < 0:  # (math: once per request, no numpy call)
         return f"arrival time must be a finite number >= 0, got {arrival}"
     if prompt < 1:
         return f"prompt length must be >= 1 token, got {prompt}"
