@@ -80,7 +80,8 @@ class BatchBuilder:
     def __init__(self, view: InstanceView, *, budget: int | None = None) -> None:
         cfg = view.config
         self.view = view
-        self.budget = cfg.max_num_batched_tokens if budget is None else budget
+        # (The engine's limits as typed ints: compiled, the packing below is native arithmetic.)
+        self.budget = int(cfg.max_num_batched_tokens if budget is None else budget)
         self.kv: Any = view.kv  # (a PrefixCachingKV when kv.caching)
         self.free = self.free0 = view.kv.free
         self.taken = 0  # cached free blocks that this plan's admissions take
@@ -94,14 +95,14 @@ class BatchBuilder:
         # schedules them, so a request admitted later in the same step finds them.
         self.pending: list[tuple[RequestState, int, int]] = []
         self.num_running = len(view.running)
-        self.max_seqs = cfg.max_num_seqs
-        self.block_size = cfg.block_size
+        self.max_seqs = int(cfg.max_num_seqs)
+        self.block_size = int(cfg.block_size)
         # vLLM caps a chunk at long_prefill_token_threshold only when another request could use
         # the budget it leaves.
         many = self.num_running + view.num_waiting > 1
-        self.chunk_cap = (many and cfg.long_prefill_token_threshold) or (1 << 62)
-        self.watermark = cfg.watermark_blocks
-        self.reserve_full_isl = cfg.reserve_full_isl
+        self.chunk_cap = int((many and cfg.long_prefill_token_threshold) or (1 << 62))
+        self.watermark = int(cfg.watermark_blocks)
+        self.reserve_full_isl = bool(cfg.reserve_full_isl)
         self.items: dict[RequestState, int] = {}
         self.preempted: list[tuple[RequestState, str]] = []
         self.victims: set[RequestState] = set()

@@ -62,11 +62,12 @@ class RequestState:
     def __init__(self, request: Request) -> None:
         self.request = request
         self.request_id = request.request_id
-        self.arrival = request.arrival
-        self.prompt_tokens = request.prompt_tokens
-        self.output_tokens = request.output_tokens
-        self.reasoning_tokens = request.reasoning_tokens
-        self.priority = request.priority
+        # Typed, so that compiled code does native arithmetic on them (setup.py).
+        self.arrival: float = float(request.arrival)
+        self.prompt_tokens: int = int(request.prompt_tokens)
+        self.output_tokens: int = int(request.output_tokens)
+        self.reasoning_tokens: int = int(request.reasoning_tokens)
+        self.priority: int = int(request.priority)
         self.status = Status.WAITING
         self.computed = 0  # tokens whose KV is in the cache (GPU, or CPU while swapped out)
         self.generated = 0  # output tokens sampled so far

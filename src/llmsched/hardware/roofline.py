@@ -163,7 +163,8 @@ class RooflineModel:
         qkv_out = (heads + 2 * kv_gpu) * hd
         self.num_layers = L = m.num_layers
 
-        # Rates: seconds per FLOP and per byte, efficiency folded in.
+        # The terms are stored as floats (and ints): compiled, the latency model is then native
+        # arithmetic (setup.py). Rates: seconds per FLOP and per byte, efficiency folded in.
         c_gemm = 1.0 / (g.bf16_flops * e.gemm_compute)
         b_gemm = 1.0 / (g.hbm_bandwidth * e.gemm_memory)
         c_attn = 1.0 / (g.bf16_flops * e.attn_compute)
@@ -182,46 +183,46 @@ class RooflineModel:
 
         # Attention, all layers. Prefill: FLOPs per causal pair; bytes per KV token read and per
         # query token (Q read, output written). Decode: the same per context token / per decode.
-        self._attn_flop = L * 4 * heads * hd * c_attn
+        self._attn_flop = float(L * 4 * heads * hd * c_attn)
         # Extra seconds per pair of the chunk's own causal triangle (never negative, so that more
         # tokens never cost less).
         if e.attn_diag_compute is None:
             self._attn_diag = 0.0
         else:
             c_diag = 1.0 / (g.bf16_flops * e.attn_diag_compute)
-            self._attn_diag = L * 4 * heads * hd * max(0.0, c_diag - c_attn)
-        self._attn_query = self._attn_flop * e.attn_query_keys  # per prefill query token
-        self._attn_kv_byte = L * 2 * kv_gpu * hd * d * b_attn
-        self._attn_q_byte = L * 2 * heads * hd * d * b_attn
+            self._attn_diag = float(L * 4 * heads * hd * max(0.0, c_diag - c_attn))
+        self._attn_query = float(self._attn_flop * e.attn_query_keys)  # per prefill query token
+        self._attn_kv_byte = float(L * 2 * kv_gpu * hd * d * b_attn)
+        self._attn_q_byte = float(L * 2 * heads * hd * d * b_attn)
 
         # Element-wise bytes per token, all layers: 2 fused add+RMSNorms (read x and residual,
         # write both: 4·h each), RoPE on Q and K (read+write), SiLU·mul (read up_out, write ffn),
         # KV-cache write (read+write K and V).
         per_tok = 8 * h + 2 * (heads + kv_gpu) * hd + up_out + ffn + 4 * kv_gpu * hd
-        self._elem = L * per_tok * d * b_elem
+        self._elem = float(L * per_tok * d * b_elem)
 
         # All-reduce of the T × hidden activations: 2 per layer when tp > 1.
         ar_latency, ar_byte = allreduce_cost(tp, g, e)
-        self._ar_fixed = 2 * L * ar_latency
-        self._ar_tok = 2 * L * ar_byte * h * d
+        self._ar_fixed = float(2 * L * ar_latency)
+        self._ar_tok = float(2 * L * ar_byte * h * d)
 
         # LM head (vocab-parallel) over the sampled rows: max(cf·S, bw0 + bf·S).
         v = m.vocab_size / tp
-        self._lm_c = 2 * h * v * c_gemm
-        self._lm_w = h * v * d * b_gemm
-        self._lm_s = (h + v) * d * b_gemm
+        self._lm_c = float(2 * h * v * c_gemm)
+        self._lm_w = float(h * v * d * b_gemm)
+        self._lm_s = float((h + v) * d * b_gemm)
 
-        self._layer_overhead = L * e.layer_overhead_s
-        self._iter_overhead = e.iteration_overhead_s
-        self._seq_overhead = e.sequence_overhead_s
+        self._layer_overhead = float(L * e.layer_overhead_s)
+        self._iter_overhead = float(e.iteration_overhead_s)
+        self._seq_overhead = float(e.sequence_overhead_s)
 
         # Kernel-level terms: fixed seconds per kernel (all layers), tile and floor sizes.
-        self._gemm_k = L * e.gemm_overhead_s  # each of the 4 GEMMs
-        self._lm_k = e.gemm_overhead_s
-        self._elem_k = L * ELEMENTWISE_KERNELS * e.elementwise_overhead_s
-        self._attn_k = L * e.attn_overhead_s  # each attention kernel (prefill, decode)
-        self._tile = e.gemm_token_tile
-        self._elem_min = e.elementwise_min_tokens
+        self._gemm_k = float(L * e.gemm_overhead_s)  # each of the 4 GEMMs
+        self._lm_k = float(e.gemm_overhead_s)
+        self._elem_k = float(L * ELEMENTWISE_KERNELS * e.elementwise_overhead_s)
+        self._attn_k = float(L * e.attn_overhead_s)  # each attention kernel (prefill, decode)
+        self._tile = int(e.gemm_token_tile)
+        self._elem_min = int(e.elementwise_min_tokens)
 
         # Everything of a decode-only iteration except decode attention, as (fixed, per decode).
         (qc, qw, qt), (oc, ow, ot), (uc, uw, ut), (dc, dw, dt) = (
