@@ -433,7 +433,8 @@ def pack_in_order(
     """
     b = builder or BatchBuilder(view)
     if running is None:
-        running = sorted(view.running, key=key) if sort_running and key else view.running
+        current: list[RequestState] = view.running  # (typed: compiled, read natively)
+        running = sorted(current, key=key) if sort_running and key else current
     # Still running, in order: the candidates for preemption (made at the first preemption).
     alive: dict[RequestState, None] | None = None
     for state in running:
@@ -468,7 +469,8 @@ def pack_in_order(
             break  # it preempted itself: vLLM serves no running request after it this step
     if not admit_waiting or (b.preempted and not preempt_for_waiting):
         return b
-    for state in view.waiting if waiting is None else waiting:
+    queue: Iterable[RequestState] = view.waiting if waiting is None else waiting
+    for state in queue:
         if b.budget_left == 0:
             break
         while not b.admit(state):
