@@ -56,7 +56,7 @@ class EngineConfig:
         # vLLM takes the fraction of all its blocks, its null block included
         return int(self.watermark * (self.num_blocks + 1))
 
-    @property
+    @cached_property  # (read at every arrival)
     def max_tokens_per_request(self) -> int:
         """The most KV tokens one request can ever hold here (its final token is never
         computed, so a request fits when prompt + output - 1 <= this)."""
