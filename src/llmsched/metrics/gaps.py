@@ -101,6 +101,11 @@ class GapPool:
         """The request's gaps between visible tokens (`itl`, as per_request_metrics gives)."""
         self._pool.extend(itl)
 
+    def add_many(self, records: Sequence[RequestRecord], itls: Sequence[np.ndarray]) -> None:
+        """:meth:`add` each record with its gaps, in order."""
+        if records:
+            self._pool.extend(np.concatenate(itls))
+
     def __len__(self) -> int:
         return len(self._pool)
 
@@ -145,34 +150,41 @@ class LoggedGaps:
     def add(self, record: RequestRecord, itl: np.ndarray) -> None:
         """The request's gaps between visible tokens are `itl`: its runs from its first visible
         token on are kept instead (checked against `itl`'s length)."""
-        n = len(itl)
-        if not n:
-            self._per_request.append(0)
-            return
-        runs = record.token_runs
-        if runs is None:
-            raise ValueError(
-                f"request {record.request_id!r} has no token_runs: gaps read from iteration "
-                "logs need every finished request's runs (a simulator's record)"
-            )
-        visible: list[int] = []
-        skip = record.reasoning_tokens  # hidden tokens: not among the gaps
-        for i in range(0, len(runs), 3):
-            inst, first, count = runs[i], runs[i + 1], runs[i + 2]
-            if skip >= count:
-                skip -= count
+        self.add_many([record], [itl])
+
+    def add_many(self, records: Sequence[RequestRecord], itls: Sequence[np.ndarray]) -> None:
+        """:meth:`add` each record with its gaps, in order (all of them, or on an error none)."""
+        kept_runs: list[int] = []
+        counts: list[int] = []
+        for record, itl in zip(records, itls):
+            n = len(itl)
+            counts.append(n)
+            if not n:
                 continue
-            visible += (inst, first + skip, count - skip)
-            skip = 0
-        kept = sum(visible[2::3])
-        if kept != n + 1:
-            raise ValueError(
-                f"request {record.request_id!r}: its token runs hold {kept} visible tokens, "
-                f"its token times {n + 1}"
-            )
-        self._runs.extend(visible)
-        self._per_request.append(n)
-        self._n += n
+            runs = record.token_runs
+            if runs is None:
+                raise ValueError(
+                    f"request {record.request_id!r} has no token_runs: gaps read from iteration "
+                    "logs need every finished request's runs (a simulator's record)"
+                )
+            kept = 0
+            skip = record.reasoning_tokens  # hidden tokens: not among the gaps
+            for i in range(0, len(runs), 3):
+                inst, first, count = runs[i], runs[i + 1], runs[i + 2]
+                if skip >= count:
+                    skip -= count
+                    continue
+                kept_runs += (inst, first + skip, count - skip)
+                kept += count - skip
+                skip = 0
+            if kept != n + 1:
+                raise ValueError(
+                    f"request {record.request_id!r}: its token runs hold {kept} visible tokens, "
+                    f"its token times {n + 1}"
+                )
+        self._runs.extend(kept_runs)
+        self._per_request.extend(counts)
+        self._n += sum(counts)
 
     def __len__(self) -> int:
         return self._n

@@ -271,6 +271,11 @@ class RequestMetrics:
         lo, hi = self._itl_bounds[i].tolist()
         return self.gaps[lo:hi]
 
+    def itls(self) -> list[np.ndarray]:
+        """Every request's gaps between visible tokens, in order."""
+        gaps = self.gaps
+        return [gaps[lo:hi] for lo, hi in self._itl_bounds.tolist()]
+
     def _timelines(
         self, records: list[RequestRecord], fin: np.ndarray, answer_slo: AnswerSLO
     ) -> None:
@@ -470,8 +475,7 @@ class MetricsCollector:
             return
         self._pending, self._pending_tokens = [], 0
         m = RequestMetrics(records, self.answer_slo)
-        for i, record in enumerate(records):
-            self._itl.add(record, m.itl(i))
+        self._itl.add_many(records, m.itls())
         rows = np.empty(len(records), _ROW_DTYPE)
         for name, values in m.columns.items():
             rows[name] = values
