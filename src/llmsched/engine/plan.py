@@ -24,8 +24,10 @@ if TYPE_CHECKING:
 UNTIL_EVENT = 1 << 40  # "repeat until something else happens": the engine bounds it by events
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class BatchPlan:
+    """One step's decision (a policy builds it with a BatchBuilder)."""
+
     items: list[tuple[RequestState, int]] = field(default_factory=list)  # (request, tokens)
     preempted: list[tuple[RequestState, str]] = field(default_factory=list)  # (victim, mode)
     repeat: int = 1  # identical iterations allowed, absent arrivals and completions
@@ -42,6 +44,26 @@ class BatchPlan:
     # planned in this step), with their identities: the engine checks that they are still the
     # cached ones rather than looking them up again.
     hit_blocks: dict[RequestState, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def __init__(
+        self,
+        items: list[tuple[RequestState, int]] | None = None,
+        preempted: list[tuple[RequestState, str]] | None = None,
+        repeat: int = 1,
+        hold: dict[RequestState, int] | None = None,
+        hits: dict[RequestState, int] | None = None,
+        released: list[RequestState] | None = None,
+        hit_blocks: dict[RequestState, tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> None:
+        # (Written out: compiled, it is a native constructor, where the dataclass's would be
+        # interpreted; every step makes one.)
+        self.items = [] if items is None else items
+        self.preempted = [] if preempted is None else preempted
+        self.repeat = repeat
+        self.hold = {} if hold is None else hold
+        self.hits = {} if hits is None else hits
+        self.released = [] if released is None else released
+        self.hit_blocks = {} if hit_blocks is None else hit_blocks
 
     @property
     def num_tokens(self) -> int:

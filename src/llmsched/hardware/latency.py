@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, init=False)
 class BatchShape:
-    """What one iteration computes. A decode is one new token of a request that has context."""
+    """What one iteration computes. A decode is one new token of a request that has context.
+    (A value: nothing changes one once made.)"""
 
     prefill_tokens: int = 0  # Σ chunk lengths of prefill (or recompute) chunks
     prefill_attn_pairs: float = 0.0  # Σ c·(p + (c+1)/2): causal query-key pairs of the chunks
@@ -22,6 +23,24 @@ class BatchShape:
     num_prefills: int = 0  # chunks in the batch
     num_decodes: int = 0
     decode_kv_tokens: int = 0  # Σ context length (KV tokens read) over the decodes
+
+    def __init__(
+        self,
+        prefill_tokens: int = 0,
+        prefill_attn_pairs: float = 0.0,
+        prefill_kv_tokens: int = 0,
+        num_prefills: int = 0,
+        num_decodes: int = 0,
+        decode_kv_tokens: int = 0,
+    ) -> None:
+        # (Written out: compiled, it is a native constructor, where the dataclass's would be
+        # interpreted; the engine makes one for every iteration with a prefill chunk.)
+        self.prefill_tokens = prefill_tokens
+        self.prefill_attn_pairs = prefill_attn_pairs
+        self.prefill_kv_tokens = prefill_kv_tokens
+        self.num_prefills = num_prefills
+        self.num_decodes = num_decodes
+        self.decode_kv_tokens = decode_kv_tokens
 
     @classmethod
     def from_chunks(
