@@ -142,8 +142,8 @@ _NAN = float("nan")
 #: Records a collector of a whole run's requests computes at once (`MetricsCollector.batch`).
 RECORDS_BATCH = 1024
 # A collector computes the metrics of the records it holds once their tokens reach this many
-# (float64 token times: 8 MB), however few records it waits for.
-_PENDING_TOKENS = 1 << 20
+# (float64 token times: 2 MB), however few records it waits for.
+_PENDING_TOKENS = 1 << 18
 
 
 # --------------------------------------------------------------------------------------------

@@ -401,8 +401,15 @@ def result_json(
 def write_result(result: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """The result as JSON, one top-level field per line: the figures read at a glance, and an
     array stays on one line (indented JSON would give every number a line of its own)."""
-    fields = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in result.items()]
-    Path(path).write_text("{\n" + ",\n".join(fields) + "\n}\n")
+    # A field at a time: a million requests' arrays are tens of megabytes of text each.
+    with open(path, "w") as fh:
+        fh.write("{\n")
+        separator = ""
+        for key, value in result.items():
+            fh.write(f"{separator}  {json.dumps(key)}: ")
+            fh.write(json.dumps(value))
+            separator = ",\n"
+        fh.write("\n}\n")
 
 
 def read_result(path: str | os.PathLike[str]) -> dict[str, Any]:
