@@ -3,14 +3,16 @@
     .venv/bin/python benchmarks/bench_simulator.py            # all cases (needs ../shared/data)
     .venv/bin/python benchmarks/bench_simulator.py --quick    # skip the 1M-request case
     .venv/bin/python benchmarks/bench_simulator.py --vidur 'CMD'   # and Vidur, side by side
+    .venv/bin/python benchmarks/bench_simulator.py --repeats 5     # medians of 5 (default 3)
     LLMSCHED_PURE_PYTHON=1 .venv/bin/python benchmarks/bench_simulator.py   # the engine interpreted
 
 Cases: issue 16's, the first 10,000 requests of the Azure 2023 conversation trace with
 Llama-2-70B, TP 2, A100, Sarathi-Serve (chunk 512, batch 128), on 8 instances (round-robin, the
 trace's arrivals) and on 1 (arrival gaps × 4: loaded but stable); the full trace (19,366
 requests) the same two ways (least-outstanding on 8); then 10k, 100k and 1M synthetic requests on
-64 instances, to show how cost grows. Each case runs as its own process; peak memory is that
-process's maximum resident set size; events are policy decisions plus engine iterations.
+64 instances, to show how cost grows. Each case runs as its own process, `--repeats` times
+(the median wall time is reported; the 1M case runs once); peak memory is the largest of the
+processes' maximum resident set sizes; events are policy decisions plus engine iterations.
 
 Vidur: `--vidur CMD` times the shell command CMD (Vidur on the 10k case, as its user runs it)
 right after llmsched's 10k case, the same way. Without it, the figure issue 16 recorded for Vidur
@@ -26,6 +28,7 @@ import os
 import platform
 import re
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -145,6 +148,12 @@ def main() -> None:
         metavar="CMD",
         help=f"a shell command that runs Vidur on the {VIDUR_CASE!r} case, timed beside it",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of each case under a million requests (the median is reported; default 3)",
+    )
     parser.add_argument("--one", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.one is not None:
@@ -161,18 +170,29 @@ def main() -> None:
     rows = []
     vidur = None
     for name, n, args in cases(data_dir(), opts.quick):
-        print(f"running: {name} ...", flush=True)
-        proc = subprocess.run(
-            [sys.executable, __file__, "--one", *args], capture_output=True, text=True, check=True
-        )
-        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        repeats = opts.repeats if n < 1_000_000 else 1  # (a million requests: once, a minute)
+        print(f"running: {name} ({repeats} run{'s' if repeats > 1 else ''}) ...", flush=True)
+        runs = []
+        for _ in range(repeats):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", *args],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        r = dict(runs[0])
+        r["walls_s"] = [x["wall_s"] for x in runs]
+        r["wall_s"] = statistics.median(r["walls_s"])
+        r["peak_rss_mb"] = max(x["peak_rss_mb"] for x in runs)
         r |= {"case": name, "requests": n, "req_per_wall_s": n / r["wall_s"]}
         r["events_per_wall_s"] = r["events"] / r["wall_s"]
         rows.append(r)
+        walls = ", ".join(f"{w:.2f}" for w in r["walls_s"])
         print(
-            f"  {r['wall_s']:.2f} s wall, {r['req_per_wall_s']:,.0f} requests/s, "
-            f"{r['events_per_wall_s']:,.0f} events/s, peak {r['peak_rss_mb']:.0f} MB\n"
-            f"  {r['report']}",
+            f"  {r['wall_s']:.2f} s wall (median of {walls}), "
+            f"{r['req_per_wall_s']:,.0f} requests/s, {r['events_per_wall_s']:,.0f} events/s, "
+            f"peak {r['peak_rss_mb']:.0f} MB\n  {r['report']}",
             flush=True,
         )
         if name == VIDUR_CASE:
