@@ -269,7 +269,12 @@ class LoggedGaps:
         del t
         # Not the step from one request's last token to the next one's first.
         keep = np.ones(len(gaps), dtype=bool)
-        boundaries = np.unique(tokens[a : b - 1]) - tok_lo  # (requests without gaps add none)
+        # (`tokens` never decreases: its distinct values are where it steps; requests without
+        # gaps add none)
+        ends = tokens[a : b - 1]
+        distinct = np.ones(len(ends), dtype=bool)
+        distinct[1:] = ends[1:] != ends[:-1]
+        boundaries = ends[distinct] - tok_lo
         keep[boundaries[(boundaries > 0) & (boundaries <= len(gaps))] - 1] = False
         return gaps[keep]
 

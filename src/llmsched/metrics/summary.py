@@ -300,8 +300,9 @@ class RequestMetrics:
         smallest[one], largest[one] = 0.0, _NAN
         arrival = cols["arrival"][fin]
         first_token, finish = t[first], t[last]
-        finite = np.logical_and.reduceat(np.isfinite(t), first) & np.isfinite(smallest)
-        finite &= one | np.isfinite(largest)  # (an overflowing gap)
+        # (A NaN or infinite time anywhere: the checks one record at a time find which.)
+        finite = np.isfinite(smallest) & (one | np.isfinite(largest))  # (overflowing gaps)
+        finite &= np.isfinite(t).all()
         _refuse_first(records, ~finite | (smallest < 0) | (first_token < arrival))
 
         visible = n - r
