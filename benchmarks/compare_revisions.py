@@ -2,9 +2,13 @@
 
     .venv/bin/python benchmarks/compare_revisions.py 2f56fe6             # bytes, then timings
     .venv/bin/python benchmarks/compare_revisions.py 2f56fe6 --repeats 5 --no-bytes
+    .venv/bin/python benchmarks/compare_revisions.py 3c05311 --compiled --repeats 5
 
 The revision is checked out in a temporary git worktree; each command runs with PYTHONPATH
-pointing at one source tree or the other, in this project's environment.
+pointing at one source tree or the other, in this project's environment. The working tree runs
+as it is installed (compiled when `make build` is current); the revision runs interpreted, or
+with `--compiled` compiled too (its core built in its worktree first: about a minute). Each
+side's engine is printed.
 
 * Bytes: the runs below write `summary.json`, `requests.csv` and `config.yaml` under each
   revision; every file must be the same bytes (the wall time is not in them). A difference is
@@ -79,6 +83,14 @@ def simulate(src: Path, args: list[str], out: Path) -> float:
     return time.perf_counter() - start
 
 
+def engine(src: Path) -> str:
+    """How the source tree `src` runs: compiled or interpreted (llmsched.native.MODE)."""
+    code = "import llmsched.native as n; print(n.MODE)"
+    env = dict(os.environ, PYTHONPATH=str(src))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    return run.stdout.strip()
+
+
 def digest(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
@@ -122,6 +134,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per revision and case")
     parser.add_argument("--no-bytes", action="store_true", help="skip the byte comparison")
     parser.add_argument("--no-times", action="store_true", help="skip the timings")
+    parser.add_argument(
+        "--compiled", action="store_true", help="build the revision's compiled core and use it"
+    )
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="llmsched-compare-") as tmp_name:
         tmp = Path(tmp_name)
@@ -131,7 +146,14 @@ def main() -> None:
             cwd=ROOT, check=True, capture_output=True,
         )  # fmt: skip
         try:
+            if opts.compiled:
+                subprocess.run(
+                    [sys.executable, "setup.py", "build_ext", "--inplace"],
+                    cwd=tree, check=True, capture_output=True,
+                )  # fmt: skip
             sources = {opts.revision: tree / "src", "working tree": ROOT / "src"}
+            for rev, src in sources.items():
+                print(f"{rev}: {engine(src)}")
             same = True
             if not opts.no_bytes:
                 print(f"outputs, {opts.revision} against the working tree:")
@@ -141,7 +163,8 @@ def main() -> None:
                 compare_times(sources, tmp, opts.repeats)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
-    print(f"reproduce: .venv/bin/python benchmarks/compare_revisions.py {opts.revision}")
+    flags = " --compiled" if opts.compiled else ""
+    print(f"reproduce: .venv/bin/python benchmarks/compare_revisions.py {opts.revision}{flags}")
     sys.exit(0 if same else 1)
 
 
