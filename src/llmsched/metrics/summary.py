@@ -199,19 +199,12 @@ def per_request_metrics(
     }
 
 
-# What a finished request's token times give (NaN for a rejected request).
-_TIMELINE = (
-    "first_token",
-    "first_answer_token",
-    "finish",
-    "queue_time",
-    "ttft",
-    "ttft_any",
-    "tpot",
-    "e2el",
-    "max_gap",
-    "answer_gap",
-    "qoe",
+# The metrics that are times (and QoE), in CSV order, but for the record's own: what a
+# finished request's token times give (NaN for a rejected one), and the queue time.
+_TIMELINE = tuple(
+    name
+    for name in CSV_COLUMNS
+    if (name in SECONDS_COLUMNS or name == "qoe") and name not in ("arrival", "first_scheduled")
 )
 _RECORD_FLOATS = ("arrival", "client_wait", "first_scheduled")
 _RECORD_INTS = (
