@@ -279,7 +279,8 @@ def token_times_of(
         # Within request k, gap number m ends at first + (its cumsum − cumsum before request k),
         # summed in that order: the difference first, so that a first token time far smaller
         # than the block's sum of gaps is not lost to rounding.
-        before = np.concatenate(([0.0], sums))[offsets[i:j] - lo]
+        at = offsets[i:j] - lo  # (the sum before a request's gaps: 0 for the block's first)
+        before = np.where(at > 0, sums[at - 1], 0.0) if len(sums) else np.zeros(len(at))
         first = np.asarray(first_token[i:j], dtype=np.float64)
         yield first
         if hi > lo:
