@@ -30,6 +30,7 @@ MANIFEST = "_compiled.json"
 COMPILED = (
     "llmsched.engine.state",
     "llmsched.engine.kv",
+    "llmsched.engine.prefix_cache",
     "llmsched.engine.plan",
     "llmsched.engine.instance",
     "llmsched.hardware.latency",

@@ -118,8 +118,10 @@ class FreeQueue:
     __slots__ = ("fifo", "head", "pos", "size", "tail")
 
     def __init__(self, num_blocks: int) -> None:
-        self.fifo = np.empty(max(16, 4 * num_blocks), dtype=np.int64)
-        self.pos = np.full(num_blocks, -1, dtype=np.int64)  # a block's index in fifo, or -1
+        self.fifo: np.ndarray = np.empty(max(16, 4 * num_blocks), dtype=np.int64)
+        self.pos: np.ndarray = np.full(
+            num_blocks, -1, dtype=np.int64
+        )  # a block's index in fifo, or -1
         self.head = self.tail = 0
         self.size = 0
 
@@ -210,25 +212,31 @@ class PrefixCachingKV(KVBlockManager):
     def __init__(self, num_blocks: int, block_size: int = 16, hasher: BlockHasher | None = None):
         super().__init__(num_blocks, block_size, caching=True)
         self.hasher = hasher or BlockHasher()
-        self.ref = np.zeros(num_blocks, dtype=np.int64)
+        self.ref: np.ndarray = np.zeros(num_blocks, dtype=np.int64)
         # a block's identity (0: none); one entry more, 0, for the table's empty mark
-        self.block_hash = np.zeros(num_blocks + 1, dtype=np.int64)
+        self.block_hash: np.ndarray = np.zeros(num_blocks + 1, dtype=np.int64)
         self.plain = list(range(num_blocks - 1, -1, -1))  # free, no identity (head = end)
         self.lru = FreeQueue(num_blocks)  # free, with identity: head first
         # run (its identity base) -> (first slot, slots, the run's first token)
         self.slots: dict[int, tuple[int, int, int]] = {}
         size = 2 * num_blocks + 64  # (compacted at 2 * num_blocks: small caches compact too)
-        self.slot_block = np.full(
+        self.slot_block: np.ndarray = np.full(
             size, num_blocks, dtype=np.int64
         )  # slot -> block (num_blocks: none)
-        self.slot_ident = np.zeros(size, dtype=np.int64)  # slot -> the identity it holds
-        self.steps = block_size * np.arange(1024, dtype=np.int64)  # identity steps in a run
+        self.slot_ident: np.ndarray = np.zeros(
+            size, dtype=np.int64
+        )  # slot -> the identity it holds
+        self.steps: np.ndarray = block_size * np.arange(
+            1024, dtype=np.int64
+        )  # identity steps in a run
         self.n_slots = 0
         self.compact_at = 2 * num_blocks
         # identity -> the blocks cached with it after the first (vLLM keeps duplicates: a block
         # computed again while an identical one is cached, e.g. a fully cached prompt's last)
         self.duplicates: dict[int, list[int]] = {}
-        self.duplicate = np.zeros(num_blocks, dtype=bool)  # a block in duplicates' lists
+        self.duplicate: np.ndarray = np.zeros(
+            num_blocks, dtype=bool
+        )  # a block in duplicates' lists
         # a request's blocks in order: the first `state.blocks` of an array sized for its
         # whole sequence (so that allocating and freeing are array operations)
         self.tables: dict[RequestState, np.ndarray] = {}
@@ -293,9 +301,9 @@ class PrefixCachingKV(KVBlockManager):
             self._compact()
         if self.n_slots + need > len(self.slot_block):
             size = max(2 * len(self.slot_block), self.n_slots + need)
-            table = np.full(size, self.num_blocks, dtype=np.int64)
+            table: np.ndarray = np.full(size, self.num_blocks, dtype=np.int64)
             table[: self.n_slots] = self.slot_block[: self.n_slots]
-            ident = np.zeros(size, dtype=np.int64)
+            ident: np.ndarray = np.zeros(size, dtype=np.int64)
             ident[: self.n_slots] = self.slot_ident[: self.n_slots]
             self.slot_block, self.slot_ident = table, ident
 
@@ -324,7 +332,7 @@ class PrefixCachingKV(KVBlockManager):
 
     def cached_blocks(self) -> dict[int, int]:
         """Identity -> the block cached under it (the first, if duplicates): vLLM's hash map."""
-        out = {}
+        out: dict[int, int] = {}
         for first, n, _ in self.slots.values():
             blocks = self.slot_block[first : first + n]
             idents = self.slot_ident[first : first + n]
@@ -392,8 +400,8 @@ class PrefixCachingKV(KVBlockManager):
         identical blocks in the order they were cached and returns the first)."""
         bs = self.block_size
         nb = self.num_blocks
-        out = np.full(j1 - j0, nb, dtype=np.int64)
-        idents = np.zeros(j1 - j0, dtype=np.int64)
+        out: np.ndarray = np.full(j1 - j0, nb, dtype=np.int64)
+        idents: np.ndarray = np.zeros(j1 - j0, dtype=np.int64)
         for start, end, base in self.chain(state):
             lo, hi = start // bs, end // bs  # the blocks ending in this run
             if hi <= j0:
@@ -648,7 +656,7 @@ class PrefixCachingKV(KVBlockManager):
         """Assert the pool's invariants: every block free or referenced, never both; counts
         add up; reference counts equal the requests holding each block; every identity is the
         one its position in its holder's runs gives, and is found where lookups look."""
-        held = np.zeros(self.num_blocks, dtype=np.int64)
+        held: np.ndarray = np.zeros(self.num_blocks, dtype=np.int64)
         for state in self.tables:
             held[self.table(state)] += 1  # (a request holds a block once)
         assert np.array_equal(held, self.ref), "reference counts differ from holders"
@@ -675,15 +683,15 @@ class PrefixCachingKV(KVBlockManager):
             holders.update((b, ident) for b in others)
         dup = [b for others in self.duplicates.values() for b in others]
         assert sorted(dup) == np.flatnonzero(self.duplicate).tolist()
-        hashed = np.flatnonzero(self.block_hash)
-        assert sorted(holders) == hashed.tolist(), "a block with an identity is not cached"
+        identified = np.flatnonzero(self.block_hash)
+        assert sorted(holders) == identified.tolist(), "a block with an identity is not cached"
         assert all(self.block_hash[b] == i for b, i in holders.items())
         assert all(
             self._slot(i) >= 0 and self.slot_block[self._slot(i)] == b for i, b in cached.items()
         )
 
 
-NO_BLOCKS = np.empty(0, dtype=np.int64)
+NO_BLOCKS: np.ndarray = np.empty(0, dtype=np.int64)
 NO_BLOCKS.flags.writeable = False
 
 
