@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from llmsched.metrics import report
+from llmsched.metrics import report, vllm_bench
 from llmsched.metrics.qoe import PASCAL_ANSWER_SLO
 from llmsched.metrics.ranking import kendall_tau
 from llmsched.metrics.record import RequestRecord
@@ -42,6 +42,7 @@ from llmsched.metrics.summary import (
     per_request_metrics,
     summarize,
 )
+from llmsched.metrics.vllm_bench import peaks, token_times_of
 
 # --------------------------------------------------------------------------------------------
 # Hand-made timelines (binary-exact numbers so equalities are exact)
@@ -1021,6 +1022,43 @@ def test_token_times_keep_a_first_token_far_smaller_than_the_gaps_before_it():
     ):
         c.add(r)
     assert c.summary()["max_output_tokens_per_s"] == 2.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 6), min_size=1, max_size=12),
+    block=st.integers(1, 9),
+    passes=st.integers(1, 4),
+    data=st.data(),
+)
+def test_token_times_in_blocks_are_each_requests_first_token_and_its_gaps(
+    counts, block, passes, data
+):
+    """However the requests fall into blocks (requests without gaps among them, a request longer
+    than a block) and blocks into passes, the pieces hold each request's first token time, then
+    each gap's end: the first token plus the request's own gaps summed, and nothing else. The
+    pieces share buffers, so each is copied as it comes."""
+    n = len(counts)
+    first = np.array(data.draw(st.lists(st.integers(0, 1000), min_size=n, max_size=n)), float)
+    offsets = np.concatenate(([0], np.cumsum(counts)))
+    total = int(offsets[-1])
+    eighths = data.draw(st.lists(st.integers(1, 50), min_size=total, max_size=total))
+    gaps = np.array(eighths, dtype=np.float32) / np.float32(8)  # (every sum here is exact)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vllm_bench, "PASS", passes)
+        pieces = [p.copy() for p in token_times_of(first, offsets, gaps, block=block)]
+    expected = list(first) + [
+        first[k] + float(np.sum(gaps[offsets[k] : offsets[k] + m + 1], dtype=np.float64))
+        for k in range(n)
+        for m in range(counts[k])
+    ]
+    assert sorted(np.concatenate(pieces).tolist()) == sorted(expected)
+    # ... and vLLM's peaks over those pieces are the peaks over all the times at once.
+    ends = first + np.array([float(np.sum(gaps[a:b])) for a, b in zip(offsets, offsets[1:])])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vllm_bench, "PASS", passes)
+        in_pieces = peaks(first, ends - first, iter(pieces))
+    assert in_pieces == peaks(first, ends - first, [np.array(expected)])
 
 
 # --------------------------------------------------------------------------------------------
