@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -932,6 +933,11 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return importlib.import_module(f"llmsched.integrations.serve.{argv[1]}").main(argv[2:])
+    # numpy asks the kernel to back large arrays with huge pages; where the kernel compacts
+    # memory to find them (transparent huge pages' defrag "madvise", as on our machines) a
+    # large run's summary spends more time there than computing: off, unless the user chose
+    # (read when numpy is first imported; docs/performance.md).
+    os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
