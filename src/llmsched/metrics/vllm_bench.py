@@ -44,7 +44,7 @@ VLLM_LATENCY_METRICS: tuple[str, ...] = ("ttft", "tpot", "itl", "e2el")
 #: Values a gap store's mean sums at a time (latency_stats_ms).
 MEAN_BLOCK = 1 << 22
 #: Values the one-second peaks work through at a time, in buffers kept from pass to pass.
-PASS = 1 << 20
+PASS = 1 << 18
 #: The per-request arrays vLLM writes (it drops all but `latencies` and `queue_times` unless
 #: `--save-detailed`).
 DETAILED_FIELDS: tuple[str, ...] = (
@@ -276,10 +276,9 @@ def token_times_of(
 ) -> Iterator[np.ndarray]:
     """The token times of requests whose first (streamed) token is at `first_token[i]` and whose
     later tokens follow at `gaps[offsets[i]:offsets[i + 1]]`, in pieces of about `block` gaps.
-    The pieces of later tokens share buffers: each is valid until the next one is asked for."""
+    The pieces of later tokens share a buffer: each is valid until the next one is asked for."""
     n = len(first_token)
-    sums_buf, owner_buf = Buffer(np.float64), Buffer(np.int32)
-    step = np.empty(PASS, dtype=np.float64)
+    buffer = np.empty(0, dtype=np.float64)  # the sums of every block, grown when one is longer
     i = 0
     while i < n:
         j = int(np.searchsorted(offsets, offsets[i] + block, side="right"))
@@ -290,40 +289,27 @@ def token_times_of(
         if hi == lo:
             i = j
             continue
-        sums = np.cumsum(gaps[lo:hi], dtype=np.float64, out=sums_buf.take(hi - lo))
+        if hi - lo > len(buffer):
+            buffer = np.empty(hi - lo, dtype=np.float64)
+        sums = np.cumsum(gaps[lo:hi], dtype=np.float64, out=buffer[: hi - lo])
         # Within request k, gap number m ends at first + (its cumsum − cumsum before request k),
         # summed in that order: the difference first, so that a first token time far smaller
         # than the block's sum of gaps is not lost to rounding.
         at = offsets[i:j] - lo  # (the sum before a request's gaps: 0 for the block's first)
         before = np.where(at > 0, sums[at - 1], 0.0)
-        # Each gap's request in the block (np.repeat's result, in a kept buffer): the number of
-        # requests after the block's first that start at or before it.
-        owner = owner_buf.take(hi - lo)
-        owner[:] = 0
-        starts = at[1:]
-        np.add.at(owner, starts[starts < hi - lo], 1)
-        np.cumsum(owner, dtype=np.int32, out=owner)
+        # (sums - before) + first, PASS gaps at a time: the requests' values repeated over
+        # their gaps in that pass only (small temporaries, reused by malloc).
+        ends = np.append(at[1:], hi - lo)  # where each request's gaps end
         for p in range(0, hi - lo, PASS):
-            part, whose = sums[p : p + PASS], owner[p : p + PASS]
-            part -= np.take(before, whose, out=step[: len(part)])
-            part += np.take(first, whose, out=step[: len(part)])
+            q = min(p + PASS, hi - lo)
+            r0 = int(np.searchsorted(ends, p, side="right"))  # the first with a gap in p..q-1
+            r1 = int(np.searchsorted(at, q, side="left"))  # one past the last
+            counts = np.minimum(ends[r0:r1], q) - np.maximum(at[r0:r1], p)
+            part = sums[p:q]
+            part -= np.repeat(before[r0:r1], counts)
+            part += np.repeat(first[r0:r1], counts)
         yield sums
         i = j
-
-
-class Buffer:
-    """A 1-D array reused for pieces of varying length: `take(n)` is a view of its first n
-    values (contents undefined), grown when a piece is longer than any before."""
-
-    __slots__ = ("array",)
-
-    def __init__(self, dtype: Any) -> None:
-        self.array = np.empty(0, dtype=dtype)
-
-    def take(self, n: int) -> np.ndarray:
-        if n > len(self.array):
-            self.array = np.empty(n, dtype=self.array.dtype)
-        return self.array[:n]
 
 
 def bench_metrics(
