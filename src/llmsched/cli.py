@@ -12,7 +12,22 @@ import sys
 import time
 from pathlib import Path
 
-from llmsched.config import SimulationConfig, load_config, parse_goodput, parse_params
+# Two libraries' process-wide switches, left as the user set them, read when each library is
+# first imported (docs/performance.md):
+# - pydantic looks for plugins among the entry points of every installed package when it
+#   builds its first model: about 50 ms of start-up in our environment, for plugins we never use;
+# - numpy asks the kernel to back large arrays with huge pages; where the kernel compacts memory
+#   to find them (transparent huge pages' defrag "madvise", as on our machines) a large run's
+#   summary spends more time there than computing.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+
+from llmsched.config import (  # noqa: E402
+    SimulationConfig,
+    load_config,
+    parse_goodput,
+    parse_params,
+)
 
 EXAMPLES = """examples:
   llmsched demo
@@ -933,11 +948,6 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return importlib.import_module(f"llmsched.integrations.serve.{argv[1]}").main(argv[2:])
-    # numpy asks the kernel to back large arrays with huge pages; where the kernel compacts
-    # memory to find them (transparent huge pages' defrag "madvise", as on our machines) a
-    # large run's summary spends more time there than computing: off, unless the user chose
-    # (read when numpy is first imported; docs/performance.md).
-    os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
