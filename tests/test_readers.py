@@ -622,6 +622,23 @@ def test_invalid_row_suggests_skip_invalid(tmp_path):
     assert "not known" in message  # we stopped at the first one: no count is claimed
 
 
+def test_a_run_of_the_first_rows_reads_only_those(tmp_path):
+    """A run of a trace's first N rows reads N rows: a row past them is neither read nor
+    checked (a bad tail does not stop a run of the head), while drawing rows at random, or
+    counting the rows skipped, still reads the whole trace."""
+    from llmsched.config import load_config
+    from llmsched.experiment import load_workload
+
+    trace = write(
+        tmp_path / "t.csv", "num_prefill_tokens,num_decode_tokens\n10,5\n20,6\n30,0\n40,0\n"
+    )
+    run = {"trace": str(trace), "rate": 2.0, "num_requests": 2}
+    assert load_workload(load_config(None, **run)).columns["prompt_tokens"].tolist() == [10, 20]
+    with pytest.raises(TraceFormatError, match="line 4"):
+        load_workload(load_config(None, **run, sample="random"))
+    assert load_workload(load_config(None, **run, skip_invalid=True)).skipped == 2
+
+
 def test_skip_invalid_counts_skipped_rows(tmp_path):
     rows = [
         sharegpt_row("a", 0, "x", 5, 10),

@@ -84,7 +84,15 @@ def _requests(cfg: SimulationConfig) -> Workload:
         folder = resolve(cfg.trace, "AlpacaEval folder")
         source = read_alpaca_eval(folder, cfg.generator or DEFAULT_GENERATOR)
     else:
-        source = read_trace(cfg.trace, cfg.trace_format, skip_invalid=cfg.skip_invalid)
+        # A run of the trace's first rows reads only those (and checks only those); counting
+        # the rows skipped, or drawing rows or a split from the whole trace, reads it all.
+        first_rows = cfg.sample == "head" and cfg.split is None and not cfg.skip_invalid
+        source = read_trace(
+            cfg.trace,
+            cfg.trace_format,
+            limit=cfg.num_requests if first_rows else None,
+            skip_invalid=cfg.skip_invalid,
+        )
     if cfg.split is not None:
         from llmsched.workload.scores import held_out
 
