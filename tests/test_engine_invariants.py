@@ -207,6 +207,36 @@ def test_rad_rotation_is_exact_when_requests_migrate_in(router, seed):
     assert_spans_equal_iterations(workload, "rad", config, 3, router)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_a_request_migrated_in_is_cached_before_a_span_repeats(seed):
+    """Regression (found by hypothesis in a fresh clone): a request migrated in at `</think>`
+    brings its computed KV, which is cached in the step that admits it; a waiting request's
+    lookup can hit those blocks in the next step, so that plan must not repeat. It did: one
+    iteration at a time admitted the waiting request an iteration later, spans not until the
+    span ended (seeds 0, 3 and 4 here differed in their iterations and preemptions)."""
+    rng = np.random.default_rng(seed)
+    n = 40
+    output = rng.integers(2, 150, n)
+    workload = Workload(
+        {
+            "arrival": np.sort(rng.random(n)),
+            "prompt_tokens": rng.integers(1, 300, n),
+            "output_tokens": output,
+            "reasoning_tokens": rng.integers(1, output),
+        }
+    )
+    config = EngineConfig(
+        num_blocks=int(rng.integers(350, 500)),
+        block_size=1,
+        max_num_batched_tokens=7,
+        max_num_seqs=3,
+        kv_bytes_per_block=1000,
+    )
+    assert config.enable_prefix_caching
+    workload = with_prefixes(workload, seed, 0.6, 0.3)
+    assert_spans_equal_iterations(workload, "sjf", config, 2, "pascal")
+
+
 def assert_spans_equal_iterations(workload, policy, config, instances, router):
     fast, fast_metrics = run(workload, policy, config, instances, router)
     slow, slow_metrics = run(workload, policy, config, instances, router, fast_forward=False)

@@ -201,9 +201,10 @@ class BatchBuilder:
         tokens = self.schedule(state, max_tokens, reserve=reserve)
         if tokens:
             self.num_running += 1
-            if self.caching and state.cpu_blocks:
-                # Swapped back in, its blocks are cached again in this step: a waiting
-                # request's lookup may hit them in the next, so the plan must not repeat.
+            if self.caching and state.computed:
+                # Its KV comes back (swapped in) or in (migrated from another instance) and is
+                # cached in this step: a waiting request's lookup may hit those blocks in the
+                # next, so the plan must not repeat.
                 self.limit_repeat(1)
         return tokens
 
