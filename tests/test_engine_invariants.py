@@ -181,15 +181,10 @@ def test_spans_equal_one_iteration_at_a_time(scenario):
     assert_spans_equal_iterations(*scenario)
 
 
-@pytest.mark.parametrize("router", ["pascal", MigratingRouter.name])
-@pytest.mark.parametrize("seed", range(6))
-def test_rad_rotation_is_exact_when_requests_migrate_in(router, seed):
-    """Regression: RAD's least-recently-served stamps counted plans, so a request migrated in
-    with another instance's stamp sorted differently in spans than one iteration at a time."""
-    rng = np.random.default_rng(seed)
-    n = 40
-    output = rng.integers(2, 400, n)
-    workload = Workload(
+def reasoning_burst(rng, max_output: int, n: int = 40) -> Workload:
+    """n reasoning requests arriving within a second: the migration regressions' load."""
+    output = rng.integers(2, max_output, n)
+    return Workload(
         {
             "arrival": np.sort(rng.random(n)),
             "prompt_tokens": rng.integers(1, 300, n),
@@ -197,6 +192,15 @@ def test_rad_rotation_is_exact_when_requests_migrate_in(router, seed):
             "reasoning_tokens": rng.integers(1, output),
         }
     )
+
+
+@pytest.mark.parametrize("router", ["pascal", MigratingRouter.name])
+@pytest.mark.parametrize("seed", range(6))
+def test_rad_rotation_is_exact_when_requests_migrate_in(router, seed):
+    """Regression: RAD's least-recently-served stamps counted plans, so a request migrated in
+    with another instance's stamp sorted differently in spans than one iteration at a time."""
+    rng = np.random.default_rng(seed)
+    workload = reasoning_burst(rng, max_output=400)
     config = EngineConfig(
         num_blocks=int(rng.integers(40, 80)),
         block_size=16,
@@ -215,16 +219,7 @@ def test_a_request_migrated_in_is_cached_before_a_span_repeats(seed):
     iteration at a time admitted the waiting request an iteration later, spans not until the
     span ended (seeds 0, 3 and 4 here differed in their iterations and preemptions)."""
     rng = np.random.default_rng(seed)
-    n = 40
-    output = rng.integers(2, 150, n)
-    workload = Workload(
-        {
-            "arrival": np.sort(rng.random(n)),
-            "prompt_tokens": rng.integers(1, 300, n),
-            "output_tokens": output,
-            "reasoning_tokens": rng.integers(1, output),
-        }
-    )
+    workload = reasoning_burst(rng, max_output=150)
     config = EngineConfig(
         num_blocks=int(rng.integers(350, 500)),
         block_size=1,
