@@ -15,7 +15,7 @@ from pathlib import Path
 # Two libraries' process-wide switches, left as the user set them, read when each library is
 # first imported (docs/performance.md):
 # - pydantic looks for plugins among the entry points of every installed package when it
-#   builds its first model: about 50 ms of start-up in our environment, for plugins we never use;
+#   builds its first model: about 30 ms of start-up in our environment, for plugins we never use;
 # - numpy asks the kernel to back large arrays with huge pages; where the kernel compacts memory
 #   to find them (transparent huge pages' defrag "madvise", as on our machines) a large run's
 #   summary spends more time there than computing.

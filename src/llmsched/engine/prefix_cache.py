@@ -119,9 +119,8 @@ class FreeQueue:
 
     def __init__(self, num_blocks: int) -> None:
         self.fifo: np.ndarray = np.empty(max(16, 4 * num_blocks), dtype=np.int64)
-        self.pos: np.ndarray = np.full(
-            num_blocks, -1, dtype=np.int64
-        )  # a block's index in fifo, or -1
+        # a block's index in fifo, or -1
+        self.pos: np.ndarray = np.full(num_blocks, -1, dtype=np.int64)
         self.head = self.tail = 0
         self.size = 0
 
@@ -220,23 +219,17 @@ class PrefixCachingKV(KVBlockManager):
         # run (its identity base) -> (first slot, slots, the run's first token)
         self.slots: dict[int, tuple[int, int, int]] = {}
         size = 2 * num_blocks + 64  # (compacted at 2 * num_blocks: small caches compact too)
-        self.slot_block: np.ndarray = np.full(
-            size, num_blocks, dtype=np.int64
-        )  # slot -> block (num_blocks: none)
-        self.slot_ident: np.ndarray = np.zeros(
-            size, dtype=np.int64
-        )  # slot -> the identity it holds
-        self.steps: np.ndarray = block_size * np.arange(
-            1024, dtype=np.int64
-        )  # identity steps in a run
+        # slot -> block (num_blocks: none), and the identity the slot holds
+        self.slot_block: np.ndarray = np.full(size, num_blocks, dtype=np.int64)
+        self.slot_ident: np.ndarray = np.zeros(size, dtype=np.int64)
+        # identity steps in a run
+        self.steps: np.ndarray = block_size * np.arange(1024, dtype=np.int64)
         self.n_slots = 0
         self.compact_at = 2 * num_blocks
         # identity -> the blocks cached with it after the first (vLLM keeps duplicates: a block
         # computed again while an identical one is cached, e.g. a fully cached prompt's last)
         self.duplicates: dict[int, list[int]] = {}
-        self.duplicate: np.ndarray = np.zeros(
-            num_blocks, dtype=bool
-        )  # a block in duplicates' lists
+        self.duplicate: np.ndarray = np.zeros(num_blocks, dtype=bool)  # in duplicates' lists
         # a request's blocks in order: the first `state.blocks` of an array sized for its
         # whole sequence (so that allocating and freeing are array operations)
         self.tables: dict[RequestState, np.ndarray] = {}
