@@ -1037,7 +1037,7 @@ def test_token_times_in_blocks_are_each_requests_first_token_and_its_gaps(
     """However the requests fall into blocks (requests without gaps among them, a request longer
     than a block) and blocks into passes, the pieces hold each request's first token time, then
     each gap's end: the first token plus the request's own gaps summed, and nothing else. The
-    pieces share buffers, so each is copied as it comes."""
+    pieces share a buffer, so each is copied as it comes."""
     n = len(counts)
     first = np.array(data.draw(st.lists(st.integers(0, 1000), min_size=n, max_size=n)), float)
     offsets = np.concatenate(([0], np.cumsum(counts)))
